@@ -1,0 +1,75 @@
+# Everything the flake builds for one system, from one evaluated configuration
+# (`cfg`, see ./options.nix and ./stack.nix).
+{ pkgs
+, cfg
+, cargoToml
+, src
+, lockFile
+, netemScript
+}:
+let
+  inherit (pkgs) lib;
+
+  # nixpkgs' default PostgreSQL: the tests' servers (check input), the lab's
+  # servers (`nix run`) and the dev shell's.
+  inherit (pkgs) postgresql;
+
+  crate = import ./package.nix {
+    inherit (pkgs) lib rustPlatform rustc clippy;
+    inherit postgresql cargoToml src lockFile;
+  };
+  lagprobe = crate.package;
+
+  images = import ./images.nix {
+    inherit (pkgs)
+      lib
+      dockerTools
+      fakeNss
+      runCommand
+      makeWrapper
+      dash
+      coreutils
+      iproute2
+      iputils
+      unixtools
+      ;
+    inherit cfg lagprobe netemScript;
+  };
+in
+{
+  inherit lagprobe;
+  inherit (crate) clippy;
+  inherit (images) image netem-image;
+
+  rustfmt = pkgs.runCommand "lagprobe-rustfmt-check" { nativeBuildInputs = [ pkgs.rustfmt ]; } ''
+    cd ${src}
+    find . -name '*.rs' -print0 | sort -z \
+      | xargs -0 rustfmt --check --edition ${cargoToml.package.edition}
+    touch "$out"
+  '';
+
+  compose-env = pkgs.writeText "lagprobe-compose.env" (import ./compose-env.nix cfg);
+
+  lab = import ./lab.nix {
+    inherit (pkgs) writeShellApplication;
+    inherit cfg lagprobe postgresql;
+  };
+
+  devShell = pkgs.mkShell {
+    packages = [
+      pkgs.cargo
+      pkgs.rustc
+      pkgs.clippy
+      pkgs.rustfmt
+      pkgs.rust-analyzer
+      postgresql
+      pkgs.grpcurl
+      pkgs.docker-compose
+      pkgs.shellcheck
+    ];
+    # The crate's tests look here before `pg_config` and PATH.
+    LAGPROBE_PG_BINDIR = "${postgresql}/bin";
+    # rust-analyzer's standard library sources, matching the shell's rustc.
+    RUST_SRC_PATH = "${pkgs.rustPlatform.rustLibSrc}";
+  };
+}

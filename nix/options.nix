@@ -1,0 +1,89 @@
+# The lagprobe stack's options: one module, evaluated by `lib.evalModules`
+# (see ./stack.nix). It needs nothing but nixpkgs' `lib`, so another flake can
+# evaluate it too:
+#
+#   lagprobe.lib.mkStack { netem.delayMs = 250; }
+#
+# Every value set here flows to each place that uses it: the netem sidecar
+# image's defaults, the lab app's default `--delay-ms`, the generated compose
+# env file (packages.compose-env) and the image names and tags.
+{ lib, ... }:
+let
+  inherit (lib) mkOption types;
+in
+{
+  options = {
+    netem = {
+      delayMs = mkOption {
+        type = types.ints.unsigned;
+        default = 1000;
+        example = 250;
+        description = ''
+          One-way delay, in milliseconds, added to the replication link
+          between the primary and the replica. It is the netem sidecar's
+          default `NETEM_DELAY_MS`, the `NETEM_DELAY_MS` line of the generated
+          compose env file, and the default `--delay-ms` of `nix run` (the lab).
+        '';
+      };
+
+      jitterMs = mkOption {
+        type = types.ints.unsigned;
+        default = 0;
+        example = 50;
+        description = ''
+          Jitter, in milliseconds, around `netem.delayMs` (netem's
+          `delay DELAY JITTER`). It is the netem sidecar's default
+          `NETEM_JITTER_MS` and the `NETEM_JITTER_MS` line of the generated
+          compose env file. It must not exceed `netem.delayMs`, since
+          netem would clamp the negative delays to zero and skew the
+          distribution. The lab (`nix run`) applies a fixed delay and does not
+          use it.
+        '';
+      };
+    };
+
+    lab = {
+      httpAddr = mkOption {
+        type = types.nonEmptyStr;
+        default = "127.0.0.1:8000";
+        example = "0.0.0.0:8000";
+        description = ''
+          Default HTTP listen address of `nix run` (the lab), passed as
+          `LAGPROBE_HTTP_ADDR` unless that is already set.
+        '';
+      };
+
+      grpcAddr = mkOption {
+        type = types.nonEmptyStr;
+        default = "127.0.0.1:50051";
+        example = "0.0.0.0:50051";
+        description = ''
+          Default gRPC listen address of `nix run` (the lab), passed as
+          `LAGPROBE_GRPC_ADDR` unless that is already set.
+        '';
+      };
+    };
+
+    image = {
+      tag = mkOption {
+        type = types.nonEmptyStr;
+        default = "nix";
+        example = "latest";
+        description = ''
+          Tag of both OCI images (`packages.image` and
+          `packages.netem-image`). The generated compose env file names the
+          images with this tag.
+        '';
+      };
+
+      uid = mkOption {
+        type = types.ints.between 1 65534;
+        default = 10001;
+        description = ''
+          Numeric user and group id that `lagprobe serve` runs as in
+          `packages.image`. It must not be 0: the image runs as non-root.
+        '';
+      };
+    };
+  };
+}

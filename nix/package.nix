@@ -1,0 +1,78 @@
+# lagprobe itself (`package`), and a clippy run over the same sources and
+# vendored dependencies (`clippy`). Both use rustPlatform.buildRustPackage
+# with the crate's own Cargo.lock, so no hash needs updating when it changes.
+{ lib
+, rustPlatform
+, rustc
+, clippy
+, postgresql
+, cargoToml
+, src
+, lockFile
+}:
+let
+  rustVersion = cargoToml.package.rust-version;
+
+  common = {
+    pname = cargoToml.package.name;
+    inherit (cargoToml.package) version;
+    inherit src;
+    cargoLock = { inherit lockFile; };
+  };
+
+  package = rustPlatform.buildRustPackage (
+    common
+    // {
+      # The tests start real PostgreSQL servers (a primary and a streaming
+      # replica each) on loopback ports, in temporary directories. They find
+      # the server binaries through LAGPROBE_PG_BINDIR.
+      nativeCheckInputs = [ postgresql ];
+      preCheck = ''
+        export LAGPROBE_PG_BINDIR=${postgresql}/bin
+        export HOME="$TMPDIR"
+      '';
+      # One test at a time: each one runs two servers, and the build machine
+      # may have many cores.
+      dontUseCargoParallelTests = true;
+      # The tests listen on loopback ports, which the macOS sandbox forbids
+      # unless asked.
+      __darwinAllowLocalNetworking = true;
+
+      meta = {
+        inherit (cargoToml.package) description;
+        mainProgram = "lagprobe";
+        license = [
+          lib.licenses.mit
+          lib.licenses.asl20
+        ];
+        platforms = lib.platforms.linux ++ lib.platforms.darwin;
+      };
+    }
+  );
+
+  clippyCheck = rustPlatform.buildRustPackage (
+    common
+    // {
+      pname = "${common.pname}-clippy";
+      nativeBuildInputs = [ clippy ];
+      auditable = false;
+      doCheck = false;
+      buildPhase = ''
+        runHook preBuild
+        cargo clippy --offline --locked --all-targets -- -D warnings
+        runHook postBuild
+      '';
+      installPhase = ''
+        runHook preInstall
+        touch "$out"
+        runHook postInstall
+      '';
+    }
+  );
+in
+assert lib.assertMsg (lib.versionAtLeast rustc.version rustVersion)
+  "lagprobe needs rustc >= ${rustVersion} (Cargo.toml rust-version); this nixpkgs has ${rustc.version}.";
+{
+  inherit package;
+  clippy = clippyCheck;
+}

@@ -1,0 +1,23 @@
+# The repository files the Nix build reads, relative to the flake root. Only
+# builtins here: ./stack.nix turns these into the build's source (lib.fileset)
+# and nix/tests/offline.nix checks them offline.
+root: {
+  # What `cargo build` and `cargo test` read: the Cargo files, the build
+  # script, the sources, the .proto files (compiled by build.rs with protox)
+  # and the migrations (embedded by sqlx::migrate!).
+  crate = map (p: root + p) [
+    "/Cargo.toml"
+    "/Cargo.lock"
+    "/build.rs"
+    "/src"
+    "/proto"
+    "/migrations"
+  ];
+  # Taken when present: the integration tests and sqlx's offline query data.
+  crateOptional = map (p: root + p) [
+    "/tests"
+    "/.sqlx"
+  ];
+  # The netem sidecar's script, owned by the compose stack.
+  netemScript = root + "/postgresql/netem/netem.sh";
+}
