@@ -68,6 +68,15 @@ in
         "50051/tcp" = { };
       };
       WorkingDir = "/tmp";
+      # `lagprobe healthcheck` GETs http://127.0.0.1:8000/readyz; durations
+      # are nanoseconds (Docker image spec, config.Healthcheck).
+      Healthcheck = {
+        Test = [ "CMD" "/bin/lagprobe" "healthcheck" ];
+        Interval = 5 * 1000000000;
+        Timeout = 3 * 1000000000;
+        StartPeriod = 10 * 1000000000;
+        Retries = 6;
+      };
       Labels = {
         "org.opencontainers.image.title" = "lagprobe";
         "org.opencontainers.image.description" = lagprobe.meta.description;

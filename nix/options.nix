@@ -23,6 +23,7 @@ in
           between the primary and the replica. It is the netem sidecar's
           default `NETEM_DELAY_MS`, the `NETEM_DELAY_MS` line of the generated
           compose env file, and the default `--delay-ms` of `nix run` (the lab).
+          At most 600000 (10 minutes), the largest delay the lab accepts.
         '';
       };
 

@@ -13,10 +13,16 @@ root: {
     "/proto"
     "/migrations"
   ];
-  # Taken when present: the integration tests and sqlx's offline query data.
+  # Taken when present: the integration tests, sqlx's offline query data and
+  # the rustfmt and clippy settings (so the checks match `cargo fmt` and
+  # `cargo clippy` run in the repository).
   crateOptional = map (p: root + p) [
     "/tests"
     "/.sqlx"
+    "/rustfmt.toml"
+    "/.rustfmt.toml"
+    "/clippy.toml"
+    "/.clippy.toml"
   ];
   # The netem sidecar's script, owned by the compose stack.
   netemScript = root + "/postgresql/netem/netem.sh";

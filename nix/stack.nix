@@ -39,16 +39,22 @@ let
       ];
     };
 
+  # The lab's `--delay-ms` accepts at most 10 minutes.
+  maxDelayMs = 600000;
+
   # Forces every option value, so that a bad definition (a negative or
   # non-integer delay, say) fails the evaluation of any output with the
-  # module system's message, which names the option.
+  # module system's message, which names the option. Then checks what a
+  # type cannot say alone.
   checkConfig =
     config:
     let
       inherit (config.netem) delayMs jitterMs;
     in
     builtins.deepSeq config (
-      if jitterMs > delayMs then
+      if delayMs > maxDelayMs then
+        throw "lagprobe: netem.delayMs (${toString delayMs}) must be at most ${toString maxDelayMs} (10 minutes), the largest delay lagprobe lab accepts."
+      else if jitterMs > delayMs then
         throw "lagprobe: netem.jitterMs (${toString jitterMs}) must not exceed netem.delayMs (${toString delayMs}): netem would clamp the negative delays to 0 ms."
       else
         config
