@@ -1,0 +1,217 @@
+//! The `/test/` page: the old demo's view, done right. It shows one probe: what was written
+//! to the primary, what the replica returned straight after the commit, the verdict, how long
+//! the write took to become visible, and the lag by two measures with their caveats.
+
+use std::fmt::Write as _;
+
+use crate::{
+    error::Error,
+    probe::{ProbeResult, Verdict, millis},
+};
+
+/// Escapes text for HTML element content and attribute values.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+const STYLE: &str = "\
+body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#1d1d1f}\
+h1{font-size:1.3rem;font-weight:600}\
+.verdict{font-size:2.4rem;font-weight:800;padding:1rem 1.5rem;border-radius:.6rem;color:#fff;margin:1rem 0}\
+.verdict small{display:block;font-size:1rem;font-weight:400;opacity:.95}\
+.stale{background:#c62828}.consistent{background:#2e7d32}.error{background:#ef6c00}\
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #ddd;vertical-align:top}\
+th{width:16rem;font-weight:600}td code{word-break:break-all}.note{color:#666;font-size:.85rem}\
+a.button{display:inline-block;margin-top:1rem;padding:.5rem 1rem;background:#1d1d1f;color:#fff;border-radius:.4rem;text-decoration:none}";
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>{title}</title><style>{STYLE}</style></head><body>\
+         <h1>lagprobe: read-after-write on a replica</h1>{body}\
+         <p><a class=\"button\" href=\"/test/\">Write and read again</a> \
+         <a href=\"/api/probe\">same probe as JSON</a></p></body></html>\n",
+        title = escape(title)
+    )
+}
+
+fn row(html: &mut String, label: &str, value_html: &str, note: &str) {
+    let _ = write!(html, "<tr><th>{}</th><td>{value_html}", escape(label));
+    if !note.is_empty() {
+        let _ = write!(html, "<div class=\"note\">{}</div>", escape(note));
+    }
+    html.push_str("</td></tr>");
+}
+
+fn delay_row(html: &mut String, lab_delay_ms: Option<u64>) {
+    if let Some(delay_ms) = lab_delay_ms {
+        row(
+            html,
+            "Lab delay (primary → replica)",
+            &format!("{delay_ms} ms"),
+            "held by the lab's delay link on the WAL stream",
+        );
+    }
+}
+
+fn ms_text(ms: f64) -> String {
+    format!("{ms:.1} ms")
+}
+
+/// The page for a probe that ran.
+pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
+    let (class, headline, explanation) = match probe.verdict {
+        Verdict::Stale => (
+            "stale",
+            "STALE",
+            "The replica did not have the row that had just been committed on the primary.",
+        ),
+        Verdict::Fresh => (
+            "consistent",
+            "CONSISTENT",
+            "The replica already had the row that had just been committed on the primary.",
+        ),
+        Verdict::ReplicaError => ("error", "REPLICA ERROR", "The replica could not be read."),
+    };
+    let mut body = format!(
+        "<div class=\"verdict {class}\" id=\"verdict\">{headline}<small>{}</small></div><table>",
+        escape(explanation)
+    );
+    row(
+        &mut body,
+        "Written to the primary",
+        &format!(
+            "<code id=\"written\">{}</code>",
+            escape(&probe.written_value)
+        ),
+        "commit timestamp (primary clock) and this probe's own token; committed before the read",
+    );
+    let read = probe.read_value.as_deref().map_or_else(
+        || "<em>(row not there yet)</em>".to_owned(),
+        |v| format!("<code>{}</code>", escape(v)),
+    );
+    row(
+        &mut body,
+        "Read back from the replica",
+        &format!("<span id=\"read\">{read}</span>"),
+        "read immediately after the COMMIT returned",
+    );
+    let visible = match (probe.visible_after, probe.still_stale_at) {
+        (Some(after), Some(before)) => format!(
+            "{} <span class=\"note\">(between {} and {} after the commit)</span>",
+            ms_text(millis(after)),
+            ms_text(millis(before)),
+            ms_text(millis(after))
+        ),
+        (Some(after), None) => format!(
+            "{} (already there at the first read)",
+            ms_text(millis(after))
+        ),
+        (None, _) if probe.visibility_timed_out => "not visible before the timeout".to_owned(),
+        (None, _) => "not measured".to_owned(),
+    };
+    row(
+        &mut body,
+        "Commit to visible on the replica",
+        &format!("<span id=\"visible-after\">{}</span>", escape(&visible)),
+        "measured on one monotonic clock from the acknowledged COMMIT",
+    );
+    let gap = probe
+        .lsn_gap_bytes
+        .map_or_else(|| "unknown".to_owned(), |bytes| format!("{bytes} bytes"));
+    row(
+        &mut body,
+        "Lag: WAL not yet replayed",
+        &escape(&gap),
+        "commit LSN minus the replica's replay LSN at the immediate read: exact for \"has my write arrived\"",
+    );
+    let timestamp_lag = probe
+        .replay_timestamp_lag_ms
+        .map_or_else(|| "unknown".to_owned(), ms_text);
+    row(
+        &mut body,
+        "Lag: replica's replay timestamp",
+        &escape(&timestamp_lag),
+        "now() - pg_last_xact_replay_timestamp() on the replica (the old demo's figure): \
+         unreliable, it keeps growing while the primary is idle",
+    );
+    row(
+        &mut body,
+        "Commit LSN / replica replay LSN",
+        &escape(&format!(
+            "{} / {}",
+            probe.commit_lsn,
+            probe
+                .replica_replay_lsn
+                .map_or_else(|| "unknown".to_owned(), |lsn| lsn.to_string())
+        )),
+        "",
+    );
+    row(
+        &mut body,
+        "Write latency / read latency",
+        &escape(&format!(
+            "{} / {}",
+            ms_text(millis(probe.write_latency)),
+            probe
+                .read_latency
+                .map_or_else(|| "n/a".to_owned(), |d| ms_text(millis(d)))
+        )),
+        "",
+    );
+    delay_row(&mut body, lab_delay_ms);
+    if let Some(error) = &probe.error {
+        row(
+            &mut body,
+            "Error",
+            &format!("<code>{}</code>", escape(error)),
+            "",
+        );
+    }
+    body.push_str("</table>");
+    page(&format!("lagprobe: {headline}"), &body)
+}
+
+/// The page when no probe could run (bad input, primary unavailable).
+pub fn render_error(error: &Error, lab_delay_ms: Option<u64>) -> String {
+    let mut body = format!(
+        "<div class=\"verdict error\" id=\"verdict\">NO PROBE<small>{}</small></div><table>",
+        escape(&error.to_string())
+    );
+    delay_row(&mut body, lab_delay_ms);
+    body.push_str("</table>");
+    page("lagprobe: no probe", &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            escape("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+    }
+
+    #[test]
+    fn error_page_escapes_the_message() {
+        let html = render_error(&Error::invalid("query", "<script>"), Some(5));
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("5 ms"));
+    }
+}

@@ -1,0 +1,146 @@
+//! Finding the local PostgreSQL server binaries the lab runs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use super::LabError;
+
+/// Programs the lab runs; a directory counts only if it has all of them.
+const REQUIRED: [&str; 3] = ["initdb", "postgres", "pg_basebackup"];
+/// Oldest major version the lab supports (for `pg_stat_wal_receiver`, `wal_keep_size`).
+const MIN_MAJOR: u32 = 13;
+
+/// A directory with PostgreSQL's server programs, and their version.
+#[derive(Debug, Clone)]
+pub struct PgBinaries {
+    pub bindir: PathBuf,
+    /// As `postgres --version` prints it, e.g. `15.18`.
+    pub version: String,
+    pub major: u32,
+}
+
+impl PgBinaries {
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bindir.join(name)
+    }
+
+    /// Looks in order: `explicit` (flag or LAGPROBE_PG_BINDIR), `pg_config --bindir`,
+    /// `initdb` on PATH, then the newest `/usr/lib/postgresql/*/bin` (Debian's layout,
+    /// which does not put server programs on PATH).
+    pub fn find(explicit: Option<&Path>) -> Result<Self, LabError> {
+        if let Some(dir) = explicit {
+            return if has_server_programs(dir) {
+                Self::at(dir)
+            } else {
+                Err(LabError::BinariesNotFound {
+                    tried: format!(
+                        "{} (given explicitly) lacks {}",
+                        dir.display(),
+                        REQUIRED.join("/")
+                    ),
+                })
+            };
+        }
+        let mut tried = Vec::new();
+        let candidates = pg_config_bindir()
+            .into_iter()
+            .chain(initdb_on_path())
+            .chain(newest_debian_bindir());
+        for dir in candidates {
+            if has_server_programs(&dir) {
+                return Self::at(&dir);
+            }
+            tried.push(dir.display().to_string());
+        }
+        tried.push("PATH".into());
+        tried.push("/usr/lib/postgresql/*/bin".into());
+        Err(LabError::BinariesNotFound {
+            tried: format!("looked in {}", tried.join(", ")),
+        })
+    }
+
+    fn at(dir: &Path) -> Result<Self, LabError> {
+        let postgres = dir.join("postgres");
+        let output = Command::new(&postgres)
+            .arg("--version")
+            .output()
+            .map_err(LabError::io(format!(
+                "running {} --version",
+                postgres.display()
+            )))?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
+        let version = text
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .to_owned();
+        let major: u32 = version
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|major| major.parse().ok())
+            .ok_or_else(|| LabError::BinariesNotFound {
+                tried: format!("{} printed no version: {text:?}", postgres.display()),
+            })?;
+        if major < MIN_MAJOR {
+            return Err(LabError::TooOld {
+                bindir: dir.to_path_buf(),
+                version,
+            });
+        }
+        Ok(PgBinaries {
+            bindir: dir.to_path_buf(),
+            version,
+            major,
+        })
+    }
+}
+
+fn has_server_programs(dir: &Path) -> bool {
+    REQUIRED.iter().all(|name| dir.join(name).is_file())
+}
+
+fn pg_config_bindir() -> Option<PathBuf> {
+    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}
+
+fn initdb_on_path() -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).find(|dir| dir.join("initdb").is_file())
+}
+
+fn newest_debian_bindir() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
+            Some((major, entry.path().join("bin")))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_dir_without_programs_is_a_clear_error() {
+        let empty = tempfile::tempdir().unwrap();
+        let error = PgBinaries::find(Some(empty.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("apt-get install postgresql"), "{error}");
+        assert!(error.contains("LAGPROBE_PG_BINDIR"), "{error}");
+        assert!(
+            error.contains(&empty.path().display().to_string()),
+            "{error}"
+        );
+    }
+}

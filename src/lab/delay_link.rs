@@ -1,0 +1,277 @@
+//! The delay link: a userspace TCP relay that holds bytes flowing from the upstream server
+//! (the primary) to the connecting client (the replica) for a set delay, and passes the
+//! other direction at once.
+//!
+//! This is where the old demo's `tc netem` sat: on the primary's egress towards the replica,
+//! so the WAL stream arrives late while the replica's replies and the application's own
+//! database traffic are not slowed. Bytes keep their order: each chunk is stamped when it is
+//! read and written once its time has come, after every chunk read before it. The delay is
+//! read per chunk, so changing it takes effect for the next bytes without reconnecting.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpListener, TcpStream, ToSocketAddrs,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::mpsc,
+    task::JoinSet,
+    time::Instant,
+};
+
+/// Chunks in flight per connection before the reader waits: with 64 KiB reads, up to
+/// 64 MiB held, enough for a WAL stream of 64 MiB/s at a 1 s delay.
+const CHUNKS_IN_FLIGHT: usize = 1024;
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
+/// The live setting of a delay link, shared by every connection through it.
+#[derive(Debug, Clone, Default)]
+pub struct DelayControl {
+    delay_us: Arc<AtomicU64>,
+}
+
+impl DelayControl {
+    pub fn new(delay: Duration) -> Self {
+        let control = DelayControl::default();
+        control.set_delay(delay);
+        control
+    }
+
+    /// How long primary-to-replica bytes are held now.
+    pub fn delay(&self) -> Duration {
+        Duration::from_micros(self.delay_us.load(Ordering::Relaxed))
+    }
+
+    /// Changes the delay for bytes read from now on; bytes already held keep their time.
+    pub fn set_delay(&self, delay: Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.delay_us.store(micros, Ordering::Relaxed);
+    }
+}
+
+/// A running relay. Dropping it stops accepting and closes every relayed connection.
+#[derive(Debug)]
+pub struct DelayLink {
+    local_addr: SocketAddr,
+    control: DelayControl,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+impl DelayLink {
+    /// Listens on `listen` and relays every connection to `upstream` (resolved per
+    /// connection, so a recreated upstream host is followed).
+    pub async fn bind(
+        listen: impl ToSocketAddrs,
+        upstream: String,
+        delay: Duration,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let local_addr = listener.local_addr()?;
+        let control = DelayControl::new(delay);
+        let accept_loop = tokio::spawn(accept_loop(listener, upstream, control.clone()));
+        Ok(DelayLink {
+            local_addr,
+            control,
+            accept_loop,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn control(&self) -> &DelayControl {
+        &self.control
+    }
+}
+
+impl Drop for DelayLink {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: String, control: DelayControl) {
+    // Owning the connection tasks here means aborting this loop aborts them all.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((inbound, peer)) => {
+                    let upstream = upstream.clone();
+                    let control = control.clone();
+                    connections.spawn(async move {
+                        tracing::debug!(%peer, %upstream, "delay link: connection opened");
+                        match relay(inbound, &upstream, control).await {
+                            Ok(()) => tracing::debug!(%peer, "delay link: connection closed"),
+                            Err(error) => tracing::info!(%peer, %upstream, %error, "delay link: connection ended"),
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "delay link: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn relay(inbound: TcpStream, upstream: &str, control: DelayControl) -> std::io::Result<()> {
+    let outbound = TcpStream::connect(upstream).await?;
+    // Small WAL messages must not wait for Nagle's algorithm: that would add its own delay.
+    inbound.set_nodelay(true)?;
+    outbound.set_nodelay(true)?;
+    let (mut from_client, to_client) = inbound.into_split();
+    let (from_upstream, mut to_upstream) = outbound.into_split();
+
+    let client_to_upstream = async move {
+        tokio::io::copy(&mut from_client, &mut to_upstream).await?;
+        to_upstream.shutdown().await
+    };
+    tokio::try_join!(
+        client_to_upstream,
+        delayed_copy(from_upstream, to_client, control)
+    )?;
+    Ok(())
+}
+
+/// Copies `from` to `to`, delivering each chunk `control.delay()` after it was read.
+async fn delayed_copy(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    control: DelayControl,
+) -> std::io::Result<()> {
+    let (held_sender, mut held) = mpsc::channel::<(Instant, Vec<u8>)>(CHUNKS_IN_FLIGHT);
+    let reader = async move {
+        let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+        loop {
+            let read = from.read(&mut buffer).await?;
+            if read == 0 {
+                return Ok(());
+            }
+            let due = Instant::now() + control.delay();
+            if held_sender
+                .send((due, buffer[..read].to_vec()))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = held.recv().await {
+            tokio::time::sleep_until(due).await;
+            to.write_all(&chunk).await?;
+        }
+        to.shutdown().await
+    };
+    tokio::try_join!(reader, writer)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = socket.split();
+                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(stream: &mut TcpStream, message: &[u8]) -> Duration {
+        let started = std::time::Instant::now();
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        stream.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn holds_upstream_bytes_for_the_delay_and_keeps_order() {
+        let upstream = echo_server().await;
+        let link = DelayLink::bind(
+            "127.0.0.1:0",
+            upstream.to_string(),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+
+        let delayed = round_trip(&mut client, b"first").await;
+        assert!(delayed >= Duration::from_millis(200), "{delayed:?}");
+        assert!(delayed < Duration::from_millis(1200), "{delayed:?}");
+
+        // Many small writes come back whole and in order.
+        let message: Vec<u8> = (0..50_000u32).flat_map(|n| n.to_le_bytes()).collect();
+        round_trip(&mut client, &message).await;
+
+        link.control().set_delay(Duration::ZERO);
+        let prompt = round_trip(&mut client, b"second").await;
+        assert!(prompt < Duration::from_millis(150), "{prompt:?}");
+    }
+
+    #[tokio::test]
+    async fn client_to_upstream_direction_is_not_delayed() {
+        // A sink upstream that records when bytes arrive.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = listener.local_addr().unwrap();
+        let arrived = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut byte = [0u8; 1];
+            socket.read_exact(&mut byte).await.unwrap();
+            std::time::Instant::now()
+        });
+        let link = DelayLink::bind("127.0.0.1:0", upstream.to_string(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+        let sent = std::time::Instant::now();
+        client.write_all(b"x").await.unwrap();
+        let arrived = arrived.await.unwrap();
+        assert!(
+            arrived - sent < Duration::from_millis(500),
+            "{:?}",
+            arrived - sent
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_link_closes_relayed_connections() {
+        let upstream = echo_server().await;
+        let link = DelayLink::bind("127.0.0.1:0", upstream.to_string(), Duration::ZERO)
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+        round_trip(&mut client, b"hello").await;
+        drop(link);
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte))
+            .await
+            .expect("connection closed promptly");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+}
