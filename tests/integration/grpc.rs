@@ -1,0 +1,160 @@
+//! The gRPC transport through real tonic clients: Run, its summary, validation, reflection.
+
+use lagprobe::{
+    grpc::pb::{RunRequest, Verdict},
+    lsn::Lsn,
+};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_reflection::pb::v1::{
+    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+};
+
+use crate::harness::{COMMIT_ACK_SLACK_MS, spawn_app};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_at_1000_ms_delay_reads_stale_and_sees_writes_after_the_delay() {
+    let app = spawn_app(1000).await;
+    let mut client = app.grpc().await;
+    let report = client
+        .run(RunRequest {
+            count: Some(10),
+            // One at a time, so the client's own scheduling does not blur the commit instant.
+            concurrency: Some(1),
+            ..RunRequest::default()
+        })
+        .await
+        .expect("Run succeeds")
+        .into_inner();
+
+    assert_eq!(report.lab_delay_ms, Some(1000));
+    assert_eq!(report.probes.len(), 10);
+    let stale = report
+        .probes
+        .iter()
+        .filter(|probe| probe.verdict() == Verdict::Stale)
+        .count();
+    assert!(stale >= 9, "only {stale} of 10 immediate reads were stale");
+
+    let mut visible_after_ms = Vec::new();
+    for (index, probe) in report.probes.iter().enumerate() {
+        assert_eq!(probe.index as usize, index);
+        let commit_lsn: Lsn = probe.commit_lsn.parse().expect("commit_lsn is an LSN");
+        let visible = probe.visible_after_ms.expect("visible before the timeout");
+        // The WAL cannot reach the replica sooner than 1000 ms after the INSERT was sent...
+        assert!(
+            probe.write_latency_ms + visible >= 1000.0,
+            "probe {index} visible {visible} ms after a {} ms write",
+            probe.write_latency_ms
+        );
+        // ...and the COMMIT's acknowledgement reaches us at most a moment after the
+        // primary sent that WAL, so commit-to-visible is the delay, give or take that moment.
+        assert!(visible >= 1000.0 - COMMIT_ACK_SLACK_MS, "probe {index} visible after {visible} ms");
+        visible_after_ms.push(visible);
+        if probe.verdict() == Verdict::Stale {
+            assert_eq!(probe.read_value, None);
+            let replay: Lsn = probe.replica_replay_lsn.as_deref().unwrap().parse().unwrap();
+            assert!(replay < commit_lsn);
+            assert_eq!(probe.lsn_gap_bytes, Some(commit_lsn.bytes_after(replay)));
+            assert!(probe.lsn_gap_bytes.unwrap() > 0);
+        }
+    }
+
+    let summary = report.summary.expect("a summary");
+    assert_eq!(summary.probe_count, 10);
+    assert_eq!(summary.stale_count as usize, stale);
+    assert_eq!(summary.fresh_count as usize, 10 - stale);
+    assert_eq!(summary.replica_error_count, 0);
+    assert!((summary.stale_ratio - stale as f64 / 10.0).abs() < 1e-9);
+    visible_after_ms.sort_by(f64::total_cmp);
+    let max = *visible_after_ms.last().unwrap();
+    assert!((summary.visible_after_max_ms - max).abs() < 1e-6);
+    assert!(summary.visible_after_p50_ms >= 1000.0 - COMMIT_ACK_SLACK_MS);
+    assert!(summary.visible_after_p50_ms <= summary.visible_after_p90_ms);
+    assert!(summary.visible_after_p90_ms <= summary.visible_after_p99_ms);
+    // HDR percentiles are within 0.1% of a recorded value.
+    assert!(summary.visible_after_p99_ms <= max * 1.001 + 0.001);
+    assert!(summary.lsn_gap_max_bytes > 0);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_input_is_invalid_argument_naming_the_field() {
+    let app = spawn_app(0).await;
+    let mut client = app.grpc().await;
+    let cases = [
+        (RunRequest { count: Some(0), ..Default::default() }, "count"),
+        (RunRequest { count: Some(10_001), ..Default::default() }, "count"),
+        (RunRequest { interval_ms: Some(60_001), ..Default::default() }, "interval_ms"),
+        (RunRequest { visibility_timeout_ms: Some(0), ..Default::default() }, "visibility_timeout_ms"),
+        (RunRequest { poll_interval_ms: Some(0), ..Default::default() }, "poll_interval_ms"),
+        (RunRequest { concurrency: Some(257), ..Default::default() }, "concurrency"),
+    ];
+    for (request, field) in cases {
+        let status = client.run(request.clone()).await.expect_err("rejected");
+        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
+        assert!(status.message().contains(field), "{request:?}: {}", status.message());
+    }
+    // The default request is one probe.
+    let report = client.run(RunRequest::default()).await.unwrap().into_inner();
+    assert_eq!(report.probes.len(), 1);
+    app.shutdown().await;
+}
+
+async fn listed_services(app: &crate::harness::TestApp) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(app.grpc_channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|service| service.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_probe_and_health_services() {
+    let app = spawn_app(0).await;
+    let services = listed_services(&app).await;
+    for expected in [
+        "lagprobe.v1.ConsistencyProbe",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(services.iter().any(|name| name == expected), "{expected} missing from {services:?}");
+    }
+
+    // grpcurl 1.8 speaks only v1alpha: that one must answer too.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut client =
+        alpha::server_reflection_client::ServerReflectionClient::new(app.grpc_channel().await);
+    let request = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "lagprobe.v1.ConsistencyProbe".into(),
+        )),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    match response.message_response {
+        Some(alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) => {
+            assert!(!files.file_descriptor_proto.is_empty());
+        }
+        other => panic!("unexpected v1alpha answer {other:?}"),
+    }
+    app.shutdown().await;
+}

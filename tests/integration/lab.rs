@@ -1,0 +1,92 @@
+//! The lab's life cycle: it streams, it stops cleanly, and a replica outage is reported
+//! by probes while the service keeps answering.
+
+use std::{path::Path, time::Duration};
+
+use lagprobe::probe::{RunParams, Verdict};
+use reqwest::StatusCode;
+
+use crate::harness::spawn_app;
+
+fn postmaster_pid(data_dir: &Path) -> i32 {
+    let pid_file = std::fs::read_to_string(data_dir.join("postmaster.pid")).unwrap();
+    pid_file.lines().next().unwrap().trim().parse().unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_leaves_no_postmaster_and_no_directory() {
+    let app = spawn_app(1000).await;
+    let dir = app.lab.data_dir().to_path_buf();
+    let primary = postmaster_pid(&dir.join("primary"));
+    let replica = postmaster_pid(&dir.join("replica"));
+    assert!(alive(primary) && alive(replica));
+
+    app.shutdown().await;
+    assert!(!alive(primary), "primary postmaster {primary} still running");
+    assert!(!alive(replica), "replica postmaster {replica} still running");
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_lab_without_shutdown_still_stops_the_servers() {
+    let app = spawn_app(0).await;
+    let dir = app.lab.data_dir().to_path_buf();
+    let primary = postmaster_pid(&dir.join("primary"));
+    let replica = postmaster_pid(&dir.join("replica"));
+    drop(app);
+    assert!(!alive(primary) && !alive(replica));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_outage_is_reported_and_probes_recover_after_restart() {
+    let mut app = spawn_app(0).await;
+    let (status, _) = app.get_json("/api/probe").await;
+    assert_eq!(status, StatusCode::OK);
+
+    app.lab.stop_replica().await;
+
+    let (status, body) = app.get_json("/api/probe").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["verdict"], "replica_error", "{body}");
+    assert!(body["error"].as_str().unwrap().contains("replica"), "{body}");
+
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["ready"], false);
+    assert_eq!(body["replica"]["reachable"], false, "{body}");
+
+    // The process keeps answering, and a bulk run reports the errors instead of failing.
+    let health = app.http.get(app.http_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let report = app
+        .state
+        .run(&RunParams {
+            count: Some(2),
+            ..RunParams::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.summary.replica_error_count, 2);
+
+    app.lab.start_replica().await.unwrap();
+    let mut recovered = None;
+    for _ in 0..50 {
+        let probe = app.state.probe(None, None).await.unwrap();
+        if probe.verdict != Verdict::ReplicaError {
+            recovered = Some(probe);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let probe = recovered.expect("probes succeed again once the replica is back");
+    assert!(probe.visible_after.is_some(), "{probe:?}");
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app.shutdown().await;
+}

@@ -1,0 +1,9 @@
+//! Integration tests on real lab clusters: each test starts its own primary, replica and
+//! delay link, and the service on them.
+
+mod harness;
+
+mod grpc;
+mod http;
+mod lab;
+mod probe;
