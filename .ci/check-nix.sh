@@ -136,24 +136,64 @@ lab_script_shellcheck() {
     shellcheck "$tmp/lagprobe-lab"
 }
 
-# The generated compose env file only sets variables docker-compose.yml uses.
-compose_env_keys_used() {
+# The generated compose env file only sets variables docker-compose.yml uses,
+# and the compose file still names its images the way nix/options.nix assumes:
+# project `lagprobe`, a `netem` service without an `image:` key (so compose
+# runs `lagprobe-netem:latest`, which packages.netem-image is tagged as) whose
+# healthcheck runs `netem-delay`, and an `app` image taken from LAGPROBE_IMAGE.
+compose_matches_flake() {
   if [[ ! -f docker-compose.yml ]]; then
     echo "docker-compose.yml not found" >&2
     return 1
   fi
   nix-instantiate --eval --strict --json -E \
-    'import ./nix/compose-env.nix { netem = { delayMs = 1000; jitterMs = 0; }; }' >"$tmp/env.json" &&
+    'import ./nix/compose-env.nix { netem = { delayMs = 1000; jitterMs = 0; }; image.tag = "nix"; }' \
+    >"$tmp/env.json" &&
     python3 - "$tmp/env.json" docker-compose.yml <<'EOF'
 import json, re, sys
 text = json.load(open(sys.argv[1]))
-compose = open(sys.argv[2]).read()
+lines = open(sys.argv[2]).read().splitlines()
+compose = "\n".join(lines)
+problems = []
+
 keys = [l.split("=", 1)[0] for l in text.splitlines() if l and not l.startswith("#")]
-missing = [k for k in keys if not re.search(r"\$\{?" + re.escape(k) + r"\b", compose)]
-if missing:
-    print(f"compose env sets {missing}, which docker-compose.yml does not use", file=sys.stderr)
+for k in keys:
+    if not re.search(r"\$\{" + re.escape(k) + r"\b", compose):
+        problems.append(f"the compose env file sets {k}, which docker-compose.yml does not use")
+
+def service_block(name):
+    """The lines of services.<name> (service keys indented by two spaces)."""
+    block, inside = [], False
+    for line in lines:
+        if re.fullmatch(r"  " + re.escape(name) + r":\s*", line):
+            inside = True
+            continue
+        if inside:
+            if line.strip() and not line.startswith("    ") and not line.lstrip().startswith("#"):
+                break
+            block.append(line)
+    return block if inside else None
+
+if not re.search(r"^name: lagprobe\s*$", compose, re.M):
+    problems.append("the project name is no longer `lagprobe` (image.netemName assumes it)")
+netem = service_block("netem")
+if netem is None:
+    problems.append("there is no netem service")
+else:
+    if any(re.match(r"    image:", l) for l in netem):
+        problems.append("the netem service now has an image: key: make nix/compose-env.nix set it")
+    if not any("netem-delay" in l for l in netem):
+        problems.append("the netem healthcheck no longer runs netem-delay, the program the Nix image provides")
+app = service_block("app")
+if app is None or not any(re.match(r"    image: \$\{LAGPROBE_IMAGE\b", l) for l in app):
+    problems.append("the app service no longer takes its image from LAGPROBE_IMAGE")
+
+for p in problems:
+    print("docker-compose.yml: " + p, file=sys.stderr)
+if problems:
     sys.exit(1)
-print(f"compose env keys used by docker-compose.yml: {', '.join(keys)}")
+print("docker-compose.yml: uses " + ", ".join(keys)
+      + "; netem runs lagprobe-netem:latest; app runs $LAGPROBE_IMAGE")
 EOF
 }
 
@@ -166,7 +206,7 @@ check "flake.lock locks exactly flake.nix's inputs (rev, narHash, lastModified)"
 check "nix flake metadata --offline --no-update-lock-file" nix_flake_metadata
 check "offline evaluation (nix/tests/offline.nix)" offline_eval
 check "lab wrapper script passes shellcheck" lab_script_shellcheck
-check "compose env keys are used by docker-compose.yml" compose_env_keys_used
+check "docker-compose.yml matches the compose env file and the image names" compose_matches_flake
 
 echo "check-nix: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

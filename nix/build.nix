@@ -29,6 +29,9 @@ let
       makeWrapper
       dash
       coreutils
+      gawk
+      gnused
+      gnugrep
       iproute2
       iputils
       unixtools
@@ -67,8 +70,12 @@ in
       pkgs.docker-compose
       pkgs.shellcheck
     ];
-    # The crate's tests look here before `pg_config` and PATH.
+    # `lagprobe lab` looks here first; the tests use `pg_config --bindir`,
+    # then `initdb` on PATH, which the shell hook puts first.
     LAGPROBE_PG_BINDIR = "${postgresql}/bin";
+    shellHook = ''
+      export PATH=${postgresql}/bin:$PATH
+    '';
     # rust-analyzer's standard library sources, matching the shell's rustc.
     RUST_SRC_PATH = "${pkgs.rustPlatform.rustLibSrc}";
   };

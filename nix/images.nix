@@ -11,6 +11,9 @@
 , makeWrapper
 , dash
 , coreutils
+, gawk
+, gnused
+, gnugrep
 , iproute2
 , iputils
 , unixtools
@@ -21,23 +24,36 @@
 let
   uid = toString cfg.image.uid;
 
-  # The netem sidecar: the compose stack's POSIX sh script, run by dash with
-  # the tools it needs (tc and ip from iproute2, ping from iputils, getent)
-  # on PATH. Its defaults come from the flake option; the environment (the
-  # compose file, `docker run -e`) still overrides them.
-  netem = runCommand "lagprobe-netem"
+  # The netem sidecar: the compose stack's POSIX sh script, run by dash (as
+  # Debian's /bin/sh runs it in postgresql/Dockerfile) with what it calls on
+  # PATH: tc and ip (iproute2), getent, awk, sort, tr, sed, grep, sleep, and
+  # ping (iputils) for `docker compose exec netem ping`. Installed as
+  # `netem-delay`, the name the compose healthcheck runs. Its defaults come
+  # from the flake option; the environment (the compose file, `docker run
+  # -e`) still overrides them.
+  netemDelay = runCommand "netem-delay"
     {
       nativeBuildInputs = [ makeWrapper ];
-      meta.mainProgram = "lagprobe-netem";
+      meta.mainProgram = "netem-delay";
     }
     ''
-      install -D -m 0755 ${netemScript} "$out/libexec/lagprobe/netem.sh"
-      makeWrapper ${dash}/bin/dash "$out/bin/lagprobe-netem" \
-        --add-flags "$out/libexec/lagprobe/netem.sh" \
-        --prefix PATH : ${lib.makeBinPath [ iproute2 iputils unixtools.getent coreutils ]} \
+      install -D -m 0755 ${netemScript} "$out/libexec/lagprobe/netem-delay.sh"
+      makeWrapper ${dash}/bin/dash "$out/bin/netem-delay" \
+        --add-flags "$out/libexec/lagprobe/netem-delay.sh" \
+        --prefix PATH : ${lib.makeBinPath netemTools} \
         --set-default NETEM_DELAY_MS ${toString cfg.netem.delayMs} \
         --set-default NETEM_JITTER_MS ${toString cfg.netem.jitterMs}
     '';
+
+  netemTools = [
+    iproute2
+    iputils
+    unixtools.getent
+    gawk
+    coreutils
+    gnused
+    gnugrep
+  ];
 in
 {
   image = dockerTools.streamLayeredImage {
@@ -45,6 +61,9 @@ in
     inherit (cfg.image) tag;
     contents = [
       lagprobe
+      # /bin/sh: docker-compose.yml's delay-link service starts through
+      # `/bin/sh -c`, as it can with the Dockerfile's Debian base.
+      dockerTools.binSh
       # /etc/passwd and /etc/group with the non-root user the server runs as.
       (fakeNss.override {
         extraPasswdLines = [ "lagprobe:x:${uid}:${uid}:lagprobe:/var/empty:/bin/sh" ];
@@ -86,20 +105,21 @@ in
   };
 
   netem-image = dockerTools.streamLayeredImage {
-    name = "lagprobe-netem";
-    inherit (cfg.image) tag;
-    # binSh gives `docker exec ... sh` and shell healthchecks a /bin/sh.
+    name = cfg.image.netemName;
+    tag = cfg.image.netemTag;
     contents = [
-      netem
-      iproute2
-      iputils
-      unixtools.getent
-      coreutils
+      netemDelay
+      # /etc/passwd (root), and /etc/nsswitch.conf so that getent reads
+      # /etc/hosts before DNS.
+      fakeNss
+      # `docker compose exec netem sh`
       dockerTools.binSh
-    ];
+    ] ++ netemTools;
     config = {
-      # tc needs CAP_NET_ADMIN: the compose file grants it to this service.
-      Entrypoint = [ "/bin/lagprobe-netem" ];
+      # Runs as root: tc needs CAP_NET_ADMIN, the capability docker-compose.yml
+      # grants this service (with NET_RAW for ping) after dropping all others.
+      Entrypoint = [ "/bin/netem-delay" ];
+      Cmd = [ "run" ];
       Env = [
         "PATH=/bin"
         "NETEM_DELAY_MS=${toString cfg.netem.delayMs}"
@@ -107,7 +127,7 @@ in
       ];
       Labels = {
         "org.opencontainers.image.title" = "lagprobe-netem";
-        "org.opencontainers.image.description" = "netem sidecar delaying the lagprobe replication link by ${toString cfg.netem.delayMs} ms (jitter ${toString cfg.netem.jitterMs} ms)";
+        "org.opencontainers.image.description" = "netem sidecar delaying the lagprobe replication link (default ${toString cfg.netem.delayMs} ms, jitter ${toString cfg.netem.jitterMs} ms)";
       };
     };
   };

@@ -71,9 +71,31 @@ in
         default = "nix";
         example = "latest";
         description = ''
-          Tag of both OCI images (`packages.image` and
-          `packages.netem-image`). The generated compose env file names the
-          images with this tag.
+          Tag of the lagprobe image (`packages.image`), loaded as
+          `lagprobe:<tag>`. The generated compose env file sets
+          `LAGPROBE_IMAGE=lagprobe:<tag>`, the variable docker-compose.yml
+          names its `app` (and `delay-link`) image with.
+        '';
+      };
+
+      netemName = mkOption {
+        type = types.nonEmptyStr;
+        default = "lagprobe-netem";
+        description = ''
+          Name of the netem sidecar image (`packages.netem-image`).
+          docker-compose.yml builds its `netem` service without an `image:`
+          key, so compose tags that build, and looks for it, as
+          `<project>-netem` with the project name `lagprobe`: hence the
+          default, which lets the Nix-built image take the built one's place.
+        '';
+      };
+
+      netemTag = mkOption {
+        type = types.nonEmptyStr;
+        default = "latest";
+        description = ''
+          Tag of the netem sidecar image; compose's own build of the `netem`
+          service is tagged `latest`.
         '';
       };
 

@@ -24,10 +24,14 @@ let
     common
     // {
       # The tests start real PostgreSQL servers (a primary and a streaming
-      # replica each) on loopback ports, in temporary directories. They find
-      # the server binaries through LAGPROBE_PG_BINDIR.
+      # replica each) on loopback ports, in temporary directories, as the
+      # build user. They look for the server programs with `pg_config
+      # --bindir`, then `initdb` on PATH; the lab's CLI reads
+      # LAGPROBE_PG_BINDIR first. All three point at nixpkgs' PostgreSQL
+      # (its server programs are in the default output, `pg_config` in `dev`).
       nativeCheckInputs = [ postgresql ];
       preCheck = ''
+        export PATH=${postgresql}/bin:$PATH
         export LAGPROBE_PG_BINDIR=${postgresql}/bin
         export HOME="$TMPDIR"
       '';

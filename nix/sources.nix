@@ -24,6 +24,7 @@ root: {
     "/clippy.toml"
     "/.clippy.toml"
   ];
-  # The netem sidecar's script, owned by the compose stack.
-  netemScript = root + "/postgresql/netem/netem.sh";
+  # The netem sidecar's script, owned by the compose stack (postgresql/Dockerfile
+  # installs it as /usr/local/bin/netem-delay).
+  netemScript = root + "/postgresql/netem-delay.sh";
 }

@@ -14,6 +14,12 @@ let
 
   check = name: ok: detail: { inherit name ok detail; };
 
+  sample = {
+    netem = { delayMs = 250; jitterMs = 20; };
+    image.tag = "test";
+  };
+  zero = sample // { netem = { delayMs = 0; jitterMs = 0; }; };
+
   envLines = text: builtins.filter (l: l != "" && builtins.substring 0 1 l != "#") (
     builtins.filter builtins.isString (builtins.split "\n" text)
   );
@@ -46,12 +52,18 @@ in
     (builtins.attrNames cargoToml.package))
 
   (check "compose env: the option values, one NAME=value line each"
-    (envLines (composeEnv { netem = { delayMs = 250; jitterMs = 20; }; })
-      == [ "NETEM_DELAY_MS=250" "NETEM_JITTER_MS=20" ])
-    (composeEnv { netem = { delayMs = 250; jitterMs = 20; }; }))
+    (envLines (composeEnv sample) == [
+      "NETEM_DELAY_MS=250"
+      "NETEM_JITTER_MS=20"
+      "LAGPROBE_IMAGE=lagprobe:test"
+    ])
+    (composeEnv sample))
 
   (check "compose env: zero values are written, not dropped"
-    (envLines (composeEnv { netem = { delayMs = 0; jitterMs = 0; }; })
-      == [ "NETEM_DELAY_MS=0" "NETEM_JITTER_MS=0" ])
-    (composeEnv { netem = { delayMs = 0; jitterMs = 0; }; }))
+    (envLines (composeEnv zero) == [
+      "NETEM_DELAY_MS=0"
+      "NETEM_JITTER_MS=0"
+      "LAGPROBE_IMAGE=lagprobe:test"
+    ])
+    (composeEnv zero))
 ]
