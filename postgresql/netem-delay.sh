@@ -17,14 +17,16 @@
 #   qdisc htb 1: root, default class 1:1
 #     class 1:1   everything else: not delayed (100gbit: HTB shapes nothing at that rate)
 #     class 1:2   qdisc 20: netem delay NETEM_DELAY_MS ms [NETEM_JITTER_MS ms]
-#   filter u32 "match ip dst <replica address>/32" -> class 1:2 (pref 10, handles 800::800 and up)
+#   filter u32 "match ip dst <replica address>/32" -> class 1:2 (pref 10, handles 800::800 and up;
+#   a new address gets its filter before the old address's filter is deleted)
 # The classic recipe has prio at the root; HTB is used because some kernels (CI's among them) are
 # built with HTB and without prio, and HTB does the same job here.
 #
 # It resolves the replica's name again every NETEM_POLL_SECONDS and moves the filter when the address
 # changes (a recreated replica gets a new address: the old demo resolved it once and silently lost its
-# delay). Every change is a tc "replace", so running it again over an existing tree is harmless. It
-# logs what it applies, and removes its qdisc on SIGTERM/SIGINT (docker stop).
+# delay). Qdiscs, classes and filters are written with tc "replace" and read back from the kernel,
+# so running it again over an existing tree (a restart) is harmless. It logs what it applies, and
+# removes its qdisc on SIGTERM/SIGINT (docker stop).
 #
 # Usage: netem-delay [run|check|clear]
 #   run     (default) apply, follow the replica's address, clean up on stop
@@ -57,7 +59,6 @@ PRIMARY=${NETEM_PRIMARY_HOST:-postgresql-primary}
 # state of the run loop
 CUR_DEV=""       # device the tree is on
 CUR_ADDRS=""     # addresses the filters match, space separated, sorted
-CUR_COUNT=0      # number of filters installed (handles 800::800 .. )
 LAST_NOTE=""     # last repeated notice, to log it once
 SLEEP_PID=""
 
@@ -189,25 +190,61 @@ apply_tree() {
     return 0
 }
 
-filter_handle() {
-    printf '800::%x' $((0x800 + $1))
+# our filters as the kernel has them, one "handle hexaddress" per line (e.g. "800::800 c6124202");
+# the kernel is the record, so a restart picks up whatever an earlier run left
+current_filters() {
+    tc filter show dev "$1" parent 1: 2>/dev/null | awk '
+        / fh 800::/ { h = ""; for (i = 1; i < NF; i++) if ($i == "fh") h = $(i + 1); next }
+        / match / && h != "" { split($2, m, "/"); print h, m[1]; h = "" }'
 }
 
+# the lowest u32 node handle (800::800 .. 800::fff) not in use
+free_handle() {
+    n=$((0x800))
+    while [ "$n" -le $((0xfff)) ]; do
+        h=$(printf '800::%x' "$n")
+        case " $(printf '%s\n' "$1" | awk '{ print $1 }' | tr '\n' ' ') " in
+            *" $h "*) n=$((n + 1)) ;;
+            *)
+                printf '%s\n' "$h"
+                return 0
+                ;;
+        esac
+    done
+    return 1
+}
+
+# Make the u32 filters match exactly the addresses in $2. A u32 filter's key cannot be changed in
+# place (a replace on the same handle keeps the old key), so a new address gets a new handle first
+# and the filter of an address that went away is deleted after: no moment without a filter.
 set_filters() {
     dev=$1
     addrs=$2
-    n=0
+    cur=$(current_filters "$dev")
+    want=""
     for addr in $addrs; do
-        tc_do filter replace dev "$dev" parent 1: protocol ip pref 10 handle "$(filter_handle "$n")" \
+        hex=$(ip_hex "$addr")
+        want="$want $hex"
+        case " $(printf '%s\n' "$cur" | awk '{ print $2 }' | tr '\n' ' ') " in
+            *" $hex "*) continue ;;
+        esac
+        handle=$(free_handle "$cur") || {
+            log "error: no free u32 handle left on $dev"
+            return 1
+        }
+        tc_do filter replace dev "$dev" parent 1: protocol ip pref 10 handle "$handle" \
             u32 match ip dst "$addr/32" flowid 1:2 || return 1
-        n=$((n + 1))
+        cur=$(printf '%s\n%s %s' "$cur" "$handle" "$hex")
     done
-    k=$n
-    while [ "$k" -lt "$CUR_COUNT" ]; do
-        tc filter del dev "$dev" parent 1: protocol ip pref 10 handle "$(filter_handle "$k")" u32 2>/dev/null || true
-        k=$((k + 1))
-    done
-    CUR_COUNT=$n
+    while read -r handle hex; do
+        [ -n "$handle" ] || continue
+        case "$want " in
+            *" $hex "*) ;;
+            *) tc_do filter del dev "$dev" parent 1: protocol ip pref 10 handle "$handle" u32 || return 1 ;;
+        esac
+    done <<EOF
+$cur
+EOF
     return 0
 }
 
@@ -237,10 +274,9 @@ sync_once() {
         CUR_DEV=""
     fi
     if [ -z "$CUR_DEV" ] || ! tree_present "$dev"; then
-        apply_tree "$dev" || return 1
         CUR_DEV=$dev
         CUR_ADDRS=""
-        CUR_COUNT=0
+        apply_tree "$dev" || return 1
     fi
     if [ "$addrs" != "$CUR_ADDRS" ]; then
         set_filters "$dev" "$addrs" || return 1
