@@ -10,6 +10,10 @@
 { lib, ... }:
 let
   inherit (lib) mkOption types;
+
+  # host:port, IPv6 in brackets; nothing a shell would interpret, since the
+  # lab wrapper script embeds it.
+  listenAddress = types.strMatching "[][A-Za-z0-9.:_-]+:[0-9]+";
 in
 {
   options = {
@@ -45,7 +49,7 @@ in
 
     lab = {
       httpAddr = mkOption {
-        type = types.nonEmptyStr;
+        type = listenAddress;
         default = "127.0.0.1:8000";
         example = "0.0.0.0:8000";
         description = ''
@@ -55,7 +59,7 @@ in
       };
 
       grpcAddr = mkOption {
-        type = types.nonEmptyStr;
+        type = listenAddress;
         default = "127.0.0.1:50051";
         example = "0.0.0.0:50051";
         description = ''
