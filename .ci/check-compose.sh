@@ -571,7 +571,7 @@ check_release() {
     grep -q 'granted pg_monitor to lagprobe_app' "$TMP/init.log" || fail "the init script did not grant"
     local i status=""
     for ((i = 0; i < 50; i++)); do
-        status=$(psql_at "$replica" -c "SET ROLE lagprobe_app" -c "SELECT status FROM pg_stat_wal_receiver" || true)
+        status=$(psql_at "$replica" -c "SET ROLE lagprobe_app" -c "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null || true)
         [ "$status" = streaming ] && break
         sleep 0.2
     done
@@ -591,7 +591,7 @@ check_release() {
         "$bin" serve --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 >"$TMP/serve2.log" 2>&1 &
     local serve2=$!
     CLEANUPS+=("kill $serve2")
-    local n pid logf http
+    local n pid logf http code=""
     for n in 1 2; do
         if [ "$n" = 1 ]; then pid=$serve1; else pid=$serve2; fi
         logf=$TMP/serve$n.log
@@ -608,9 +608,18 @@ check_release() {
             fail "serve $n never became ready"
         }
         curl -fsS "http://$http/healthz" >/dev/null
-        curl -fsS "http://$http/test/" >"$TMP/page$n.html"
+        # ready means streaming; the migration itself reaches the replica one delay later
+        for ((i = 0; i < 50; i++)); do
+            code=$(curl -sS -o "$TMP/probe$n.json" -w '%{http_code}' "http://$http/api/probe") || true
+            [ "$code" = 200 ] && break
+            sleep 0.2
+        done
+        [ "$code" = 200 ] || {
+            cat "$TMP/probe$n.json" >&2
+            fail "serve $n: /api/probe answered $code"
+        }
+        curl -fsS "http://$http/test/" >"$TMP/page$n.html" || fail "serve $n: /test/ failed"
         grep -qi '<html' "$TMP/page$n.html" || fail "serve $n: /test/ is not a page"
-        curl -fsS "http://$http/api/probe" >"$TMP/probe$n.json" || fail "serve $n: /api/probe failed"
         python3 - "$TMP/probe$n.json" <<'PY' || fail "serve $n: /api/probe has no verdict"
 import json, sys
 doc = json.load(open(sys.argv[1]))
