@@ -15,9 +15,11 @@
 //!
 //! Supporting modules: [`lsn`] (WAL positions), [`error`] (the error type every transport
 //! maps in one place), [`telemetry`] (logging), [`healthcheck`] (a dependency-free HTTP
-//! probe for container health checks).
+//! probe for container health checks), [`bench`] (the benchmark behind the speed and memory
+//! targets).
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod error;

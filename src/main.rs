@@ -69,6 +69,14 @@ enum Command {
         #[command(flatten)]
         link: DelayLinkArgs,
     },
+    /// Measure lab start-up and idle memory against lagprobe's targets; prints markdown.
+    Bench {
+        /// Lab start-ups to time.
+        #[arg(long, default_value_t = 5)]
+        lab_starts: u32,
+        #[arg(long, env = "LAGPROBE_PG_BINDIR")]
+        pg_bindir: Option<std::path::PathBuf>,
+    },
     /// GET a URL and exit 0 on a 2xx answer (for container health checks).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8000/readyz")]
@@ -95,6 +103,18 @@ async fn main() -> anyhow::Result<()> {
             pool,
         } => run_probes(&databases, &run, &pool).await,
         Command::DelayLink { link } => delay_link(&link).await,
+        Command::Bench {
+            lab_starts,
+            pg_bindir,
+        } => {
+            let options = lagprobe::bench::BenchOptions {
+                lab_starts,
+                pg_bindir,
+            };
+            let binary = std::env::current_exe().context("locating the lagprobe binary")?;
+            print!("{}", lagprobe::bench::run(&options, &binary).await?);
+            Ok(())
+        }
         Command::Healthcheck { url } => {
             let status =
                 lagprobe::healthcheck::http_get_status(&url, Duration::from_secs(5)).await?;
