@@ -50,11 +50,19 @@ async fn run_at_1000_ms_delay_reads_stale_and_sees_writes_after_the_delay() {
         );
         // ...and the COMMIT's acknowledgement reaches us at most a moment after the
         // primary sent that WAL, so commit-to-visible is the delay, give or take that moment.
-        assert!(visible >= 1000.0 - COMMIT_ACK_SLACK_MS, "probe {index} visible after {visible} ms");
+        assert!(
+            visible >= 1000.0 - COMMIT_ACK_SLACK_MS,
+            "probe {index} visible after {visible} ms"
+        );
         visible_after_ms.push(visible);
         if probe.verdict() == Verdict::Stale {
             assert_eq!(probe.read_value, None);
-            let replay: Lsn = probe.replica_replay_lsn.as_deref().unwrap().parse().unwrap();
+            let replay: Lsn = probe
+                .replica_replay_lsn
+                .as_deref()
+                .unwrap()
+                .parse()
+                .unwrap();
             assert!(replay < commit_lsn);
             assert_eq!(probe.lsn_gap_bytes, Some(commit_lsn.bytes_after(replay)));
             assert!(probe.lsn_gap_bytes.unwrap() > 0);
@@ -84,20 +92,68 @@ async fn out_of_range_input_is_invalid_argument_naming_the_field() {
     let app = spawn_app(0).await;
     let mut client = app.grpc().await;
     let cases = [
-        (RunRequest { count: Some(0), ..Default::default() }, "count"),
-        (RunRequest { count: Some(10_001), ..Default::default() }, "count"),
-        (RunRequest { interval_ms: Some(60_001), ..Default::default() }, "interval_ms"),
-        (RunRequest { visibility_timeout_ms: Some(0), ..Default::default() }, "visibility_timeout_ms"),
-        (RunRequest { poll_interval_ms: Some(0), ..Default::default() }, "poll_interval_ms"),
-        (RunRequest { concurrency: Some(257), ..Default::default() }, "concurrency"),
+        (
+            RunRequest {
+                count: Some(0),
+                ..Default::default()
+            },
+            "count",
+        ),
+        (
+            RunRequest {
+                count: Some(10_001),
+                ..Default::default()
+            },
+            "count",
+        ),
+        (
+            RunRequest {
+                interval_ms: Some(60_001),
+                ..Default::default()
+            },
+            "interval_ms",
+        ),
+        (
+            RunRequest {
+                visibility_timeout_ms: Some(0),
+                ..Default::default()
+            },
+            "visibility_timeout_ms",
+        ),
+        (
+            RunRequest {
+                poll_interval_ms: Some(0),
+                ..Default::default()
+            },
+            "poll_interval_ms",
+        ),
+        (
+            RunRequest {
+                concurrency: Some(257),
+                ..Default::default()
+            },
+            "concurrency",
+        ),
     ];
     for (request, field) in cases {
-        let status = client.run(request.clone()).await.expect_err("rejected");
-        assert_eq!(status.code(), Code::InvalidArgument, "{request:?}: {status:?}");
-        assert!(status.message().contains(field), "{request:?}: {}", status.message());
+        let status = client.run(request).await.expect_err("rejected");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{request:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains(field),
+            "{request:?}: {}",
+            status.message()
+        );
     }
     // The default request is one probe.
-    let report = client.run(RunRequest::default()).await.unwrap().into_inner();
+    let report = client
+        .run(RunRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(report.probes.len(), 1);
     app.shutdown().await;
 }
@@ -115,9 +171,11 @@ async fn listed_services(app: &crate::harness::TestApp) -> Vec<String> {
         .into_inner();
     let response = responses.next().await.unwrap().unwrap();
     match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|service| service.name).collect()
-        }
+        Some(MessageResponse::ListServicesResponse(list)) => list
+            .service
+            .into_iter()
+            .map(|service| service.name)
+            .collect(),
         other => panic!("unexpected reflection answer {other:?}"),
     }
 }
@@ -131,7 +189,10 @@ async fn reflection_lists_the_probe_and_health_services() {
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
-        assert!(services.iter().any(|name| name == expected), "{expected} missing from {services:?}");
+        assert!(
+            services.iter().any(|name| name == expected),
+            "{expected} missing from {services:?}"
+        );
     }
 
     // grpcurl 1.8 speaks only v1alpha: that one must answer too.
@@ -140,9 +201,11 @@ async fn reflection_lists_the_probe_and_health_services() {
         alpha::server_reflection_client::ServerReflectionClient::new(app.grpc_channel().await);
     let request = alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "lagprobe.v1.ConsistencyProbe".into(),
-        )),
+        message_request: Some(
+            alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "lagprobe.v1.ConsistencyProbe".into(),
+            ),
+        ),
     };
     let mut responses = client
         .server_reflection_info(tokio_stream::iter([request]))

@@ -10,11 +10,17 @@ async fn test_page_shows_a_stale_verdict_at_1000_ms() {
     let response = app.http.get(app.http_url("/test/")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
-        response.headers()["content-type"].to_str().unwrap().starts_with("text/html")
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
     );
     let html = response.text().await.unwrap();
     assert!(html.contains("id=\"verdict\">STALE"), "{html}");
-    assert!(html.contains("1000 ms"), "the page shows the lab delay: {html}");
+    assert!(
+        html.contains("1000 ms"),
+        "the page shows the lab delay: {html}"
+    );
     assert!(html.contains("Commit to visible"), "{html}");
     assert!(html.contains("pg_last_xact_replay_timestamp"), "{html}");
 
@@ -30,7 +36,10 @@ async fn json_probe_health_and_readiness() {
     let app = spawn_app(0).await;
     let (status, body) = app.get_json("/api/probe").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(matches!(body["verdict"].as_str(), Some("fresh" | "stale")), "{body}");
+    assert!(
+        matches!(body["verdict"].as_str(), Some("fresh" | "stale")),
+        "{body}"
+    );
     assert_eq!(body["lab_delay_ms"], 0);
     assert!(body["visible_after_ms"].as_f64().unwrap() < 500.0, "{body}");
     assert_eq!(body["token"].as_str().unwrap().len(), 32);
@@ -52,13 +61,31 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
 
     let (status, body) = app.get_json("/api/probe?poll_interval_ms=soon").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["error"].as_str().unwrap().contains("poll_interval_ms"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("poll_interval_ms"),
+        "{body}"
+    );
 
     let (status, body) = app.get_json("/api/probe?visibilty_timeout_ms=5").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "a misspelt parameter is not ignored");
-    assert!(body["error"].as_str().unwrap().contains("visibilty_timeout_ms"), "{body}");
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "a misspelt parameter is not ignored"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("visibilty_timeout_ms"),
+        "{body}"
+    );
 
-    let page = app.http.get(app.http_url("/test/?visibility_timeout_ms=-1")).send().await.unwrap();
+    let page = app
+        .http
+        .get(app.http_url("/test/?visibility_timeout_ms=-1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(page.status(), StatusCode::BAD_REQUEST);
     assert!(page.text().await.unwrap().contains("NO PROBE"));
 

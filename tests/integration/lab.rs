@@ -15,7 +15,14 @@ fn postmaster_pid(data_dir: &Path) -> i32 {
 
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|stat| !stat.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 
@@ -28,8 +35,14 @@ async fn shutdown_leaves_no_postmaster_and_no_directory() {
     assert!(alive(primary) && alive(replica));
 
     app.shutdown().await;
-    assert!(!alive(primary), "primary postmaster {primary} still running");
-    assert!(!alive(replica), "replica postmaster {replica} still running");
+    assert!(
+        !alive(primary),
+        "primary postmaster {primary} still running"
+    );
+    assert!(
+        !alive(replica),
+        "replica postmaster {replica} still running"
+    );
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
 
@@ -54,7 +67,10 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
     let (status, body) = app.get_json("/api/probe").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["verdict"], "replica_error", "{body}");
-    assert!(body["error"].as_str().unwrap().contains("replica"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("replica"),
+        "{body}"
+    );
 
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

@@ -25,7 +25,11 @@ async fn without_delay_every_write_becomes_visible_well_under_500_ms() {
         let visible_after = probe.visible_after.expect("every write becomes visible");
         assert!(visible_after < Duration::from_millis(500), "{probe:?}");
     }
-    assert!(report.summary.visible_after_max_ms < 500.0, "{:?}", report.summary);
+    assert!(
+        report.summary.visible_after_max_ms < 500.0,
+        "{:?}",
+        report.summary
+    );
     app.shutdown().await;
 }
 
@@ -33,13 +37,21 @@ async fn without_delay_every_write_becomes_visible_well_under_500_ms() {
 async fn changing_the_delay_while_running_changes_commit_to_visible() {
     let app = spawn_app(0).await;
     let quick = app.state.probe(None, None).await.unwrap();
-    assert!(quick.visible_after.unwrap() < Duration::from_millis(500), "{quick:?}");
+    assert!(
+        quick.visible_after.unwrap() < Duration::from_millis(500),
+        "{quick:?}"
+    );
 
-    app.lab.delay_control().set_delay(Duration::from_millis(700));
+    app.lab
+        .delay_control()
+        .set_delay(Duration::from_millis(700));
     let slow = app.state.probe(None, None).await.unwrap();
     assert_eq!(slow.verdict, Verdict::Stale, "{slow:?}");
     let visible_after = slow.visible_after.expect("visible before the 5 s timeout");
-    assert!(visible_after + slow.write_latency >= Duration::from_millis(700), "{slow:?}");
+    assert!(
+        visible_after + slow.write_latency >= Duration::from_millis(700),
+        "{slow:?}"
+    );
     assert!(
         visible_after.as_secs_f64() * 1000.0 >= 700.0 - COMMIT_ACK_SLACK_MS,
         "{slow:?}"
