@@ -206,6 +206,8 @@ check(n["build"]["context"].endswith("/postgresql"), "netem is built from postgr
 check(n["environment"]["NETEM_DELAY_MS"] == "1000", "default delay 1000 ms")
 check(n["environment"]["NETEM_TARGET_HOST"] == "postgresql-replica", "netem target")
 check(n["depends_on"]["postgresql-primary"]["condition"] == "service_healthy", "netem waits for the primary")
+check(n["depends_on"]["postgresql-primary"].get("restart") is True, "netem restarts with the primary (its namespace)")
+check(n["depends_on"]["postgresql-replica"]["condition"] == "service_healthy", "the delay starts once the replica streams")
 check("check" in n["healthcheck"]["test"], "netem healthcheck runs netem-delay check")
 n250 = delay250["services"]["netem"]
 check(n250["environment"]["NETEM_DELAY_MS"] == "250", "NETEM_DELAY_MS=250 reaches the sidecar")
