@@ -571,6 +571,15 @@ check_release() {
     PATH=$PGBIN:$PATH POSTGRESQL_USERNAME=lagprobe_app POSTGRESQL_POSTGRES_PASSWORD=unused-trust-auth \
         POSTGRESQL_PORT_NUMBER=$pport sh postgresql/initdb/10-grant-monitoring.sh | tee "$TMP/init.log"
     grep -q 'granted pg_monitor to lagprobe_app' "$TMP/init.log" || fail "the init script did not grant"
+    # the image sources init scripts that lost their executable bit, into its errexit/nounset bash:
+    # the script must neither exit that shell nor trip it
+    PATH=$PGBIN:$PATH POSTGRESQL_USERNAME=lagprobe_app POSTGRESQL_POSTGRES_PASSWORD=unused-trust-auth \
+        POSTGRESQL_PORT_NUMBER=$pport bash -c 'set -o errexit -o nounset -o pipefail
+            . postgresql/initdb/10-grant-monitoring.sh; echo "sourcing shell goes on"' >"$TMP/init2.log" 2>&1
+    grep -q 'sourcing shell goes on' "$TMP/init2.log" || fail "sourcing the init script stopped the shell"
+    POSTGRESQL_USERNAME=lagprobe_app POSTGRESQL_POSTGRES_PASSWORD='' bash -c 'set -o errexit -o nounset
+        . postgresql/initdb/10-grant-monitoring.sh; echo "sourcing shell goes on"' >"$TMP/init3.log" 2>&1
+    grep -q 'sourcing shell goes on' "$TMP/init3.log" || fail "sourcing the init script without a password stopped the shell"
     local i status=""
     for ((i = 0; i < 50; i++)); do
         status=$(psql_at "$replica" -c "SET ROLE lagprobe_app" -c "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null || true)
