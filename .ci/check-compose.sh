@@ -440,16 +440,16 @@ EOF
     shows 'match c6124203/' ns tc filter show dev eth0 parent 1: || fail "filter dropped while unresolvable"
     set_replica_address 198.18.66.3
 
-    log "netem: killed without cleanup, then restarted with 250 ms: replace over the existing tree"
+    log "netem: killed without cleanup, then restarted with 250 ms +/- 20 ms: replace over the existing tree"
     kill -KILL "$pid"
     wait "$pid" 2>/dev/null || true
     shows '^qdisc htb 1: root' ns tc qdisc show dev eth0 || fail "tree vanished after SIGKILL?"
     : >"$TMP/tc-calls.log"
-    start_netem "$TMP/netem2.log" PATH="$wrapped" NETEM_DELAY_MS=250 NETEM_POLL_SECONDS=1
+    start_netem "$TMP/netem2.log" PATH="$wrapped" NETEM_DELAY_MS=250 NETEM_JITTER_MS=20 NETEM_POLL_SECONDS=1
     pid=$NETEM_PID
     wait_for_log "$TMP/netem2.log" "delaying packets to postgresql-replica (198.18.66.3) on eth0 by 250 ms"
     if grep -q 'error' "$TMP/netem2.log"; then fail "restart over an existing tree logged an error"; fi
-    grep -q 'netem delay 250ms limit 10000' "$TMP/tc-calls.log" || fail "netem was not asked for 250ms"
+    grep -q 'netem delay 250ms 20ms limit 10000' "$TMP/tc-calls.log" || fail "netem was not asked for 250ms 20ms"
     ns tc filter show dev eth0 parent 1: >"$TMP/filter.txt"
     [ "$(grep -c 'match ' "$TMP/filter.txt")" = 1 ] || fail "restart left more than one filter"
     [ "$(ns tc qdisc show dev eth0 | grep -c '^qdisc htb')" = 1 ] || fail "restart stacked qdiscs"

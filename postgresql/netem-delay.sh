@@ -43,7 +43,7 @@
 #   REPLICA_UPSTREAM_HOST, NETEM_PRIMARY_HOST  when these differ, the replica streams through
 #                       something else (the proxy-delay profile's delay-link): stay idle
 # Only IPv4 is matched: compose networks are IPv4 unless IPv6 is enabled on purpose.
-# POSIX sh (Debian's dash); needs tc and ip (iproute2), getent, awk, sort.
+# POSIX sh (Debian's dash); needs tc and ip (iproute2), getent, awk, grep, sed, sort, tr.
 
 set -u
 
