@@ -10,7 +10,8 @@
 #                u32 filter are created, carry real traffic, follow the replica's address, survive a
 #                restart and are removed on SIGTERM. Only the netem qdisc is swapped for pfifo, by a
 #                tc wrapper inside this test; the real "no sch_netem" path is exercised as well.
-#   4. release   `cargo build --release --locked` (the Dockerfile's command line), then
+#   4. release   `cargo build --release --locked` (the Dockerfile's command line, run on exactly the
+#                files the Docker build context gets after .dockerignore), then
 #                `lagprobe lab` and `lagprobe serve` against it as a non-superuser role set up the
 #                way the Bitnami primary sets it up (postgresql/initdb/10-grant-monitoring.sh included):
 #                /readyz, /api/probe, `lagprobe healthcheck`, and a clean stop.
@@ -538,8 +539,43 @@ check_release() {
     PGBIN=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)
     grep -q "$BUILD_CMD" Dockerfile || fail "the Dockerfile no longer builds with '$BUILD_CMD'"
 
-    log "$BUILD_CMD   (the Dockerfile's build command)"
-    $BUILD_CMD
+    # what `COPY . .` sees: the repository's files less those .dockerignore excludes
+    log "release: the Docker build context (.dockerignore applied) in $TMP/context"
+    python3 - "$ROOT" "$TMP/context" <<'PY'
+import fnmatch, os, shutil, subprocess, sys
+root, dest = sys.argv[1], sys.argv[2]
+rules = []
+for line in open(os.path.join(root, ".dockerignore")):
+    line = line.strip()
+    if line and not line.startswith("#"):
+        rules.append((line.startswith("!"), line.lstrip("!").rstrip("/")))
+def matches(path, pattern):
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    pats = [pattern, pattern[3:]] if pattern.startswith("**/") else [pattern]
+    return any(fnmatch.fnmatchcase(pre, pat) for pre in prefixes for pat in pats)
+def ignored(path):
+    verdict = False
+    for negate, pattern in rules:
+        if matches(path, pattern):
+            verdict = not negate
+    return verdict
+files = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                       check=True, capture_output=True).stdout.decode().split("\0")
+kept = 0
+for f in files:
+    if f and os.path.isfile(os.path.join(root, f)) and not ignored(f):
+        os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
+        shutil.copy2(os.path.join(root, f), os.path.join(dest, f))
+        kept += 1
+for f in ("Cargo.toml", "Cargo.lock", "src/main.rs"):
+    assert os.path.isfile(os.path.join(dest, f)), f"{f} missing from the build context"
+for f in (".env", "docker-compose.yml", "target"):
+    assert not os.path.exists(os.path.join(dest, f)), f"{f} must not be in the build context"
+print(f"  {kept} files in the context")
+PY
+    log "release: $BUILD_CMD in the build context, with the Dockerfile's environment"
+    (cd "$TMP/context" && SQLX_OFFLINE=true CARGO_TERM_COLOR=never CARGO_TARGET_DIR="$ROOT/target" $BUILD_CMD)
     local bin=$ROOT/target/release/lagprobe
     [ -x "$bin" ] || fail "no $bin"
 
