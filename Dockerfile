@@ -9,6 +9,8 @@
 # .ci/check-compose.sh runs and tests outside Docker: keep the two in step.
 # Nothing secret is baked in: database URLs come from the environment at run time.
 
+# The builder's Debian must match the runtime's (the binary links against its glibc): change both
+# together, e.g. --build-arg RUST_IMAGE=rust:1.95-slim-trixie --build-arg RUNTIME_IMAGE=debian:trixie-slim
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
