@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     app,
-    config::{PoolArgs, ServiceArgs},
+    config::{PoolArgs, ServiceArgs, StrategyArgs},
     error::{Error, Result},
     lab::{Lab, LabOptions},
 };
@@ -40,10 +40,12 @@ fn loopback_service() -> ServiceArgs {
         http_addr: "127.0.0.1:0".parse().expect("static address"),
         grpc_addr: "127.0.0.1:0".parse().expect("static address"),
         no_migrate: false,
+        heartbeat_ms: 100,
         pool: PoolArgs {
             pool_size: 16,
             acquire_timeout_ms: 3000,
         },
+        strategy: StrategyArgs::default(),
     }
 }
 
@@ -112,7 +114,7 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
     .await?;
     crate::db::Databases::connect_lazy(
         &lab.primary_url(),
-        &lab.replica_url(),
+        &lab.replica_urls(),
         &Default::default(),
     )?
     .migrate()

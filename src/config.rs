@@ -7,7 +7,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 
-use crate::{db::PoolSettings, lab::LabOptions};
+use crate::{
+    db::{
+        PoolSettings,
+        strategy::{Strategy, StrategySettings},
+    },
+    lab::LabOptions,
+    probe::ProbeOptions,
+};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -34,8 +41,62 @@ pub struct ServiceArgs {
     #[arg(long, env = "LAGPROBE_NO_MIGRATE")]
     pub no_migrate: bool,
 
+    /// Update the heartbeat row on the primary this often (ms), for heartbeat lag; 0 turns
+    /// it off (for a primary where lagprobe should write nothing unasked).
+    #[arg(long, env = "LAGPROBE_HEARTBEAT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub heartbeat_ms: u64,
+
     #[command(flatten)]
     pub pool: PoolArgs,
+
+    #[command(flatten)]
+    pub strategy: StrategyArgs,
+}
+
+/// The server's default read-your-writes strategy and its settings; requests may override.
+#[derive(Debug, Clone, Args)]
+pub struct StrategyArgs {
+    /// Default strategy: replica, primary, pin-window, lsn-wait, lsn-route or remote-apply.
+    #[arg(long = "strategy", env = "LAGPROBE_STRATEGY", default_value = "replica", value_parser = parse_strategy)]
+    pub default_strategy: Strategy,
+
+    /// pin-window: reads stay on the primary this long after a write (ms).
+    #[arg(long, env = "LAGPROBE_PIN_WINDOW_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub pin_window_ms: u64,
+
+    /// lsn-wait: wait this long for the replica before reading the primary (ms).
+    #[arg(long, env = "LAGPROBE_LSN_WAIT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub lsn_wait_timeout_ms: u64,
+}
+
+fn parse_strategy(text: &str) -> Result<Strategy, String> {
+    text.parse()
+        .map_err(|error: crate::Error| error.to_string())
+}
+
+impl Default for StrategyArgs {
+    fn default() -> Self {
+        StrategyArgs {
+            default_strategy: Strategy::Replica,
+            pin_window_ms: 2000,
+            lsn_wait_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl StrategyArgs {
+    /// The probe options a request gets when it sets nothing.
+    pub fn probe_defaults(&self) -> ProbeOptions {
+        ProbeOptions {
+            strategy: self.default_strategy,
+            strategy_settings: StrategySettings {
+                pin_window: Duration::from_millis(self.pin_window_ms),
+                lsn_wait_timeout: Duration::from_millis(self.lsn_wait_timeout_ms),
+                ..StrategySettings::default()
+            },
+            ..ProbeOptions::default()
+        }
+    }
 }
 
 /// Connection pool sizing.
@@ -66,9 +127,34 @@ pub struct DatabaseArgs {
     #[arg(long, env = "LAGPROBE_PRIMARY_URL", hide_env_values = true)]
     pub primary_url: String,
 
-    /// The replica: reads go here (postgres:// URL).
-    #[arg(long, env = "LAGPROBE_REPLICA_URL", hide_env_values = true)]
-    pub replica_url: String,
+    /// A replica: reads go here (postgres:// URL). Repeat the flag (or separate URLs with
+    /// commas in the variable) for several; probes use them in turn.
+    #[arg(
+        long,
+        env = "LAGPROBE_REPLICA_URL",
+        hide_env_values = true,
+        value_delimiter = ',',
+        required = true
+    )]
+    pub replica_url: Vec<String>,
+}
+
+impl DatabaseArgs {
+    /// `(name, url)` per replica, named by host:port (made unique if two coincide).
+    pub fn replicas(&self) -> Vec<(String, String)> {
+        let mut named: Vec<(String, String)> = Vec::new();
+        for url in &self.replica_url {
+            let base = crate::db::replica_name_from_url(url);
+            let mut name = base.clone();
+            let mut suffix = 2;
+            while named.iter().any(|(taken, _)| *taken == name) {
+                name = format!("{base}#{suffix}");
+                suffix += 1;
+            }
+            named.push((name, url.clone()));
+        }
+        named
+    }
 }
 
 /// The embedded lab.
@@ -92,9 +178,18 @@ pub struct LabArgs {
     #[arg(long, env = "LAGPROBE_PRIMARY_PORT", default_value_t = 0)]
     pub primary_port: u16,
 
-    /// Replica port on 127.0.0.1 (0: a free port).
+    /// First replica's port on 127.0.0.1 (0: free ports); replica N gets this + N - 1.
     #[arg(long, env = "LAGPROBE_REPLICA_PORT", default_value_t = 0)]
     pub replica_port: u16,
+
+    /// Streaming replicas to start, 1 to 9, all behind the one delay link.
+    #[arg(long, env = "LAGPROBE_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+    pub replicas: u8,
+
+    /// Make the replicas synchronous standbys, so the remote-apply strategy takes effect.
+    /// Ordinary writes still commit locally (synchronous_commit = local).
+    #[arg(long, env = "LAGPROBE_SYNC_REPLICA")]
+    pub sync_replica: bool,
 }
 
 impl LabArgs {
@@ -105,6 +200,8 @@ impl LabArgs {
             delay: Duration::from_millis(self.delay_ms),
             primary_port: self.primary_port,
             replica_port: self.replica_port,
+            replicas: self.replicas,
+            sync_replica: self.sync_replica,
         }
     }
 }
@@ -127,6 +224,12 @@ pub struct RunArgs {
     /// Probes in flight at once.
     #[arg(long)]
     pub concurrency: Option<u64>,
+    /// Strategy for the read-back (default: --strategy).
+    #[arg(long = "read-strategy", value_parser = parse_strategy)]
+    pub read_strategy: Option<Strategy>,
+    /// Compare these strategies (comma-separated; `all` for every one) instead of one run.
+    #[arg(long, value_delimiter = ',')]
+    pub compare: Vec<String>,
     /// Print the whole report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -140,7 +243,25 @@ impl RunArgs {
             visibility_timeout_ms: self.visibility_timeout_ms,
             poll_interval_ms: self.poll_interval_ms,
             concurrency: self.concurrency,
+            strategy: self.read_strategy,
+            pin_window_ms: None,
+            lsn_wait_timeout_ms: None,
         }
+    }
+
+    /// The strategies of `--compare`; `None` when not comparing.
+    pub fn compared(&self) -> crate::Result<Option<Vec<Strategy>>> {
+        if self.compare.is_empty() {
+            return Ok(None);
+        }
+        if self.compare.iter().any(|name| name == "all") {
+            return Ok(Some(Vec::new()));
+        }
+        self.compare
+            .iter()
+            .map(|name| name.parse())
+            .collect::<crate::Result<Vec<_>>>()
+            .map(Some)
     }
 }
 

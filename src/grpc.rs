@@ -1,17 +1,21 @@
 //! The gRPC transport: `lagprobe.v1.ConsistencyProbe`, with reflection (v1 and v1alpha, so
 //! grpcurl needs no .proto file) and the standard health service. Thin by design: it turns
-//! requests into probe-engine calls and results into messages, nothing more.
+//! messages into [`AppState`] calls and results into messages, nothing more.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::TcpListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
     app::AppState,
+    db::strategy::{ServedBy, Strategy},
     error::{Error, ErrorKind, Result},
-    probe::{self, ProbeResult, RunParams, RunSummary, Verdict},
+    lab::DelaySettings,
+    probe::{
+        self, LagMeasures, Percentiles, ProbeResult, ReplicaSummary, RunParams, RunSummary, Verdict,
+    },
 };
 
 /// Code generated from `proto/lagprobe/v1/probe.proto`.
@@ -42,37 +46,79 @@ struct Service {
     state: AppState,
 }
 
-#[tonic::async_trait]
-impl ConsistencyProbe for Service {
-    async fn run(
-        &self,
-        request: Request<pb::RunRequest>,
-    ) -> Result<Response<pb::RunReport>, Status> {
-        let request = request.into_inner();
-        let params = RunParams {
-            count: request.count.map(u64::from),
-            interval_ms: request.interval_ms.map(u64::from),
-            visibility_timeout_ms: request.visibility_timeout_ms.map(u64::from),
-            poll_interval_ms: request.poll_interval_ms.map(u64::from),
-            concurrency: request.concurrency.map(u64::from),
-        };
-        let lab_delay_ms = self.state.lab_delay().map(|delay| delay.as_millis() as u64);
-        let report = self.state.run(&params).await.map_err(status_of)?;
-        Ok(Response::new(pb::RunReport {
-            probes: report
-                .probes
-                .iter()
-                .enumerate()
-                .map(|(index, probe)| probe_message(index as u32, probe))
-                .collect(),
-            summary: Some(summary_message(&report.summary)),
-            lab_delay_ms,
-        }))
+/// A request's strategy; unspecified means the server's default.
+fn strategy_of(value: i32, field: &'static str) -> Result<Option<Strategy>> {
+    match pb::Strategy::try_from(value) {
+        Ok(pb::Strategy::Unspecified) => Ok(None),
+        Ok(pb::Strategy::Replica) => Ok(Some(Strategy::Replica)),
+        Ok(pb::Strategy::Primary) => Ok(Some(Strategy::Primary)),
+        Ok(pb::Strategy::PinWindow) => Ok(Some(Strategy::PinWindow)),
+        Ok(pb::Strategy::LsnWait) => Ok(Some(Strategy::LsnWait)),
+        Ok(pb::Strategy::LsnRoute) => Ok(Some(Strategy::LsnRoute)),
+        Ok(pb::Strategy::RemoteApply) => Ok(Some(Strategy::RemoteApply)),
+        Err(_) => Err(Error::invalid(field, format!("{value} is not a Strategy"))),
     }
+}
+
+fn strategy_message(strategy: Strategy) -> pb::Strategy {
+    match strategy {
+        Strategy::Replica => pb::Strategy::Replica,
+        Strategy::Primary => pb::Strategy::Primary,
+        Strategy::PinWindow => pb::Strategy::PinWindow,
+        Strategy::LsnWait => pb::Strategy::LsnWait,
+        Strategy::LsnRoute => pb::Strategy::LsnRoute,
+        Strategy::RemoteApply => pb::Strategy::RemoteApply,
+    }
+}
+
+fn served_by_message(served_by: Option<ServedBy>) -> pb::ServedBy {
+    match served_by {
+        None => pb::ServedBy::Unspecified,
+        Some(ServedBy::Replica) => pb::ServedBy::Replica,
+        Some(ServedBy::Primary) => pb::ServedBy::Primary,
+        Some(ServedBy::Fallback) => pb::ServedBy::Fallback,
+    }
+}
+
+/// The shared parameters of Run, Compare, Watch and Read.
+struct CommonParams {
+    count: Option<u32>,
+    interval_ms: Option<u32>,
+    visibility_timeout_ms: Option<u32>,
+    poll_interval_ms: Option<u32>,
+    concurrency: Option<u32>,
+    strategy: i32,
+    strategy_options: Option<pb::StrategyOptions>,
+}
+
+fn run_params(common: CommonParams) -> Result<RunParams> {
+    let options = common.strategy_options.unwrap_or_default();
+    Ok(RunParams {
+        count: common.count.map(u64::from),
+        interval_ms: common.interval_ms.map(u64::from),
+        visibility_timeout_ms: common.visibility_timeout_ms.map(u64::from),
+        poll_interval_ms: common.poll_interval_ms.map(u64::from),
+        concurrency: common.concurrency.map(u64::from),
+        strategy: strategy_of(common.strategy, "strategy")?,
+        pin_window_ms: options.pin_window_ms.map(u64::from),
+        lsn_wait_timeout_ms: options.lsn_wait_timeout_ms.map(u64::from),
+    })
 }
 
 fn ms(duration: Duration) -> f64 {
     probe::millis(duration)
+}
+
+fn lag_message(lag: &LagMeasures) -> pb::LagMeasures {
+    pb::LagMeasures {
+        lsn_gap_bytes: lag.lsn_gap_bytes,
+        replay_timestamp_lag_ms: lag.replay_timestamp_lag_ms,
+        receive_replay_gap_bytes: lag.receive_replay_gap_bytes,
+        heartbeat_lag_ms: lag.heartbeat_lag_ms,
+        stat_write_lag_ms: lag.stat_write_lag_ms,
+        stat_flush_lag_ms: lag.stat_flush_lag_ms,
+        stat_replay_lag_ms: lag.stat_replay_lag_ms,
+    }
 }
 
 fn probe_message(index: u32, probe: &ProbeResult) -> pb::ProbeResult {
@@ -98,6 +144,23 @@ fn probe_message(index: u32, probe: &ProbeResult) -> pb::ProbeResult {
         visibility_timed_out: probe.visibility_timed_out,
         replica_reads: probe.replica_reads,
         error: probe.error.clone(),
+        strategy: strategy_message(probe.strategy).into(),
+        served_by: served_by_message(probe.served_by).into(),
+        replica: probe.replica.clone(),
+        waited_ms: probe.waited.map(ms),
+        remote_apply_effective: probe.remote_apply_effective,
+        lag: Some(lag_message(&probe.lag)),
+    }
+}
+
+fn percentiles_message(percentiles: &Percentiles) -> pb::Percentiles {
+    pb::Percentiles {
+        count: percentiles.count,
+        p50_ms: percentiles.p50_ms,
+        p90_ms: percentiles.p90_ms,
+        p99_ms: percentiles.p99_ms,
+        p999_ms: percentiles.p999_ms,
+        max_ms: percentiles.max_ms,
     }
 }
 
@@ -115,6 +178,242 @@ fn summary_message(summary: &RunSummary) -> pb::RunSummary {
         visible_after_max_ms: summary.visible_after_max_ms,
         lsn_gap_max_bytes: summary.lsn_gap_max_bytes,
         elapsed_ms: summary.elapsed_ms,
+        stale_ratio_ci95_low: summary.stale_ratio_ci95_low,
+        stale_ratio_ci95_high: summary.stale_ratio_ci95_high,
+        visible_after: Some(percentiles_message(&summary.visible_after)),
+        read_latency: Some(percentiles_message(&summary.read_latency)),
+        primary_share: summary.primary_share,
+        wait_count: summary.wait_count,
+        fallback_count: summary.fallback_count,
+        visibility_curve: summary
+            .visibility_curve
+            .iter()
+            .map(|point| pb::VisibilityPoint {
+                after_ms: point.after_ms,
+                fresh_probability: point.fresh_probability,
+            })
+            .collect(),
+        remote_apply_ineffective_count: summary.remote_apply_ineffective_count,
+    }
+}
+
+fn replica_messages(replicas: &[ReplicaSummary]) -> Vec<pb::ReplicaSummary> {
+    replicas
+        .iter()
+        .map(|replica| pb::ReplicaSummary {
+            replica: replica.replica.clone(),
+            summary: Some(summary_message(&replica.summary)),
+        })
+        .collect()
+}
+
+fn delay_message(settings: DelaySettings) -> pb::DelaySettings {
+    pb::DelaySettings {
+        delay_ms: settings.delay.as_millis() as u32,
+        jitter_ms: settings.jitter.as_millis() as u32,
+        link_down: settings.link_down,
+    }
+}
+
+type ProbeStream = Pin<Box<dyn Stream<Item = Result<pb::ProbeResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConsistencyProbe for Service {
+    async fn run(
+        &self,
+        request: Request<pb::RunRequest>,
+    ) -> Result<Response<pb::RunReport>, Status> {
+        let request = request.into_inner();
+        let params = run_params(CommonParams {
+            count: request.count,
+            interval_ms: request.interval_ms,
+            visibility_timeout_ms: request.visibility_timeout_ms,
+            poll_interval_ms: request.poll_interval_ms,
+            concurrency: request.concurrency,
+            strategy: request.strategy,
+            strategy_options: request.strategy_options,
+        })
+        .map_err(status_of)?;
+        let lab_delay_ms = self.state.lab_delay().map(|delay| delay.as_millis() as u64);
+        let report = self.state.run(&params).await.map_err(status_of)?;
+        Ok(Response::new(pb::RunReport {
+            probes: report
+                .probes
+                .iter()
+                .enumerate()
+                .map(|(index, probe)| probe_message(index as u32, probe))
+                .collect(),
+            summary: Some(summary_message(&report.summary)),
+            lab_delay_ms,
+            strategy: strategy_message(report.strategy).into(),
+            replicas: replica_messages(&report.replicas),
+        }))
+    }
+
+    async fn compare(
+        &self,
+        request: Request<pb::CompareRequest>,
+    ) -> Result<Response<pb::CompareReport>, Status> {
+        let request = request.into_inner();
+        let strategies = request
+            .strategies
+            .iter()
+            .map(|value| {
+                strategy_of(*value, "strategies")?.ok_or_else(|| {
+                    Error::invalid("strategies", "STRATEGY_UNSPECIFIED cannot be compared")
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map_err(status_of)?;
+        let params = run_params(CommonParams {
+            count: request.count,
+            interval_ms: request.interval_ms,
+            visibility_timeout_ms: request.visibility_timeout_ms,
+            poll_interval_ms: request.poll_interval_ms,
+            concurrency: request.concurrency,
+            strategy: 0,
+            strategy_options: request.strategy_options,
+        })
+        .map_err(status_of)?;
+        let lab_delay_ms = self.state.lab_delay().map(|delay| delay.as_millis() as u64);
+        let report = self
+            .state
+            .compare(&strategies, &params)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::CompareReport {
+            strategies: report
+                .strategies
+                .iter()
+                .map(|row| pb::StrategyReport {
+                    strategy: strategy_message(row.strategy).into(),
+                    summary: Some(summary_message(&row.summary)),
+                    replicas: replica_messages(&row.replicas),
+                })
+                .collect(),
+            lab_delay_ms,
+            elapsed_ms: report.elapsed_ms,
+        }))
+    }
+
+    type WatchStream = ProbeStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<ProbeStream>, Status> {
+        let request = request.into_inner();
+        let params = run_params(CommonParams {
+            count: None,
+            interval_ms: request.interval_ms,
+            visibility_timeout_ms: request.visibility_timeout_ms,
+            poll_interval_ms: request.poll_interval_ms,
+            concurrency: None,
+            strategy: request.strategy,
+            strategy_options: request.strategy_options,
+        })
+        .map_err(status_of)?;
+        let receiver = self.state.watch(&params).map_err(status_of)?;
+        let mut index = 0u32;
+        let stream = ReceiverStream::new(receiver).map(move |outcome| {
+            index += 1;
+            outcome
+                .map(|probe| probe_message(index - 1, &probe))
+                .map_err(status_of)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn lag(&self, _: Request<pb::LagRequest>) -> Result<Response<pb::LagReport>, Status> {
+        let report = self.state.lag().await.map_err(status_of)?;
+        Ok(Response::new(pb::LagReport {
+            primary_lsn: report.primary_lsn.to_string(),
+            replicas: report
+                .replicas
+                .iter()
+                .map(|replica| pb::ReplicaLag {
+                    replica: replica.replica.clone(),
+                    lag: Some(lag_message(&replica.lag)),
+                    error: replica.error.clone(),
+                })
+                .collect(),
+            methods: report
+                .methods
+                .iter()
+                .map(|(name, bias)| ((*name).to_owned(), (*bias).to_owned()))
+                .collect(),
+        }))
+    }
+
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        let outcome = self
+            .state
+            .write(&request.value, &request.client_id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::WriteResult {
+            key: outcome.key,
+            commit_lsn: outcome.commit_lsn.to_string(),
+            write_latency_ms: ms(outcome.write_latency),
+        }))
+    }
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResult>, Status> {
+        let request = request.into_inner();
+        let params = run_params(CommonParams {
+            count: None,
+            interval_ms: None,
+            visibility_timeout_ms: None,
+            poll_interval_ms: None,
+            concurrency: None,
+            strategy: request.strategy,
+            strategy_options: request.strategy_options,
+        })
+        .map_err(status_of)?;
+        let outcome = self
+            .state
+            .read(&request.key, &request.min_lsn, &request.client_id, &params)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::ReadResult {
+            value: outcome.value,
+            found: outcome.found,
+            served_by: served_by_message(Some(outcome.served_by)).into(),
+            replica: outcome.replica,
+            waited_ms: ms(outcome.waited),
+            read_latency_ms: ms(outcome.read_latency),
+        }))
+    }
+
+    async fn get_delay(
+        &self,
+        _: Request<pb::GetDelayRequest>,
+    ) -> Result<Response<pb::DelaySettings>, Status> {
+        let settings = self.state.delay().map_err(status_of)?;
+        Ok(Response::new(delay_message(settings)))
+    }
+
+    async fn set_delay(
+        &self,
+        request: Request<pb::DelaySettings>,
+    ) -> Result<Response<pb::DelaySettings>, Status> {
+        let request = request.into_inner();
+        let settings = self
+            .state
+            .set_delay(DelaySettings {
+                delay: Duration::from_millis(u64::from(request.delay_ms)),
+                jitter: Duration::from_millis(u64::from(request.jitter_ms)),
+                link_down: request.link_down,
+            })
+            .map_err(status_of)?;
+        Ok(Response::new(delay_message(settings)))
     }
 }
 

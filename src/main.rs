@@ -6,10 +6,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lagprobe::{
     app,
-    config::{DatabaseArgs, DelayLinkArgs, LabArgs, LogFormat, PoolArgs, RunArgs, ServiceArgs},
+    config::{
+        DatabaseArgs, DelayLinkArgs, LabArgs, LogFormat, PoolArgs, RunArgs, ServiceArgs,
+        StrategyArgs,
+    },
     db::{self, Databases},
     lab::DelayLink,
-    probe::{ProbeEngine, RunReport, RunSpec},
+    probe::{CompareSpec, ProbeEngine, RunSpec, markdown_table},
     telemetry,
 };
 
@@ -63,6 +66,8 @@ enum Command {
         run: RunArgs,
         #[command(flatten)]
         pool: PoolArgs,
+        #[command(flatten)]
+        strategy: StrategyArgs,
     },
     /// Relay TCP connections to an upstream, holding upstream-to-client bytes for a delay.
     DelayLink {
@@ -92,8 +97,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Lab { lab, service } => run_lab(&lab, &service).await,
         Command::Serve { databases, service } => serve(&databases, &service).await,
         Command::Migrate { primary_url, pool } => {
-            let databases = Databases::connect_lazy(&primary_url, &primary_url, &pool.settings())?;
-            databases.migrate().await?;
+            let primary = db::lazy_pool(
+                &primary_url,
+                lagprobe::error::Role::Primary,
+                &pool.settings(),
+            )?;
+            db::migrate_primary(&primary).await?;
             println!("migrations applied to {}", db::redact_url(&primary_url));
             Ok(())
         }
@@ -101,7 +110,8 @@ async fn main() -> anyhow::Result<()> {
             databases,
             run,
             pool,
-        } => run_probes(&databases, &run, &pool).await,
+            strategy,
+        } => run_probes(&databases, &run, &pool, &strategy).await,
         Command::DelayLink { link } => delay_link(&link).await,
         Command::Bench {
             lab_starts,
@@ -136,25 +146,34 @@ async fn stop_requested() -> anyhow::Result<()> {
 }
 
 async fn run_lab(lab_args: &LabArgs, service: &ServiceArgs) -> anyhow::Result<()> {
-    let (mut lab, _state, mut servers) = app::start_lab_service(&lab_args.options(), service)
+    let (lab, _state, mut servers) = app::start_lab_service(&lab_args.options(), service)
         .await
         .context("starting the lab")?;
+    let replicas: String = lab
+        .replica_urls()
+        .iter()
+        .map(|(name, url)| format!("\n  {name:<10} psql \"{url}\""))
+        .collect();
     println!(
-        "lagprobe lab is up in {:.1} s: PostgreSQL {} primary and streaming replica, \
+        "lagprobe lab is up in {:.1} s: PostgreSQL {} primary and {} streaming replica(s){}, \
          {} ms delay from primary to replica\n\
          \n  test page  http://{}/test/\
          \n  gRPC       {} (try: grpcurl -plaintext {} list)\
-         \n  primary    psql \"{}\"\
-         \n  replica    psql \"{}\"\
+         \n  primary    psql \"{}\"{replicas}\
          \n  data       {}{}\n\nCtrl-C stops everything.",
         lab.startup.as_secs_f64(),
         lab.binaries().version,
+        lab_args.replicas,
+        if lab_args.sync_replica {
+            " (synchronous)"
+        } else {
+            ""
+        },
         lab_args.delay_ms,
         servers.http_addr,
         servers.grpc_addr,
         servers.grpc_addr,
         lab.primary_url(),
-        lab.replica_url(),
         lab.data_dir().display(),
         if lab_args.data_dir.is_some() {
             ""
@@ -169,8 +188,6 @@ async fn run_lab(lab_args: &LabArgs, service: &ServiceArgs) -> anyhow::Result<()
     };
     tracing::info!("stopping");
     servers.shutdown().await;
-    // Ensure a node that died is not reported twice; the rest stop in order.
-    lab.stop_replica().await;
     lab.shutdown().await;
     outcome
 }
@@ -178,17 +195,13 @@ async fn run_lab(lab_args: &LabArgs, service: &ServiceArgs) -> anyhow::Result<()
 async fn serve(databases: &DatabaseArgs, service: &ServiceArgs) -> anyhow::Result<()> {
     tracing::info!(
         primary = %db::redact_url(&databases.primary_url),
-        replica = %db::redact_url(&databases.replica_url),
+        replicas = ?databases.replica_url.iter().map(|url| db::redact_url(url)).collect::<Vec<_>>(),
         "serving against external databases"
     );
-    let (_state, mut servers) = app::start_service(
-        &databases.primary_url,
-        &databases.replica_url,
-        service,
-        None,
-    )
-    .await
-    .context("starting the service")?;
+    let (_state, mut servers) =
+        app::start_service(&databases.primary_url, &databases.replicas(), service, None)
+            .await
+            .context("starting the service")?;
     println!(
         "lagprobe serving: http://{}/test/ and gRPC {}",
         servers.http_addr, servers.grpc_addr
@@ -205,41 +218,40 @@ async fn run_probes(
     databases: &DatabaseArgs,
     run: &RunArgs,
     pool: &PoolArgs,
+    strategy: &StrategyArgs,
 ) -> anyhow::Result<()> {
-    let spec = RunSpec::from_params(&run.params())?;
+    let defaults = strategy.probe_defaults();
     let engine = ProbeEngine::new(Databases::connect_lazy(
         &databases.primary_url,
-        &databases.replica_url,
+        &databases.replicas(),
         &pool.settings(),
     )?);
+    if let Some(strategies) = run.compared()? {
+        let spec = CompareSpec::from_params(&strategies, &run.params(), &defaults)?;
+        let report = engine.compare(&spec).await?;
+        if run.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            let rows: Vec<_> = report
+                .strategies
+                .iter()
+                .map(|row| (row.strategy.to_string(), &row.summary))
+                .collect();
+            print!("{}", markdown_table(&rows));
+        }
+        return Ok(());
+    }
+    let spec = RunSpec::from_params(&run.params(), &defaults)?;
     let report = engine.run(&spec).await?;
     if run.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print!(
+            "{}",
+            markdown_table(&[(report.strategy.to_string(), &report.summary)])
+        );
     }
     Ok(())
-}
-
-fn print_report(report: &RunReport) {
-    let summary = &report.summary;
-    println!(
-        "| probes | stale | fresh | replica errors | timeouts | stale ratio | visible p50 ms | p90 ms | p99 ms | max ms |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| {} | {} | {} | {} | {} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} |",
-        summary.probe_count,
-        summary.stale_count,
-        summary.fresh_count,
-        summary.replica_error_count,
-        summary.visibility_timeout_count,
-        summary.stale_ratio,
-        summary.visible_after_p50_ms,
-        summary.visible_after_p90_ms,
-        summary.visible_after_p99_ms,
-        summary.visible_after_max_ms,
-    );
 }
 
 async fn delay_link(args: &DelayLinkArgs) -> anyhow::Result<()> {

@@ -1,10 +1,18 @@
 //! The primary and replica connection pools, and every SQL statement lagprobe sends.
 //!
-//! Writes go to the primary pool, reads to the replica pool. Keeping all SQL here means the
-//! probe engine speaks in probe terms and the transports never see a query.
+//! Writes go to the primary pool; reads go where a [strategy](strategy) says. Keeping all
+//! SQL here means the probe engine speaks in probe terms and the transports never see a
+//! query.
 
-use std::{str::FromStr, time::Duration};
+pub mod strategy;
 
+use std::{
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use serde::Serialize;
 use sqlx::{
     Row,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
@@ -33,34 +41,74 @@ impl Default for PoolSettings {
     }
 }
 
-/// The two pools: writes to `primary`, reads from `replica`.
+/// One replica: its name in reports, and its pool.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub name: String,
+    pool: PgPool,
+    /// The name the primary knows this replica's WAL receiver by (pg_stat_replication's
+    /// application_name), learnt on first use.
+    application_name: Arc<OnceLock<String>>,
+}
+
+impl Replica {
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The primary and the replicas.
 #[derive(Debug, Clone)]
 pub struct Databases {
     primary: PgPool,
-    replica: PgPool,
+    replicas: Arc<[Replica]>,
+}
+
+/// A row as a server returned it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSeen {
+    /// The primary's commit-time clock, as PostgreSQL prints a timestamptz.
+    pub written_at: String,
+    pub value: Option<String>,
 }
 
 /// A probe's row as the primary stored it.
 #[derive(Debug, Clone)]
 pub struct WrittenRow {
     pub id: i64,
-    /// The primary's commit-time clock, as PostgreSQL prints a timestamptz.
     pub written_at: String,
+    /// `written_at` as ms since the Unix epoch (primary clock), for heartbeat arithmetic.
+    pub written_at_epoch_ms: f64,
+    /// With remote_apply: whether a synchronous standby made the COMMIT wait.
+    pub remote_apply_effective: Option<bool>,
 }
 
-/// One read of a probe's row on the replica, with the replica's replay state at that moment.
-#[derive(Debug, Clone)]
+/// The primary's position right after a commit, and what pg_stat_replication says of the
+/// replica at that moment.
+#[derive(Debug, Clone, Default)]
+pub struct CommitPosition {
+    pub wal_lsn: Lsn,
+    pub stat_write_lag_ms: Option<f64>,
+    pub stat_flush_lag_ms: Option<f64>,
+    pub stat_replay_lag_ms: Option<f64>,
+}
+
+/// One read of a row on a replica, with the replica's replication state at that moment.
+#[derive(Debug, Clone, Default)]
 pub struct ReplicaRead {
-    /// `written_at` of the row, when the replica already had it.
-    pub written_at: Option<String>,
+    pub row: Option<RowSeen>,
     /// `pg_last_wal_replay_lsn()`; `None` when the server is not in recovery.
     pub replay_lsn: Option<Lsn>,
-    /// `clock_timestamp() - pg_last_xact_replay_timestamp()` in ms; `None` before any replay.
+    /// `pg_last_wal_receive_lsn()`.
+    pub receive_lsn: Option<Lsn>,
+    /// `clock_timestamp() - pg_last_xact_replay_timestamp()` in ms.
     pub replay_timestamp_lag_ms: Option<f64>,
+    /// The newest heartbeat the replica shows, ms since the epoch (primary clock).
+    pub heartbeat_epoch_ms: Option<f64>,
 }
 
 /// What the replica says about itself, for readiness.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReplicaState {
     pub in_recovery: bool,
     /// `pg_stat_wal_receiver.status` (e.g. `streaming`), `None` when no WAL receiver runs.
@@ -71,6 +119,17 @@ impl ReplicaState {
     pub fn is_streaming(&self) -> bool {
         self.in_recovery && self.wal_receiver_status.as_deref() == Some("streaming")
     }
+}
+
+/// pg_stat_replication's view of one standby.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StandbyStats {
+    pub application_name: String,
+    pub replay_lsn: Option<Lsn>,
+    pub write_lag_ms: Option<f64>,
+    pub flush_lag_ms: Option<f64>,
+    pub replay_lag_ms: Option<f64>,
+    pub sync_state: Option<String>,
 }
 
 /// Parses a `postgres://` URL into connect options, tagging errors with the database's role.
@@ -96,23 +155,71 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-fn lsn_column(text: Option<String>) -> Result<Option<Lsn>, sqlx::Error> {
+/// A replica's default report name: host:port of its URL.
+pub fn replica_name_from_url(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|parsed| {
+            let host = parsed.host_str()?.to_owned();
+            Some(match parsed.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            })
+        })
+        .unwrap_or_else(|| "replica".to_owned())
+}
+
+/// A pool that connects on first use, so a server can start while a database is down and
+/// report it through readiness; `test_before_acquire` weeds out connections a restarted
+/// server has broken, so a replica that comes back is used again.
+pub fn lazy_pool(url: &str, role: Role, settings: &PoolSettings) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .test_before_acquire(true)
+        .connect_lazy_with(connect_options(url, role)?))
+}
+
+fn decode_lsn(text: Option<String>) -> Result<Option<Lsn>, sqlx::Error> {
     text.map(|text| text.parse::<Lsn>())
         .transpose()
         .map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
+fn primary_error(error: sqlx::Error) -> Error {
+    Error::database(Role::Primary)(error)
+}
+
+fn replica_error(error: sqlx::Error) -> Error {
+    Error::database(Role::Replica)(error)
+}
+
 impl Databases {
-    /// Pools that connect on first use, so a server can start while a database is down and
-    /// report it through readiness instead of refusing to start.
+    /// Lazy pools for the primary and each `(name, url)` replica.
     pub fn connect_lazy(
         primary_url: &str,
-        replica_url: &str,
+        replicas: &[(String, String)],
         settings: &PoolSettings,
     ) -> Result<Self> {
+        if replicas.is_empty() {
+            return Err(Error::invalid(
+                "replica_url",
+                "at least one replica is needed",
+            ));
+        }
+        let replicas = replicas
+            .iter()
+            .map(|(name, url)| {
+                Ok(Replica {
+                    name: name.clone(),
+                    pool: lazy_pool(url, Role::Replica, settings)?,
+                    application_name: Arc::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Databases {
             primary: lazy_pool(primary_url, Role::Primary, settings)?,
-            replica: lazy_pool(replica_url, Role::Replica, settings)?,
+            replicas: replicas.into(),
         })
     }
 
@@ -120,67 +227,152 @@ impl Databases {
         &self.primary
     }
 
-    pub fn replica(&self) -> &PgPool {
-        &self.replica
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas
     }
 
-    /// Applies `migrations/` to the primary. Everything lagprobe owns lives in the schema
-    /// `lagprobe`, the migration ledger included, so user schemas are never touched.
+    /// Applies `migrations/` to the primary.
     pub async fn migrate(&self) -> Result<()> {
         migrate_primary(&self.primary).await
     }
 
-    /// Inserts a probe row on the primary (autocommit: the statement returning means the
-    /// COMMIT was acknowledged) and returns it.
-    pub async fn insert_probe_row(&self, token: &str) -> Result<WrittenRow> {
-        let row = sqlx::query(
-            "INSERT INTO lagprobe.probe_write (token) VALUES ($1) RETURNING id, written_at::text",
+    /// Inserts a row on the primary and commits. With `remote_apply` the transaction sets
+    /// `synchronous_commit = remote_apply` and also reports whether a synchronous standby
+    /// (`standby`, or any when unknown) existed to make that COMMIT wait.
+    pub async fn write_row(
+        &self,
+        token: &str,
+        value: Option<&str>,
+        remote_apply: Option<Option<&str>>,
+    ) -> Result<WrittenRow> {
+        const INSERT: &str = "INSERT INTO lagprobe.probe_write (token, value) VALUES ($1, $2) \
+             RETURNING id, written_at::text, (extract(epoch FROM written_at) * 1000)::float8";
+        let Some(standby) = remote_apply else {
+            // Autocommit: the statement returning means the COMMIT was acknowledged.
+            let row = sqlx::query(INSERT)
+                .bind(token)
+                .bind(value)
+                .fetch_one(&self.primary)
+                .await
+                .map_err(primary_error)?;
+            return Ok(WrittenRow {
+                id: row.get(0),
+                written_at: row.get(1),
+                written_at_epoch_ms: row.get(2),
+                remote_apply_effective: None,
+            });
+        };
+        let mut transaction = self.primary.begin().await.map_err(primary_error)?;
+        sqlx::query("SET LOCAL synchronous_commit = remote_apply")
+            .execute(&mut *transaction)
+            .await
+            .map_err(primary_error)?;
+        let effective: bool = sqlx::query_scalar(
+            "SELECT current_setting('synchronous_standby_names') <> '' AND EXISTS ( \
+                 SELECT 1 FROM pg_stat_replication \
+                 WHERE sync_state IN ('sync', 'quorum') \
+                   AND ($1::text IS NULL OR application_name = $1))",
         )
-        .bind(token)
-        .fetch_one(&self.primary)
+        .bind(standby)
+        .fetch_one(&mut *transaction)
         .await
-        .map_err(Error::database(Role::Primary))?;
+        .map_err(primary_error)?;
+        let row = sqlx::query(INSERT)
+            .bind(token)
+            .bind(value)
+            .fetch_one(&mut *transaction)
+            .await
+            .map_err(primary_error)?;
+        transaction.commit().await.map_err(primary_error)?;
         Ok(WrittenRow {
             id: row.get(0),
             written_at: row.get(1),
+            written_at_epoch_ms: row.get(2),
+            remote_apply_effective: Some(effective),
         })
     }
 
-    /// The primary's WAL write position. Taken after a COMMIT returned, it is at or past
-    /// that commit's record: a replica replayed up to it shows the write.
-    pub async fn primary_wal_lsn(&self) -> Result<Lsn> {
-        let text: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-            .fetch_one(&self.primary)
-            .await
-            .map_err(Error::database(Role::Primary))?;
-        text.parse::<Lsn>()
-            .map_err(|error| Error::database(Role::Primary)(sqlx::Error::Decode(Box::new(error))))
+    /// The primary's WAL write position (taken after a COMMIT returned, it is at or past
+    /// that commit's record), and pg_stat_replication's lags for `standby`, in one round trip.
+    pub async fn commit_position(&self, standby: Option<&str>) -> Result<CommitPosition> {
+        let row = sqlx::query(
+            "SELECT pg_current_wal_lsn()::text, \
+                    (extract(epoch FROM s.write_lag) * 1000)::float8, \
+                    (extract(epoch FROM s.flush_lag) * 1000)::float8, \
+                    (extract(epoch FROM s.replay_lag) * 1000)::float8 \
+             FROM (SELECT 1) AS one LEFT JOIN LATERAL ( \
+                 SELECT write_lag, flush_lag, replay_lag FROM pg_stat_replication \
+                 WHERE application_name = $1 LIMIT 1) AS s ON true",
+        )
+        .bind(standby)
+        .fetch_one(&self.primary)
+        .await
+        .map_err(primary_error)?;
+        Ok(CommitPosition {
+            wal_lsn: decode_lsn(row.get(0))
+                .map_err(primary_error)?
+                .unwrap_or_default(),
+            stat_write_lag_ms: row.get(1),
+            stat_flush_lag_ms: row.get(2),
+            stat_replay_lag_ms: row.get(3),
+        })
     }
 
-    /// Reads a probe row on the replica together with the replica's replay position and
-    /// replay-timestamp lag, in one round trip so all three describe the same moment.
-    pub async fn read_probe_row_on_replica(&self, token: &str) -> Result<ReplicaRead> {
+    /// Reads a row on a replica together with the replica's replication state, in one round
+    /// trip so all of it describes the same moment.
+    pub async fn read_on_replica(&self, replica: &Replica, token: &str) -> Result<ReplicaRead> {
         let row = sqlx::query(
-            "SELECT p.written_at::text, \
-                    pg_last_wal_replay_lsn()::text, \
+            "SELECT p.written_at::text, p.value, \
+                    pg_last_wal_replay_lsn()::text, pg_last_wal_receive_lsn()::text, \
                     (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) \
-                        * 1000)::float8 \
+                        * 1000)::float8, \
+                    (SELECT (extract(epoch FROM beat_at) * 1000)::float8 FROM lagprobe.heartbeat) \
              FROM (SELECT 1) AS one \
              LEFT JOIN lagprobe.probe_write p ON p.token = $1",
         )
         .bind(token)
-        .fetch_one(&self.replica)
+        .fetch_one(&replica.pool)
         .await
-        .map_err(Error::database(Role::Replica))?;
+        .map_err(replica_error)?;
+        let written_at: Option<String> = row.get(0);
         Ok(ReplicaRead {
-            written_at: row.get(0),
-            replay_lsn: lsn_column(row.get(1)).map_err(Error::database(Role::Replica))?,
-            replay_timestamp_lag_ms: row.get(2),
+            row: written_at.map(|written_at| RowSeen {
+                written_at,
+                value: row.get(1),
+            }),
+            replay_lsn: decode_lsn(row.get(2)).map_err(replica_error)?,
+            receive_lsn: decode_lsn(row.get(3)).map_err(replica_error)?,
+            replay_timestamp_lag_ms: row.get(4),
+            heartbeat_epoch_ms: row.get(5),
         })
     }
 
-    /// Deletes a finished probe's row, and any row a cancelled probe left behind, so the
-    /// table never grows without bound.
+    /// Reads a row on the primary.
+    pub async fn read_on_primary(&self, token: &str) -> Result<Option<RowSeen>> {
+        let row = sqlx::query(
+            "SELECT written_at::text, value FROM lagprobe.probe_write WHERE token = $1",
+        )
+        .bind(token)
+        .fetch_optional(&self.primary)
+        .await
+        .map_err(primary_error)?;
+        Ok(row.map(|row| RowSeen {
+            written_at: row.get(0),
+            value: row.get(1),
+        }))
+    }
+
+    /// The replica's replay position.
+    pub async fn replay_lsn(&self, replica: &Replica) -> Result<Option<Lsn>> {
+        let text: Option<String> = sqlx::query_scalar("SELECT pg_last_wal_replay_lsn()::text")
+            .fetch_one(&replica.pool)
+            .await
+            .map_err(replica_error)?;
+        decode_lsn(text).map_err(replica_error)
+    }
+
+    /// Deletes a finished probe's row, and any row older than ten minutes (cancelled
+    /// probes, values written through the API), so the table never grows without bound.
     pub async fn delete_probe_row(&self, id: i64) -> Result<()> {
         sqlx::query(
             "DELETE FROM lagprobe.probe_write \
@@ -189,8 +381,95 @@ impl Databases {
         .bind(id)
         .execute(&self.primary)
         .await
-        .map_err(Error::database(Role::Primary))?;
+        .map_err(primary_error)?;
         Ok(())
+    }
+
+    /// Moves the heartbeat on the primary to now.
+    pub async fn beat(&self) -> Result<()> {
+        sqlx::query("UPDATE lagprobe.heartbeat SET beat_at = clock_timestamp() WHERE id = 1")
+            .execute(&self.primary)
+            .await
+            .map_err(primary_error)?;
+        Ok(())
+    }
+
+    /// The primary's current WAL position and clock (ms since the epoch).
+    pub async fn primary_now(&self) -> Result<(Lsn, f64)> {
+        let row = sqlx::query(
+            "SELECT pg_current_wal_lsn()::text, \
+                    (extract(epoch FROM clock_timestamp()) * 1000)::float8",
+        )
+        .fetch_one(&self.primary)
+        .await
+        .map_err(primary_error)?;
+        let lsn = decode_lsn(row.get(0))
+            .map_err(primary_error)?
+            .unwrap_or_default();
+        Ok((lsn, row.get(1)))
+    }
+
+    /// Every standby pg_stat_replication lists.
+    pub async fn standbys(&self) -> Result<Vec<StandbyStats>> {
+        let rows = sqlx::query(
+            "SELECT application_name, replay_lsn::text, \
+                    (extract(epoch FROM write_lag) * 1000)::float8, \
+                    (extract(epoch FROM flush_lag) * 1000)::float8, \
+                    (extract(epoch FROM replay_lag) * 1000)::float8, sync_state \
+             FROM pg_stat_replication ORDER BY application_name",
+        )
+        .fetch_all(&self.primary)
+        .await
+        .map_err(primary_error)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(StandbyStats {
+                    application_name: row.get(0),
+                    replay_lsn: decode_lsn(row.get(1)).map_err(primary_error)?,
+                    write_lag_ms: row.get(2),
+                    flush_lag_ms: row.get(3),
+                    replay_lag_ms: row.get(4),
+                    sync_state: row.get(5),
+                })
+            })
+            .collect()
+    }
+
+    /// The name the primary's pg_stat_replication shows for this replica: the
+    /// application_name in its primary_conninfo, else its cluster_name, else `walreceiver`
+    /// (PostgreSQL's own fallbacks, in that order). Cached once learnt.
+    pub async fn standby_name(&self, replica: &Replica) -> Result<String> {
+        if let Some(name) = replica.application_name.get() {
+            return Ok(name.clone());
+        }
+        let row = sqlx::query(
+            "SELECT (SELECT conninfo FROM pg_stat_wal_receiver LIMIT 1), \
+                    current_setting('cluster_name')",
+        )
+        .fetch_one(&replica.pool)
+        .await
+        .map_err(replica_error)?;
+        let conninfo: Option<String> = row.get(0);
+        let cluster_name: String = row.get(1);
+        let Some(conninfo) = conninfo else {
+            // Not streaming right now: do not cache a guess.
+            return Ok(if cluster_name.is_empty() {
+                "walreceiver".into()
+            } else {
+                cluster_name
+            });
+        };
+        let name = conninfo
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix("application_name="))
+            .map(|name| name.trim_matches('\'').to_owned())
+            .filter(|name| !name.is_empty())
+            .unwrap_or(if cluster_name.is_empty() {
+                "walreceiver".into()
+            } else {
+                cluster_name
+            });
+        Ok(replica.application_name.get_or_init(|| name).clone())
     }
 
     /// Succeeds when the primary answers a query.
@@ -198,18 +477,18 @@ impl Databases {
         sqlx::query("SELECT 1")
             .execute(&self.primary)
             .await
-            .map_err(Error::database(Role::Primary))?;
+            .map_err(primary_error)?;
         Ok(())
     }
 
-    /// Whether the replica is in recovery and what its WAL receiver is doing.
-    pub async fn replica_state(&self) -> Result<ReplicaState> {
+    /// Whether a replica is in recovery and what its WAL receiver is doing.
+    pub async fn replica_state(&self, replica: &Replica) -> Result<ReplicaState> {
         let row = sqlx::query(
             "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)",
         )
-        .fetch_one(&self.replica)
+        .fetch_one(&replica.pool)
         .await
-        .map_err(Error::database(Role::Replica))?;
+        .map_err(replica_error)?;
         Ok(ReplicaState {
             in_recovery: row.get(0),
             wal_receiver_status: row.get(1),
@@ -217,8 +496,8 @@ impl Databases {
     }
 }
 
-/// Runs the migrations against one primary pool (also used by `lagprobe migrate`, which has
-/// no replica).
+/// Runs the migrations against one primary pool. Everything lagprobe owns lives in the
+/// schema `lagprobe`, the migration ledger included, so user schemas are never touched.
 pub async fn migrate_primary(primary: &PgPool) -> Result<()> {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.create_schema("lagprobe");
@@ -227,12 +506,16 @@ pub async fn migrate_primary(primary: &PgPool) -> Result<()> {
     Ok(())
 }
 
-/// A pool that connects on first use; `test_before_acquire` weeds out connections a
-/// restarted server has broken, so a replica that comes back is used again.
-pub fn lazy_pool(url: &str, role: Role, settings: &PoolSettings) -> Result<PgPool> {
-    Ok(PgPoolOptions::new()
-        .max_connections(settings.max_connections)
-        .acquire_timeout(settings.acquire_timeout)
-        .test_before_acquire(true)
-        .connect_lazy_with(connect_options(url, role)?))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked_and_names_are_host_port() {
+        let url = "postgres://app:s3cret@db.example:6543/app";
+        assert_eq!(redact_url(url), "postgres://app:***@db.example:6543/app");
+        assert!(!redact_url(url).contains("s3cret"));
+        assert_eq!(replica_name_from_url(url), "db.example:6543");
+        assert_eq!(replica_name_from_url("postgres://h/db"), "h");
+    }
 }

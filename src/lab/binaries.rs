@@ -26,11 +26,14 @@ impl PgBinaries {
         self.bindir.join(name)
     }
 
-    /// Looks in order: `explicit` (flag or LAGPROBE_PG_BINDIR), `pg_config --bindir`,
+    /// Looks in order: `explicit` (the flag), LAGPROBE_PG_BINDIR, `pg_config --bindir`,
     /// `initdb` on PATH, then the newest `/usr/lib/postgresql/*/bin` (Debian's layout,
     /// which does not put server programs on PATH).
     pub fn find(explicit: Option<&Path>) -> Result<Self, LabError> {
-        if let Some(dir) = explicit {
+        let from_env = std::env::var_os("LAGPROBE_PG_BINDIR")
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from);
+        if let Some(dir) = explicit.or(from_env.as_deref()) {
             return if has_server_programs(dir) {
                 Self::at(dir)
             } else {

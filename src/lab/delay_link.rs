@@ -23,7 +23,7 @@ use tokio::{
         TcpListener, TcpStream, ToSocketAddrs,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinSet,
     time::Instant,
 };
@@ -33,28 +33,116 @@ use tokio::{
 const CHUNKS_IN_FLIGHT: usize = 1024;
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// The live setting of a delay link, shared by every connection through it.
-#[derive(Debug, Clone, Default)]
+/// A delay link's settings at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DelaySettings {
+    /// How long primary-to-replica bytes are held.
+    #[serde(rename = "delay_ms", with = "duration_ms")]
+    pub delay: Duration,
+    /// Up to this much more, uniformly at random per chunk (order is still kept).
+    #[serde(rename = "jitter_ms", with = "duration_ms", default)]
+    pub jitter: Duration,
+    /// Cut: relayed connections are dropped and new ones refused.
+    #[serde(default)]
+    pub link_down: bool,
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(
+        value: &Duration,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u64(value.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
+        <u64 as serde::Deserialize>::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+#[derive(Debug)]
+struct ControlState {
+    delay_us: AtomicU64,
+    jitter_us: AtomicU64,
+    down: watch::Sender<bool>,
+}
+
+/// The live settings of a delay link, shared by every connection through it.
+#[derive(Debug, Clone)]
 pub struct DelayControl {
-    delay_us: Arc<AtomicU64>,
+    state: Arc<ControlState>,
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl DelayControl {
     pub fn new(delay: Duration) -> Self {
-        let control = DelayControl::default();
-        control.set_delay(delay);
-        control
+        DelayControl {
+            state: Arc::new(ControlState {
+                delay_us: AtomicU64::new(micros(delay)),
+                jitter_us: AtomicU64::new(0),
+                down: watch::channel(false).0,
+            }),
+        }
     }
 
-    /// How long primary-to-replica bytes are held now.
+    /// How long primary-to-replica bytes are held now (without jitter).
     pub fn delay(&self) -> Duration {
-        Duration::from_micros(self.delay_us.load(Ordering::Relaxed))
+        Duration::from_micros(self.state.delay_us.load(Ordering::Relaxed))
     }
 
     /// Changes the delay for bytes read from now on; bytes already held keep their time.
     pub fn set_delay(&self, delay: Duration) {
-        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
-        self.delay_us.store(micros, Ordering::Relaxed);
+        self.state.delay_us.store(micros(delay), Ordering::Relaxed);
+    }
+
+    pub fn settings(&self) -> DelaySettings {
+        DelaySettings {
+            delay: self.delay(),
+            jitter: Duration::from_micros(self.state.jitter_us.load(Ordering::Relaxed)),
+            link_down: *self.state.down.borrow(),
+        }
+    }
+
+    /// Applies delay, jitter and cut at once.
+    pub fn apply(&self, settings: DelaySettings) {
+        self.set_delay(settings.delay);
+        self.state
+            .jitter_us
+            .store(micros(settings.jitter), Ordering::Relaxed);
+        self.state.down.send_replace(settings.link_down);
+    }
+
+    /// The hold for the next chunk: the delay plus a uniform share of the jitter.
+    fn hold(&self) -> Duration {
+        let jitter_us = self.state.jitter_us.load(Ordering::Relaxed);
+        let extra_us = if jitter_us == 0 {
+            0
+        } else {
+            fastrand::u64(0..=jitter_us)
+        };
+        Duration::from_micros(
+            self.state
+                .delay_us
+                .load(Ordering::Relaxed)
+                .saturating_add(extra_us),
+        )
+    }
+
+    fn is_down(&self) -> bool {
+        *self.state.down.borrow()
+    }
+
+    /// Resolves once the link is cut.
+    async fn cut(&self) {
+        let mut down = self.state.down.subscribe();
+        let _ = down.wait_for(|down| *down).await;
     }
 }
 
@@ -106,6 +194,10 @@ async fn accept_loop(listener: TcpListener, upstream: String, control: DelayCont
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((inbound, peer)) if control.is_down() => {
+                    tracing::debug!(%peer, "delay link is cut: connection refused");
+                    drop(inbound);
+                }
                 Ok((inbound, peer)) => {
                     let upstream = upstream.clone();
                     let control = control.clone();
@@ -139,11 +231,13 @@ async fn relay(inbound: TcpStream, upstream: &str, control: DelayControl) -> std
         tokio::io::copy(&mut from_client, &mut to_upstream).await?;
         to_upstream.shutdown().await
     };
-    tokio::try_join!(
-        client_to_upstream,
-        delayed_copy(from_upstream, to_client, control)
-    )?;
-    Ok(())
+    let cut = control.clone();
+    tokio::select! {
+        relayed = async {
+            tokio::try_join!(client_to_upstream, delayed_copy(from_upstream, to_client, control))
+        } => relayed.map(|_| ()),
+        () = cut.cut() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "delay link cut")),
+    }
 }
 
 /// Copies `from` to `to`, delivering each chunk `control.delay()` after it was read.
@@ -160,7 +254,7 @@ async fn delayed_copy(
             if read == 0 {
                 return Ok(());
             }
-            let due = Instant::now() + control.delay();
+            let due = Instant::now() + control.hold();
             if held_sender
                 .send((due, buffer[..read].to_vec()))
                 .await
@@ -257,6 +351,50 @@ mod tests {
             "{:?}",
             arrived - sent
         );
+    }
+
+    #[tokio::test]
+    async fn cutting_the_link_drops_and_refuses_connections_until_restored() {
+        let upstream = echo_server().await;
+        let link = DelayLink::bind("127.0.0.1:0", upstream.to_string(), Duration::ZERO)
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+        round_trip(&mut client, b"before").await;
+        link.control().apply(DelaySettings {
+            link_down: true,
+            ..link.control().settings()
+        });
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        let mut refused = TcpStream::connect(link.local_addr()).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+
+        link.control().apply(DelaySettings::default());
+        let mut again = TcpStream::connect(link.local_addr()).await.unwrap();
+        round_trip(&mut again, b"after").await;
+    }
+
+    #[tokio::test]
+    async fn jitter_adds_at_most_its_bound_and_keeps_order() {
+        let upstream = echo_server().await;
+        let link = DelayLink::bind("127.0.0.1:0", upstream.to_string(), Duration::ZERO)
+            .await
+            .unwrap();
+        link.control().apply(DelaySettings {
+            delay: Duration::from_millis(20),
+            jitter: Duration::from_millis(30),
+            link_down: false,
+        });
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+        for n in 0..20u32 {
+            let took = round_trip(&mut client, &n.to_le_bytes()).await;
+            assert!(took >= Duration::from_millis(20), "{took:?}");
+            assert!(took < Duration::from_millis(50 + 200), "{took:?}");
+        }
+        assert_eq!(link.control().settings().jitter, Duration::from_millis(30));
     }
 
     #[tokio::test]

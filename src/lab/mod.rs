@@ -20,7 +20,7 @@ use std::{
 use sqlx::{Connection, postgres::PgConnectOptions, postgres::PgConnection, postgres::PgSslMode};
 
 pub use binaries::PgBinaries;
-pub use delay_link::{DelayControl, DelayLink};
+pub use delay_link::{DelayControl, DelayLink, DelaySettings};
 use node::{PgNode, RunAs, lab_command, run_to_completion};
 
 /// The database the lab creates for lagprobe (and for the user to play in).
@@ -107,10 +107,19 @@ pub struct LabOptions {
     pub data_dir: Option<PathBuf>,
     /// One-way delay from primary to replica once the lab is up.
     pub delay: Duration,
-    /// Loopback ports; 0 picks a free one.
+    /// Loopback ports; 0 picks a free one. Replica `i` (from 0) gets `replica_port + i`.
     pub primary_port: u16,
     pub replica_port: u16,
+    /// Streaming replicas, 1 to [`MAX_REPLICAS`], all behind the one delay link.
+    pub replicas: u8,
+    /// Name every replica in `synchronous_standby_names`, so that `remote_apply` commits wait
+    /// for them. The server default becomes `synchronous_commit = local`, so ordinary writes
+    /// still do not wait: only writes that ask for remote_apply do.
+    pub sync_replica: bool,
 }
+
+/// The most replicas a lab starts.
+pub const MAX_REPLICAS: u8 = 9;
 
 impl Default for LabOptions {
     fn default() -> Self {
@@ -120,6 +129,8 @@ impl Default for LabOptions {
             delay: Duration::from_millis(1000),
             primary_port: 0,
             replica_port: 0,
+            replicas: 1,
+            sync_replica: false,
         }
     }
 }
@@ -147,8 +158,9 @@ pub struct Lab {
     binaries: PgBinaries,
     run_as: Option<RunAs>,
     // Field order is drop order: servers first, then the link, then the directory.
-    replica: PgNode,
+    replicas: Vec<PgNode>,
     primary: PgNode,
+    sync_replica: bool,
     link: DelayLink,
     configured_delay: Duration,
     dir: LabDir,
@@ -273,6 +285,15 @@ impl Lab {
             run_to_completion(initdb, "initdb").await?;
             tracing::debug!(elapsed = ?started.elapsed(), "initdb done");
         }
+        if options.replicas == 0 || options.replicas > MAX_REPLICAS {
+            return Err(LabError::Io {
+                context: format!("--replicas {}", options.replicas),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("a lab has 1 to {MAX_REPLICAS} replicas"),
+                ),
+            });
+        }
         let primary = start_node(
             &binaries,
             run_as.as_ref(),
@@ -280,7 +301,7 @@ impl Lab {
             "primary",
             &primary_dir,
             options.primary_port,
-            Vec::new(),
+            primary_args(options.replicas, options.sync_replica),
             "postgres",
         )
         .await?;
@@ -295,50 +316,73 @@ impl Lab {
         .await
         .map_err(LabError::io("starting the delay link"))?;
 
-        let replica_dir = root.join("replica");
-        if !replica_dir.join("PG_VERSION").exists() {
-            // Straight from the primary: the copy need not cross the link.
-            let mut basebackup =
-                lab_command(&binaries.program("pg_basebackup"), run_as.as_ref(), &root);
-            basebackup
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &primary.port.to_string(),
-                    "-U",
-                    LAB_USER,
-                ])
-                .arg("-D")
-                .arg(&replica_dir)
-                .args(["--write-recovery-conf", "--wal-method=stream"])
-                .args(["--checkpoint=fast", "--no-sync"]);
-            run_to_completion(basebackup, "pg_basebackup").await?;
-            tracing::debug!(elapsed = ?started.elapsed(), "base backup taken");
+        let mut replicas = Vec::new();
+        for index in 0..options.replicas {
+            let replica_dir = root.join(replica_dir_name(index));
+            if !replica_dir.join("PG_VERSION").exists() {
+                // Straight from the primary: the copy need not cross the link.
+                let mut basebackup =
+                    lab_command(&binaries.program("pg_basebackup"), run_as.as_ref(), &root);
+                basebackup
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &primary.port.to_string(),
+                        "-U",
+                        LAB_USER,
+                    ])
+                    .arg("-D")
+                    .arg(&replica_dir)
+                    .args(["--write-recovery-conf", "--wal-method=stream"])
+                    .args(["--checkpoint=fast", "--no-sync"]);
+                run_to_completion(basebackup, "pg_basebackup").await?;
+                tracing::debug!(elapsed = ?started.elapsed(), index, "base backup taken");
+            }
+            let port = match options.replica_port {
+                0 => 0,
+                base => base
+                    .checked_add(u16::from(index))
+                    .ok_or_else(|| LabError::Io {
+                        context: format!("--replica-port {base}"),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            "port out of range",
+                        ),
+                    })?,
+            };
+            replicas.push(
+                start_node(
+                    &binaries,
+                    run_as.as_ref(),
+                    &root,
+                    replica_node_name(index),
+                    &replica_dir,
+                    port,
+                    replica_args(link.local_addr(), index),
+                    LAB_DATABASE,
+                )
+                .await?,
+            );
         }
-        let replica = start_node(
-            &binaries,
-            run_as.as_ref(),
-            &root,
-            "replica",
-            &replica_dir,
-            options.replica_port,
-            replica_args(link.local_addr()),
-            LAB_DATABASE,
-        )
-        .await?;
-        tracing::debug!(elapsed = ?started.elapsed(), "replica accepting connections");
+        tracing::debug!(elapsed = ?started.elapsed(), "replicas accepting connections");
         let mut lab = Lab {
             binaries,
             run_as,
-            replica,
+            replicas,
             primary,
+            sync_replica: options.sync_replica,
             link,
             configured_delay: options.delay,
             dir,
             startup: Duration::ZERO,
         };
-        lab.wait_until_streaming().await?;
+        for index in 0..lab.replicas.len() {
+            lab.wait_until_streaming(index).await?;
+        }
+        if lab.sync_replica {
+            lab.wait_until_synchronous().await?;
+        }
         lab.startup = started.elapsed();
         Ok(lab)
     }
@@ -347,16 +391,25 @@ impl Lab {
         lab_url(self.primary.port)
     }
 
+    /// The first replica's URL.
     pub fn replica_url(&self) -> String {
-        lab_url(self.replica.port)
+        lab_url(self.replicas[0].port)
+    }
+
+    /// `(name, url)` of every replica, in order.
+    pub fn replica_urls(&self) -> Vec<(String, String)> {
+        self.replicas
+            .iter()
+            .map(|node| (node.name.to_owned(), lab_url(node.port)))
+            .collect()
     }
 
     pub fn primary_port(&self) -> u16 {
         self.primary.port
     }
 
-    pub fn replica_port(&self) -> u16 {
-        self.replica.port
+    pub fn replica_ports(&self) -> Vec<u16> {
+        self.replicas.iter().map(|node| node.port).collect()
     }
 
     /// Where the replica's WAL stream enters the delay link.
@@ -388,26 +441,28 @@ impl Lab {
             .fetch_one(&mut primary)
             .await
             .map_err(LabError::sql("primary"))?;
-        let mut replica =
-            PgConnection::connect_with(&lab_connect_options(self.replica.port, LAB_DATABASE))
-                .await
-                .map_err(LabError::sql("replica"))?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let caught_up: Option<bool> =
-                sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn")
-                    .bind(&target)
-                    .fetch_one(&mut replica)
+        for node in &self.replicas {
+            let mut replica =
+                PgConnection::connect_with(&lab_connect_options(node.port, LAB_DATABASE))
                     .await
-                    .map_err(LabError::sql("replica"))?;
-            if caught_up == Some(true) {
-                break;
+                    .map_err(LabError::sql(node.name))?;
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                let caught_up: Option<bool> =
+                    sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn")
+                        .bind(&target)
+                        .fetch_one(&mut replica)
+                        .await
+                        .map_err(LabError::sql(node.name))?;
+                if caught_up == Some(true) {
+                    break;
+                }
+                self.check_alive()?;
+                if Instant::now() > deadline {
+                    return Err(not_ready(node, format!("never replayed up to {target}")));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                return Err(self.not_ready("replica", format!("never replayed up to {target}")));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.link.control().set_delay(self.configured_delay);
         tracing::info!(
@@ -417,32 +472,63 @@ impl Lab {
         Ok(())
     }
 
-    /// Polls until the replica's WAL receiver reports `streaming`.
-    async fn wait_until_streaming(&self) -> Result<(), LabError> {
-        let mut replica =
-            PgConnection::connect_with(&lab_connect_options(self.replica.port, LAB_DATABASE))
-                .await
-                .map_err(LabError::sql("replica"))?;
+    /// Polls until replica `index`'s WAL receiver reports `streaming`.
+    async fn wait_until_streaming(&self, index: usize) -> Result<(), LabError> {
+        let node = &self.replicas[index];
+        let mut replica = PgConnection::connect_with(&lab_connect_options(node.port, LAB_DATABASE))
+            .await
+            .map_err(LabError::sql(node.name))?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let status: Option<String> =
                 sqlx::query_scalar("SELECT status FROM pg_stat_wal_receiver LIMIT 1")
                     .fetch_optional(&mut replica)
                     .await
-                    .map_err(LabError::sql("replica"))?;
+                    .map_err(LabError::sql(node.name))?;
             if status.as_deref() == Some("streaming") {
                 return Ok(());
             }
             self.check_alive()?;
             if Instant::now() > deadline {
-                return Err(self.not_ready("replica", format!("WAL receiver status {status:?}")));
+                return Err(not_ready(node, format!("WAL receiver status {status:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Polls until the primary lists every replica as a synchronous standby.
+    async fn wait_until_synchronous(&self) -> Result<(), LabError> {
+        let mut primary =
+            PgConnection::connect_with(&lab_connect_options(self.primary.port, LAB_DATABASE))
+                .await
+                .map_err(LabError::sql("primary"))?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let synchronous: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+            )
+            .fetch_one(&mut primary)
+            .await
+            .map_err(LabError::sql("primary"))?;
+            if synchronous == self.replicas.len() as i64 {
+                return Ok(());
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(not_ready(
+                    &self.primary,
+                    format!(
+                        "{synchronous} of {} replicas synchronous",
+                        self.replicas.len()
+                    ),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     fn check_alive(&self) -> Result<(), LabError> {
-        for node in [&self.primary, &self.replica] {
+        for node in std::iter::once(&self.primary).chain(&self.replicas) {
             if let Some(status) = node.exit_status() {
                 return Err(LabError::NodeExited {
                     node: node.name,
@@ -454,66 +540,110 @@ impl Lab {
         Ok(())
     }
 
-    fn not_ready(&self, node: &'static str, cause: String) -> LabError {
-        let log_tail = if node == "primary" {
-            self.primary.log_tail()
-        } else {
-            self.replica.log_tail()
-        };
-        LabError::NotReady {
-            node,
-            timeout: READY_TIMEOUT,
-            cause,
-            log_tail,
-        }
-    }
-
-    /// Resolves with an error when either server exits without being asked to.
+    /// Resolves with an error when any server exits without being asked to.
     pub async fn unexpected_exit(&self) -> LabError {
-        tokio::select! {
-            error = self.primary.unexpected_exit() => error,
-            error = self.replica.unexpected_exit() => error,
+        let mut watched: Vec<
+            std::pin::Pin<Box<dyn std::future::Future<Output = LabError> + Send + '_>>,
+        > = vec![Box::pin(self.primary.unexpected_exit())];
+        for node in &self.replicas {
+            watched.push(Box::pin(node.unexpected_exit()));
         }
+        std::future::poll_fn(|context| {
+            for future in watched.iter_mut() {
+                if let std::task::Poll::Ready(error) = future.as_mut().poll(context) {
+                    return std::task::Poll::Ready(error);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 
-    /// Stops the replica (fast shutdown), as an outage would.
-    pub async fn stop_replica(&mut self) {
-        self.replica.stop().await;
+    /// Stops replica `index` (fast shutdown), as an outage would.
+    pub async fn stop_replica(&mut self, index: usize) {
+        self.replicas[index].stop().await;
     }
 
-    /// Starts the replica again after [`Lab::stop_replica`], on the same port.
-    pub async fn start_replica(&mut self) -> Result<(), LabError> {
+    /// Starts replica `index` again after [`Lab::stop_replica`], on the same port.
+    pub async fn start_replica(&mut self, index: usize) -> Result<(), LabError> {
         let root = self.dir.path().to_path_buf();
         let replica = start_node(
             &self.binaries,
             self.run_as.as_ref(),
             &root,
-            "replica",
-            &root.join("replica"),
-            self.replica.port,
-            replica_args(self.link.local_addr()),
+            replica_node_name(index as u8),
+            &root.join(replica_dir_name(index as u8)),
+            self.replicas[index].port,
+            replica_args(self.link.local_addr(), index as u8),
             LAB_DATABASE,
         )
         .await?;
-        let _stopped = std::mem::replace(&mut self.replica, replica);
-        self.wait_until_streaming().await
+        let _stopped = std::mem::replace(&mut self.replicas[index], replica);
+        self.wait_until_streaming(index).await
     }
 
-    /// Stops the replica, then the primary, then the link; removes a temporary directory.
+    /// Stops the replicas, then the primary, then the link; removes a temporary directory.
     pub async fn shutdown(mut self) {
-        self.replica.stop().await;
+        for node in &mut self.replicas {
+            node.stop().await;
+        }
         self.primary.stop().await;
     }
 }
 
-fn replica_args(link: SocketAddr) -> Vec<String> {
+fn not_ready(node: &PgNode, cause: String) -> LabError {
+    LabError::NotReady {
+        node: node.name,
+        timeout: READY_TIMEOUT,
+        cause,
+        log_tail: node.log_tail(),
+    }
+}
+
+const REPLICA_NAMES: [&str; MAX_REPLICAS as usize] = [
+    "replica1", "replica2", "replica3", "replica4", "replica5", "replica6", "replica7", "replica8",
+    "replica9",
+];
+
+/// Replica `index`'s name in reports and logs.
+fn replica_node_name(index: u8) -> &'static str {
+    REPLICA_NAMES[usize::from(index)]
+}
+
+fn replica_dir_name(index: u8) -> &'static str {
+    replica_node_name(index)
+}
+
+/// The name the primary knows replica `index` by (pg_stat_replication.application_name).
+pub fn standby_name(index: u8) -> String {
+    format!("lagprobe_{}", replica_node_name(index))
+}
+
+fn primary_args(replicas: u8, sync_replica: bool) -> Vec<String> {
+    if !sync_replica {
+        return Vec::new();
+    }
+    let names: Vec<String> = (0..replicas).map(standby_name).collect();
+    vec![
+        "-c".into(),
+        format!(
+            "synchronous_standby_names=FIRST {replicas} ({})",
+            names.join(", ")
+        ),
+        "-c".into(),
+        "synchronous_commit=local".into(),
+    ]
+}
+
+fn replica_args(link: SocketAddr, index: u8) -> Vec<String> {
     vec![
         "-c".into(),
         // On the command line, so a kept replica follows the link's new port every run.
         format!(
-            "primary_conninfo=host={} port={} user={LAB_USER} application_name=lagprobe_replica sslmode=disable",
+            "primary_conninfo=host={} port={} user={LAB_USER} application_name={} sslmode=disable",
             link.ip(),
-            link.port()
+            link.port(),
+            standby_name(index)
         ),
     ]
 }

@@ -1,34 +1,52 @@
-//! The probe engine: one probe (write, commit, read back from the replica, wait for
-//! visibility), a run of many, and their statistics.
+//! The probe engine: one probe (write, commit, read back where a strategy says, wait for
+//! visibility on the replica), runs and comparisons of many, a stream of them, their
+//! statistics, and lag by every method.
 //!
 //! A probe judges only its own row (a fresh random token), so any number can run at once
 //! without spoiling each other's verdicts. All durations are measured on one monotonic clock
 //! from the moment the primary acknowledged the COMMIT. The engine knows nothing of HTTP or
 //! gRPC; transports turn its results into their own shapes.
 
-mod run;
+pub mod lag;
+pub mod metrics;
+pub mod run;
 mod stats;
 
-pub use run::{RunParams, RunReport, RunSpec};
-pub use stats::RunSummary;
+pub use lag::{LagMeasures, LagReport};
+pub use run::{
+    CompareReport, CompareSpec, RunParams, RunReport, RunSpec, StrategyReport, WatchSpec,
+};
+pub use stats::{Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table};
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
 use crate::{
-    db::{Databases, ReplicaRead},
-    error::{Error, Result},
+    db::{
+        CommitPosition, Databases, Replica, ReplicaRead,
+        strategy::{ReadContext, RoutedRead, ServedBy, Strategy, StrategySettings},
+    },
+    error::{Error, Result, Role},
     lsn::Lsn,
 };
 
-/// Limits of one probe's wait for visibility.
+/// How one probe reads and how long it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeOptions {
     /// Give up waiting for the write to appear on the replica after this long.
     pub visibility_timeout: Duration,
     /// Pause between replica reads while waiting.
     pub poll_interval: Duration,
+    /// Where the read-back goes.
+    pub strategy: Strategy,
+    pub strategy_settings: StrategySettings,
 }
 
 impl Default for ProbeOptions {
@@ -36,51 +54,76 @@ impl Default for ProbeOptions {
         ProbeOptions {
             visibility_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_millis(2),
+            strategy: Strategy::Replica,
+            strategy_settings: StrategySettings::default(),
         }
     }
 }
 
-/// The immediate replica read's judgement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// The read-back's judgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
-    /// The replica already showed the write.
+    /// The read saw the write.
     Fresh,
-    /// The replica did not show the write yet: a read-after-write anomaly.
+    /// The read did not see the write: a read-after-write anomaly.
     Stale,
     /// The replica could not be read.
     ReplicaError,
+}
+
+impl Verdict {
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Fresh => "fresh",
+            Verdict::Stale => "stale",
+            Verdict::ReplicaError => "replica_error",
+        }
+    }
 }
 
 /// Everything one probe saw. Durations are offsets from the acknowledged COMMIT.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProbeResult {
     pub token: String,
+    pub strategy: Strategy,
+    /// The replica this probe read and measured.
+    pub replica: String,
     /// The primary's commit-time timestamp and the token.
     pub written_value: String,
-    /// What the immediate replica read returned (the same text when fresh).
+    /// What the strategy's read returned (the same text when fresh).
     pub read_value: Option<String>,
     pub verdict: Verdict,
+    /// Which server answered the strategy's read; `None` when it failed.
+    pub served_by: Option<ServedBy>,
     #[serde(serialize_with = "as_text")]
     pub commit_lsn: Lsn,
     #[serde(serialize_with = "as_optional_text")]
     pub replica_replay_lsn: Option<Lsn>,
-    /// `commit_lsn - replica_replay_lsn` at the immediate read.
+    /// `commit_lsn - replica_replay_lsn` at the first replica read.
     pub lsn_gap_bytes: Option<u64>,
     /// The old demo's figure; grows without bound while the primary is idle.
     pub replay_timestamp_lag_ms: Option<f64>,
     #[serde(rename = "write_latency_ms", serialize_with = "as_ms")]
     pub write_latency: Duration,
+    /// From the acknowledged COMMIT to the strategy's read returning.
     #[serde(rename = "read_latency_ms", serialize_with = "as_optional_ms")]
     pub read_latency: Option<Duration>,
-    /// Upper bound of commit-to-visible: the first read that showed the row had returned.
+    /// lsn-wait's wait for the replica's replay position.
+    #[serde(rename = "waited_ms", serialize_with = "as_optional_ms")]
+    pub waited: Option<Duration>,
+    /// Upper bound of commit-to-visible: the first replica read that showed the row had returned.
     #[serde(rename = "visible_after_ms", serialize_with = "as_optional_ms")]
     pub visible_after: Option<Duration>,
-    /// Lower bound of commit-to-visible: the last read that missed the row was sent.
+    /// Lower bound of commit-to-visible: the last replica read that missed the row was sent.
     #[serde(rename = "still_stale_at_ms", serialize_with = "as_optional_ms")]
     pub still_stale_at: Option<Duration>,
     pub visibility_timed_out: bool,
     pub replica_reads: u32,
+    /// remote-apply: whether the COMMIT had a synchronous standby to wait for.
+    pub remote_apply_effective: Option<bool>,
+    /// Lag by every method at the first replica read.
+    pub lag: LagMeasures,
     pub error: Option<String>,
 }
 
@@ -103,7 +146,7 @@ fn as_optional_ms<S: serde::Serializer>(
     }
 }
 
-fn as_text<S: serde::Serializer>(lsn: &Lsn, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn as_text<S: serde::Serializer>(lsn: &Lsn, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.collect_str(lsn)
 }
 
@@ -117,10 +160,36 @@ fn as_optional_text<S: serde::Serializer>(
     }
 }
 
-/// Runs probes against a pair of databases.
+/// A value written through [`ProbeEngine::write_value`].
+#[derive(Debug, Clone, Serialize)]
+pub struct WriteOutcome {
+    pub key: String,
+    /// The consistency token.
+    #[serde(serialize_with = "as_text")]
+    pub commit_lsn: Lsn,
+    #[serde(rename = "write_latency_ms", serialize_with = "as_ms")]
+    pub write_latency: Duration,
+}
+
+/// A read through [`ProbeEngine::read_value`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadOutcome {
+    pub found: bool,
+    pub value: Option<String>,
+    pub served_by: ServedBy,
+    pub replica: String,
+    #[serde(rename = "waited_ms", serialize_with = "as_ms")]
+    pub waited: Duration,
+    #[serde(rename = "read_latency_ms", serialize_with = "as_ms")]
+    pub read_latency: Duration,
+}
+
+/// Runs probes against a primary and its replicas.
 #[derive(Debug, Clone)]
 pub struct ProbeEngine {
     db: Databases,
+    next_replica: Arc<AtomicUsize>,
+    metrics: Arc<metrics::ProbeMetrics>,
 }
 
 /// A replica read with its send and return times relative to the commit.
@@ -134,18 +203,42 @@ fn probe_value(written_at: &str, token: &str) -> String {
     format!("{written_at} {token}")
 }
 
+fn is_primary_error(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Database {
+            role: Role::Primary,
+            ..
+        }
+    )
+}
+
 impl ProbeEngine {
     pub fn new(db: Databases) -> Self {
-        ProbeEngine { db }
+        ProbeEngine {
+            db,
+            next_replica: Arc::default(),
+            metrics: Arc::default(),
+        }
     }
 
     pub fn databases(&self) -> &Databases {
         &self.db
     }
 
-    async fn timed_read(&self, token: &str, committed: Instant) -> TimedRead {
+    pub fn metrics(&self) -> &metrics::ProbeMetrics {
+        &self.metrics
+    }
+
+    /// Probes spread over the replicas in turn, as a load balancer would.
+    fn pick_replica(&self) -> &Replica {
+        let replicas = self.db.replicas();
+        &replicas[self.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len()]
+    }
+
+    async fn timed_read(&self, replica: &Replica, token: &str, committed: Instant) -> TimedRead {
         let sent_at = committed.elapsed();
-        let outcome = self.db.read_probe_row_on_replica(token).await;
+        let outcome = self.db.read_on_replica(replica, token).await;
         TimedRead {
             sent_at,
             returned_at: committed.elapsed(),
@@ -153,101 +246,219 @@ impl ProbeEngine {
         }
     }
 
-    /// One probe. Fails only when the primary cannot take the write; a replica that cannot
-    /// be read is a result ([`Verdict::ReplicaError`]), not an error.
+    /// Current lag of every replica, by every method.
+    pub async fn lag(&self) -> Result<LagReport> {
+        lag::current_lag(&self.db).await
+    }
+
+    /// One probe. Fails only when the primary cannot take the write or answer; a replica
+    /// that cannot be read is a result ([`Verdict::ReplicaError`]), not an error.
     pub async fn probe(&self, options: &ProbeOptions) -> Result<ProbeResult> {
+        let replica = self.pick_replica();
+        // Known after the first probe; a replica that is down just leaves it unknown.
+        let standby = self.db.standby_name(replica).await.ok();
         let token = uuid::Uuid::new_v4().simple().to_string();
+        let remote_apply =
+            (options.strategy == Strategy::RemoteApply).then_some(standby.as_deref());
+
         let write_started = Instant::now();
-        let written = self.db.insert_probe_row(&token).await?;
+        let written = self.db.write_row(&token, None, remote_apply).await?;
         let committed = Instant::now();
         let write_latency = committed - write_started;
 
-        // The commit LSN comes from a second primary round trip; running it alongside the
-        // replica read keeps that read "immediately after commit".
-        let (commit_lsn, first) = tokio::join!(
-            self.db.primary_wal_lsn(),
-            self.timed_read(&token, committed)
-        );
-        let commit_lsn = commit_lsn?;
+        let mut context = ReadContext {
+            min_lsn: None,
+            last_write: Some(committed),
+        };
+        let read_back = |context| {
+            self.db.routed_read(
+                replica,
+                options.strategy,
+                &options.strategy_settings,
+                context,
+                &token,
+            )
+        };
+        // LSN strategies need the commit position before they read; the others read at once
+        // and fetch it alongside, so their read stays "immediately after commit".
+        let (position, routed) =
+            if matches!(options.strategy, Strategy::LsnWait | Strategy::LsnRoute) {
+                let position = self.db.commit_position(standby.as_deref()).await?;
+                context.min_lsn = Some(position.wal_lsn);
+                (position, read_back(context).await)
+            } else {
+                let (position, routed) = tokio::join!(
+                    self.db.commit_position(standby.as_deref()),
+                    read_back(context)
+                );
+                (position?, routed)
+            };
+        let read_returned = committed.elapsed();
 
         let mut result = ProbeResult {
             written_value: probe_value(&written.written_at, &token),
             token,
+            strategy: options.strategy,
+            replica: replica.name.clone(),
             read_value: None,
             verdict: Verdict::ReplicaError,
-            commit_lsn,
+            served_by: None,
+            commit_lsn: position.wal_lsn,
             replica_replay_lsn: None,
             lsn_gap_bytes: None,
             replay_timestamp_lag_ms: None,
             write_latency,
             read_latency: None,
+            waited: None,
             visible_after: None,
             still_stale_at: None,
             visibility_timed_out: false,
-            replica_reads: 1,
+            replica_reads: 0,
+            remote_apply_effective: written.remote_apply_effective,
+            lag: LagMeasures::default(),
             error: None,
         };
 
-        match first.outcome {
-            Err(error) => result.error = Some(error.to_string()),
-            Ok(read) => {
-                result.read_latency = Some(first.returned_at - first.sent_at);
-                result.replica_replay_lsn = read.replay_lsn;
-                result.lsn_gap_bytes = read.replay_lsn.map(|replay| commit_lsn.bytes_after(replay));
-                result.replay_timestamp_lag_ms = read.replay_timestamp_lag_ms;
-                match read.written_at {
-                    Some(written_at) => {
-                        result.verdict = Verdict::Fresh;
-                        result.read_value = Some(probe_value(&written_at, &result.token));
-                        result.visible_after = Some(first.returned_at);
-                    }
-                    None => {
-                        result.verdict = Verdict::Stale;
-                        result.still_stale_at = Some(first.sent_at);
-                        self.wait_until_visible(options, committed, &mut result)
-                            .await;
-                    }
-                }
+        match routed {
+            Err(error) if is_primary_error(&error) => return Err(error),
+            Err(error) => {
+                result.replica_reads = 1;
+                result.error = Some(error.to_string());
+            }
+            Ok(routed) => {
+                self.judge(&mut result, &routed, read_returned);
+                let first = match (routed.replica_read, routed.replica_read_sent) {
+                    (Some(read), Some(sent)) => TimedRead {
+                        sent_at: sent.saturating_duration_since(committed),
+                        returned_at: read_returned,
+                        outcome: Ok(read),
+                    },
+                    _ => self.timed_read(replica, &result.token, committed).await,
+                };
+                self.measure_visibility(
+                    replica,
+                    options,
+                    committed,
+                    &position,
+                    &written,
+                    first,
+                    &mut result,
+                )
+                .await;
             }
         }
 
         if let Err(error) = self.db.delete_probe_row(written.id).await {
             tracing::warn!(%error, "could not delete a finished probe's row; a later probe prunes it");
         }
+        self.metrics.record(&result);
         Ok(result)
     }
 
-    /// Polls the replica until the row shows up or the timeout passes, bracketing the
-    /// moment it became visible between the last miss and the first hit.
-    async fn wait_until_visible(
+    fn judge(&self, result: &mut ProbeResult, routed: &RoutedRead, read_returned: Duration) {
+        result.served_by = Some(routed.served_by);
+        result.read_latency = Some(read_returned);
+        result.waited = routed.waited;
+        match &routed.row {
+            Some(row) => {
+                result.verdict = Verdict::Fresh;
+                result.read_value = Some(probe_value(&row.written_at, &result.token));
+            }
+            None => result.verdict = Verdict::Stale,
+        }
+    }
+
+    /// Records lag from the first replica read, then polls the replica until the row shows
+    /// up or the timeout passes, bracketing the moment it became visible between the last
+    /// miss and the first hit.
+    #[allow(clippy::too_many_arguments)]
+    async fn measure_visibility(
         &self,
+        replica: &Replica,
         options: &ProbeOptions,
         committed: Instant,
+        position: &CommitPosition,
+        written: &crate::db::WrittenRow,
+        first: TimedRead,
         result: &mut ProbeResult,
     ) {
+        let mut read = first;
         loop {
+            result.replica_reads += 1;
+            match read.outcome {
+                Err(error) => {
+                    result.error = Some(if result.replica_reads == 1 {
+                        error.to_string()
+                    } else {
+                        format!("while waiting for visibility: {error}")
+                    });
+                    return;
+                }
+                Ok(replica_read) => {
+                    if result.replica_reads == 1 {
+                        let primary_now_ms = written.written_at_epoch_ms + millis(read.sent_at);
+                        result.lag = LagMeasures::from_reads(
+                            position.wal_lsn,
+                            Some(position),
+                            &replica_read,
+                            primary_now_ms,
+                        );
+                        result.replica_replay_lsn = replica_read.replay_lsn;
+                        result.lsn_gap_bytes = result.lag.lsn_gap_bytes;
+                        result.replay_timestamp_lag_ms = replica_read.replay_timestamp_lag_ms;
+                    }
+                    if replica_read.row.is_some() {
+                        result.visible_after = Some(read.returned_at);
+                        return;
+                    }
+                    result.still_stale_at = Some(read.sent_at);
+                }
+            }
             if committed.elapsed() >= options.visibility_timeout {
                 result.visibility_timed_out = true;
                 return;
             }
             tokio::time::sleep(options.poll_interval).await;
-            let read = self.timed_read(&result.token, committed).await;
-            result.replica_reads += 1;
-            match read.outcome {
-                Err(error) => {
-                    result.error = Some(format!("while waiting for visibility: {error}"));
-                    return;
-                }
-                Ok(ReplicaRead {
-                    written_at: Some(_),
-                    ..
-                }) => {
-                    result.visible_after = Some(read.returned_at);
-                    return;
-                }
-                Ok(_) => result.still_stale_at = Some(read.sent_at),
-            }
+            read = self.timed_read(replica, &result.token, committed).await;
         }
+    }
+
+    /// Writes `value` on the primary; the result's commit LSN is the consistency token.
+    pub async fn write_value(&self, value: &str) -> Result<WriteOutcome> {
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        let started = Instant::now();
+        self.db.write_row(&key, Some(value), None).await?;
+        let write_latency = started.elapsed();
+        let position = self.db.commit_position(None).await?;
+        Ok(WriteOutcome {
+            key,
+            commit_lsn: position.wal_lsn,
+            write_latency,
+        })
+    }
+
+    /// Reads a key written with [`ProbeEngine::write_value`] where `strategy` says.
+    pub async fn read_value(
+        &self,
+        key: &str,
+        strategy: Strategy,
+        settings: &StrategySettings,
+        context: ReadContext,
+    ) -> Result<ReadOutcome> {
+        let replica = self.pick_replica();
+        let started = Instant::now();
+        let routed = self
+            .db
+            .routed_read(replica, strategy, settings, context, key)
+            .await?;
+        Ok(ReadOutcome {
+            found: routed.row.is_some(),
+            value: routed.row.and_then(|row| row.value),
+            served_by: routed.served_by,
+            replica: replica.name.clone(),
+            waited: routed.waited.unwrap_or_default(),
+            read_latency: started.elapsed(),
+        })
     }
 }
 
@@ -256,8 +467,16 @@ impl ProbeOptions {
     pub fn from_millis(
         visibility_timeout_ms: Option<u64>,
         poll_interval_ms: Option<u64>,
+        strategy: Strategy,
+        strategy_settings: StrategySettings,
     ) -> Result<Self> {
         let defaults = ProbeOptions::default();
+        let poll_interval = checked_millis(
+            "poll_interval_ms",
+            poll_interval_ms,
+            1..=1_000,
+            defaults.poll_interval,
+        )?;
         Ok(ProbeOptions {
             visibility_timeout: checked_millis(
                 "visibility_timeout_ms",
@@ -265,12 +484,12 @@ impl ProbeOptions {
                 1..=60_000,
                 defaults.visibility_timeout,
             )?,
-            poll_interval: checked_millis(
-                "poll_interval_ms",
-                poll_interval_ms,
-                1..=1_000,
-                defaults.poll_interval,
-            )?,
+            poll_interval,
+            strategy,
+            strategy_settings: StrategySettings {
+                lsn_poll_interval: poll_interval,
+                ..strategy_settings
+            },
         })
     }
 }

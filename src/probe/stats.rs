@@ -1,4 +1,5 @@
-//! Statistics over a run's probes: verdict counts and commit-to-visible percentiles.
+//! Statistics over probes: verdict counts with a confidence interval, latency percentiles
+//! (HDR histograms), where reads were served, and the visibility curve.
 
 use std::time::Duration;
 
@@ -6,8 +7,30 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::{ProbeResult, Verdict, millis};
+use crate::db::strategy::ServedBy;
 
-/// Counts and commit-to-visible percentiles (ms) over a run.
+/// A latency distribution, ms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub count: u32,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+/// P(visible | a replica read issued `after_ms` after the commit).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct VisibilityPoint {
+    pub after_ms: u32,
+    pub fresh_probability: f64,
+}
+
+/// Where the visibility curve is sampled, ms after the commit.
+pub const VISIBILITY_CURVE_MS: [u32; 8] = [0, 10, 50, 100, 250, 500, 1000, 2000];
+
+/// Statistics over a set of probes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct RunSummary {
     pub probe_count: u32,
@@ -17,68 +40,139 @@ pub struct RunSummary {
     pub visibility_timeout_count: u32,
     /// stale / (fresh + stale); 0 when no read succeeded.
     pub stale_ratio: f64,
+    /// 95% Wilson score interval of `stale_ratio` ([0, 1] when nothing was judged).
+    pub stale_ratio_ci95_low: f64,
+    pub stale_ratio_ci95_high: f64,
     pub visible_after_p50_ms: f64,
     pub visible_after_p90_ms: f64,
     pub visible_after_p99_ms: f64,
     pub visible_after_max_ms: f64,
+    pub visible_after: Percentiles,
+    pub read_latency: Percentiles,
+    /// Share of answered reads that the primary served (by strategy or as a fallback).
+    pub primary_share: f64,
+    pub wait_count: u32,
+    pub fallback_count: u32,
+    pub visibility_curve: Vec<VisibilityPoint>,
+    pub remote_apply_ineffective_count: u32,
     pub lsn_gap_max_bytes: u64,
     pub elapsed_ms: f64,
 }
 
+/// The statistics of the probes that read one replica.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplicaSummary {
+    pub replica: String,
+    pub summary: RunSummary,
+}
+
 /// Microsecond histogram up to an hour, 3 significant digits: 0.1% error, which keeps a
 /// 1000 ms delay readable to the millisecond.
-fn microsecond_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds are valid")
+fn percentiles(samples: impl Iterator<Item = Duration>) -> Percentiles {
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds");
+    let mut max = Duration::ZERO;
+    for sample in samples {
+        histogram.saturating_record(sample.as_micros().max(1) as u64);
+        max = max.max(sample);
+    }
+    if histogram.is_empty() {
+        return Percentiles::default();
+    }
+    let at = |quantile| millis(Duration::from_micros(histogram.value_at_quantile(quantile)));
+    Percentiles {
+        count: histogram.len() as u32,
+        p50_ms: at(0.5),
+        p90_ms: at(0.9),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+        max_ms: millis(max),
+    }
+}
+
+/// The 95% Wilson score interval for `successes` of `trials`.
+pub fn wilson_interval_95(successes: u32, trials: u32) -> (f64, f64) {
+    if trials == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054_f64;
+    let n = f64::from(trials);
+    let p = f64::from(successes) / n;
+    let denominator = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denominator;
+    let half_width = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denominator;
+    (
+        (centre - half_width).max(0.0),
+        (centre + half_width).min(1.0),
+    )
 }
 
 impl RunSummary {
     pub fn of(probes: &[ProbeResult], elapsed: Duration) -> Self {
-        let count = |verdict| {
-            probes
-                .iter()
-                .filter(|probe| probe.verdict == verdict)
-                .count() as u32
+        let count_where = |predicate: &dyn Fn(&ProbeResult) -> bool| {
+            probes.iter().filter(|probe| predicate(probe)).count() as u32
         };
-        let fresh_count = count(Verdict::Fresh);
-        let stale_count = count(Verdict::Stale);
+        let fresh_count = count_where(&|p| p.verdict == Verdict::Fresh);
+        let stale_count = count_where(&|p| p.verdict == Verdict::Stale);
         let judged = fresh_count + stale_count;
+        let (stale_ratio_ci95_low, stale_ratio_ci95_high) = wilson_interval_95(stale_count, judged);
+        let served = count_where(&|p| p.served_by.is_some());
+        let by_primary =
+            count_where(&|p| matches!(p.served_by, Some(ServedBy::Primary | ServedBy::Fallback)));
 
-        let mut visible_after = microsecond_histogram();
-        for probe in probes {
-            if let Some(duration) = probe.visible_after {
-                visible_after.saturating_record(duration.as_micros().max(1) as u64);
-            }
-        }
-        let percentile_ms = |quantile: f64| {
-            if visible_after.is_empty() {
-                0.0
-            } else {
-                millis(Duration::from_micros(
-                    visible_after.value_at_quantile(quantile),
-                ))
-            }
-        };
+        let visible_after = percentiles(probes.iter().filter_map(|p| p.visible_after));
+        // Probes whose visibility was followed to an end: seen, or timed out.
+        let measured: Vec<_> = probes
+            .iter()
+            .filter(|p| p.visible_after.is_some() || p.visibility_timed_out)
+            .collect();
+        let visibility_curve = VISIBILITY_CURVE_MS
+            .iter()
+            .map(|&after_ms| VisibilityPoint {
+                after_ms,
+                fresh_probability: if measured.is_empty() {
+                    0.0
+                } else {
+                    let limit = Duration::from_millis(u64::from(after_ms));
+                    measured
+                        .iter()
+                        .filter(|p| p.visible_after.is_some_and(|v| v <= limit))
+                        .count() as f64
+                        / measured.len() as f64
+                },
+            })
+            .collect();
 
         RunSummary {
             probe_count: probes.len() as u32,
             fresh_count,
             stale_count,
-            replica_error_count: count(Verdict::ReplicaError),
-            visibility_timeout_count: probes.iter().filter(|p| p.visibility_timed_out).count()
-                as u32,
+            replica_error_count: count_where(&|p| p.verdict == Verdict::ReplicaError),
+            visibility_timeout_count: count_where(&|p| p.visibility_timed_out),
             stale_ratio: if judged == 0 {
                 0.0
             } else {
                 f64::from(stale_count) / f64::from(judged)
             },
-            visible_after_p50_ms: percentile_ms(0.5),
-            visible_after_p90_ms: percentile_ms(0.9),
-            visible_after_p99_ms: percentile_ms(0.99),
-            visible_after_max_ms: probes
-                .iter()
-                .filter_map(|probe| probe.visible_after)
-                .max()
-                .map_or(0.0, millis),
+            stale_ratio_ci95_low,
+            stale_ratio_ci95_high,
+            visible_after_p50_ms: visible_after.p50_ms,
+            visible_after_p90_ms: visible_after.p90_ms,
+            visible_after_p99_ms: visible_after.p99_ms,
+            visible_after_max_ms: visible_after.max_ms,
+            visible_after,
+            read_latency: percentiles(probes.iter().filter_map(|p| p.read_latency)),
+            primary_share: if served == 0 {
+                0.0
+            } else {
+                f64::from(by_primary) / f64::from(served)
+            },
+            wait_count: count_where(&|p| p.waited.is_some()),
+            fallback_count: count_where(&|p| p.served_by == Some(ServedBy::Fallback)),
+            visibility_curve,
+            remote_apply_ineffective_count: count_where(&|p| {
+                p.remote_apply_effective == Some(false)
+            }),
             lsn_gap_max_bytes: probes
                 .iter()
                 .filter_map(|p| p.lsn_gap_bytes)
@@ -87,41 +181,98 @@ impl RunSummary {
             elapsed_ms: millis(elapsed),
         }
     }
+
+    /// One summary per replica, in `replica_order`, skipping replicas no probe read.
+    pub fn per_replica(
+        probes: &[ProbeResult],
+        replica_order: &[String],
+        elapsed: Duration,
+    ) -> Vec<ReplicaSummary> {
+        replica_order
+            .iter()
+            .filter_map(|name| {
+                let own: Vec<_> = probes
+                    .iter()
+                    .filter(|p| &p.replica == name)
+                    .cloned()
+                    .collect();
+                (!own.is_empty()).then(|| ReplicaSummary {
+                    replica: name.clone(),
+                    summary: RunSummary::of(&own, elapsed),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A markdown table with one row per `(label, summary)`: what a comparison looks like on a
+/// terminal or in a note.
+pub fn markdown_table(rows: &[(String, &RunSummary)]) -> String {
+    let mut table = String::from(
+        "| strategy | probes | stale | stale ratio (95% CI) | read p50 ms | read p99 ms | \
+         visible p50 ms | visible p99 ms | primary share | waits | fallbacks | errors |\n\
+         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (label, summary) in rows {
+        table.push_str(&format!(
+            "| {label} | {} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {} | {} | {} |\n",
+            summary.probe_count,
+            summary.stale_count,
+            summary.stale_ratio,
+            summary.stale_ratio_ci95_low,
+            summary.stale_ratio_ci95_high,
+            summary.read_latency.p50_ms,
+            summary.read_latency.p99_ms,
+            summary.visible_after.p50_ms,
+            summary.visible_after.p99_ms,
+            summary.primary_share,
+            summary.wait_count,
+            summary.fallback_count,
+            summary.replica_error_count,
+        ));
+    }
+    table
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lsn::Lsn;
+    use crate::{db::strategy::Strategy, lsn::Lsn, probe::LagMeasures};
 
-    fn probe(verdict: Verdict, visible_after_ms: Option<u64>) -> ProbeResult {
+    fn probe(verdict: Verdict, visible_after_ms: Option<u64>, served_by: ServedBy) -> ProbeResult {
         ProbeResult {
             token: "t".into(),
+            strategy: Strategy::Replica,
+            replica: "r1".into(),
             written_value: "v".into(),
             read_value: None,
             verdict,
+            served_by: (verdict != Verdict::ReplicaError).then_some(served_by),
             commit_lsn: Lsn(10),
             replica_replay_lsn: None,
             lsn_gap_bytes: Some(7),
             replay_timestamp_lag_ms: None,
             write_latency: Duration::from_millis(1),
-            read_latency: None,
+            read_latency: Some(Duration::from_millis(2)),
+            waited: None,
             visible_after: visible_after_ms.map(Duration::from_millis),
             still_stale_at: None,
             visibility_timed_out: visible_after_ms.is_none() && verdict == Verdict::Stale,
             replica_reads: 1,
+            remote_apply_effective: None,
+            lag: LagMeasures::default(),
             error: None,
         }
     }
 
     #[test]
-    fn counts_and_percentiles() {
+    fn counts_percentiles_and_shares() {
         let mut probes: Vec<_> = (1..=100)
-            .map(|ms| probe(Verdict::Stale, Some(ms * 10)))
+            .map(|ms| probe(Verdict::Stale, Some(ms * 10), ServedBy::Replica))
             .collect();
-        probes.push(probe(Verdict::Fresh, Some(1)));
-        probes.push(probe(Verdict::ReplicaError, None));
-        probes.push(probe(Verdict::Stale, None));
+        probes.push(probe(Verdict::Fresh, Some(1), ServedBy::Primary));
+        probes.push(probe(Verdict::ReplicaError, None, ServedBy::Replica));
+        probes.push(probe(Verdict::Stale, None, ServedBy::Replica));
         let summary = RunSummary::of(&probes, Duration::from_secs(2));
         assert_eq!(summary.probe_count, 103);
         assert_eq!(summary.stale_count, 101);
@@ -129,6 +280,8 @@ mod tests {
         assert_eq!(summary.replica_error_count, 1);
         assert_eq!(summary.visibility_timeout_count, 1);
         assert!((summary.stale_ratio - 101.0 / 102.0).abs() < 1e-12);
+        assert!(summary.stale_ratio_ci95_low < summary.stale_ratio);
+        assert!(summary.stale_ratio_ci95_high > summary.stale_ratio);
         assert!(
             (summary.visible_after_p50_ms - 500.0).abs() <= 1.0,
             "{summary:?}"
@@ -137,14 +290,46 @@ mod tests {
             (summary.visible_after_p90_ms - 900.0).abs() <= 1.0,
             "{summary:?}"
         );
-        assert_eq!(summary.visible_after_max_ms, 1000.0);
+        assert_eq!(summary.visible_after.max_ms, 1000.0);
+        assert_eq!(summary.visible_after.count, 101);
+        assert!((summary.primary_share - 1.0 / 102.0).abs() < 1e-12);
         assert_eq!(summary.lsn_gap_max_bytes, 7);
         assert_eq!(summary.elapsed_ms, 2000.0);
+        // 102 probes followed to an end; 1 (the fresh one) was visible by 0 ms... well, 1 ms.
+        let at = |ms: u32| {
+            summary
+                .visibility_curve
+                .iter()
+                .find(|point| point.after_ms == ms)
+                .unwrap()
+                .fresh_probability
+        };
+        assert_eq!(at(0), 0.0);
+        assert!((at(10) - 2.0 / 102.0).abs() < 1e-12);
+        assert!((at(500) - 51.0 / 102.0).abs() < 1e-12);
+        assert!((at(2000) - 101.0 / 102.0).abs() < 1e-12);
     }
 
     #[test]
-    fn empty_run_is_all_zero() {
+    fn wilson_interval_matches_known_values() {
+        // 0 of 30: [0, 0.1135]; 15 of 30: [0.3315, 0.6685] (standard tables).
+        let (low, high) = wilson_interval_95(0, 30);
+        assert_eq!(low, 0.0);
+        assert!((high - 0.1135).abs() < 1e-3, "{high}");
+        let (low, high) = wilson_interval_95(15, 30);
+        assert!((low - 0.3315).abs() < 1e-3, "{low}");
+        assert!((high - 0.6685).abs() < 1e-3, "{high}");
+        assert_eq!(wilson_interval_95(0, 0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn empty_run_is_all_zero_but_the_unknown_interval() {
         let summary = RunSummary::of(&[], Duration::ZERO);
-        assert_eq!(summary, RunSummary::default());
+        assert_eq!(summary.probe_count, 0);
+        assert_eq!(summary.visible_after, Percentiles::default());
+        assert_eq!(
+            (summary.stale_ratio_ci95_low, summary.stale_ratio_ci95_high),
+            (0.0, 1.0)
+        );
     }
 }

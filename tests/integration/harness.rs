@@ -6,7 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use lagprobe::{
     app::{self, AppState, Servers},
-    config::{PoolArgs, ServiceArgs},
+    config::{PoolArgs, ServiceArgs, StrategyArgs},
     grpc::pb::consistency_probe_client::ConsistencyProbeClient,
     lab::{Lab, LabOptions},
 };
@@ -33,21 +33,28 @@ pub fn service_args() -> ServiceArgs {
         http_addr: "127.0.0.1:0".parse().unwrap(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         no_migrate: false,
+        heartbeat_ms: 100,
         pool: PoolArgs {
-            pool_size: 16,
+            pool_size: 32,
             // Short, so an outage shows up as a replica error quickly.
             acquire_timeout_ms: 1500,
         },
+        strategy: StrategyArgs::default(),
     }
 }
 
 /// Starts a lab with `delay_ms` from primary to replica and serves on it. A machine without
 /// PostgreSQL's server binaries fails here with the message that says how to install them.
 pub async fn spawn_app(delay_ms: u64) -> TestApp {
-    let options = LabOptions {
+    spawn_app_with(LabOptions {
         delay: Duration::from_millis(delay_ms),
         ..LabOptions::default()
-    };
+    })
+    .await
+}
+
+/// [`spawn_app`] with any lab options (several replicas, synchronous replicas).
+pub async fn spawn_app_with(options: LabOptions) -> TestApp {
     let (lab, state, servers) = app::start_lab_service(&options, &service_args())
         .await
         .unwrap_or_else(|error| panic!("could not start the lab cluster for this test: {error}"));

@@ -48,7 +48,10 @@ async fn json_probe_health_and_readiness() {
     assert_eq!(health.status(), StatusCode::OK);
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["replica"]["state"]["wal_receiver_status"], "streaming");
+    assert_eq!(
+        body["replicas"][0]["state"]["wal_receiver_status"],
+        "streaming"
+    );
     app.shutdown().await;
 }
 

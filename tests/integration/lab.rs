@@ -31,7 +31,7 @@ async fn shutdown_leaves_no_postmaster_and_no_directory() {
     let app = spawn_app(1000).await;
     let dir = app.lab.data_dir().to_path_buf();
     let primary = postmaster_pid(&dir.join("primary"));
-    let replica = postmaster_pid(&dir.join("replica"));
+    let replica = postmaster_pid(&dir.join("replica1"));
     assert!(alive(primary) && alive(replica));
 
     app.shutdown().await;
@@ -51,7 +51,7 @@ async fn dropping_the_lab_without_shutdown_still_stops_the_servers() {
     let app = spawn_app(0).await;
     let dir = app.lab.data_dir().to_path_buf();
     let primary = postmaster_pid(&dir.join("primary"));
-    let replica = postmaster_pid(&dir.join("replica"));
+    let replica = postmaster_pid(&dir.join("replica1"));
     drop(app);
     assert!(!alive(primary) && !alive(replica));
 }
@@ -62,7 +62,7 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
     let (status, _) = app.get_json("/api/probe").await;
     assert_eq!(status, StatusCode::OK);
 
-    app.lab.stop_replica().await;
+    app.lab.stop_replica(0).await;
 
     let (status, body) = app.get_json("/api/probe").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -75,7 +75,7 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["ready"], false);
-    assert_eq!(body["replica"]["reachable"], false, "{body}");
+    assert_eq!(body["replicas"][0]["reachable"], false, "{body}");
 
     // The process keeps answering, and a bulk run reports the errors instead of failing.
     let health = app.http.get(app.http_url("/healthz")).send().await.unwrap();
@@ -90,10 +90,10 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
         .unwrap();
     assert_eq!(report.summary.replica_error_count, 2);
 
-    app.lab.start_replica().await.unwrap();
+    app.lab.start_replica(0).await.unwrap();
     let mut recovered = None;
     for _ in 0..50 {
-        let probe = app.state.probe(None, None).await.unwrap();
+        let probe = app.state.probe(&RunParams::default()).await.unwrap();
         if probe.verdict != Verdict::ReplicaError {
             recovered = Some(probe);
             break;

@@ -36,7 +36,7 @@ async fn without_delay_every_write_becomes_visible_well_under_500_ms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_the_delay_while_running_changes_commit_to_visible() {
     let app = spawn_app(0).await;
-    let quick = app.state.probe(None, None).await.unwrap();
+    let quick = app.state.probe(&RunParams::default()).await.unwrap();
     assert!(
         quick.visible_after.unwrap() < Duration::from_millis(500),
         "{quick:?}"
@@ -45,7 +45,7 @@ async fn changing_the_delay_while_running_changes_commit_to_visible() {
     app.lab
         .delay_control()
         .set_delay(Duration::from_millis(700));
-    let slow = app.state.probe(None, None).await.unwrap();
+    let slow = app.state.probe(&RunParams::default()).await.unwrap();
     assert_eq!(slow.verdict, Verdict::Stale, "{slow:?}");
     let visible_after = slow.visible_after.expect("visible before the 5 s timeout");
     assert!(
@@ -65,7 +65,15 @@ async fn changing_the_delay_while_running_changes_commit_to_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_never_arrives_times_out_instead_of_hanging() {
     let app = spawn_app(3000).await;
-    let probe = app.state.probe(Some(300), Some(20)).await.unwrap();
+    let probe = app
+        .state
+        .probe(&RunParams {
+            visibility_timeout_ms: Some(300),
+            poll_interval_ms: Some(20),
+            ..RunParams::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(probe.verdict, Verdict::Stale);
     assert!(probe.visibility_timed_out, "{probe:?}");
     assert_eq!(probe.visible_after, None);
