@@ -111,13 +111,20 @@ pub struct ReplicaRead {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReplicaState {
     pub in_recovery: bool,
-    /// `pg_stat_wal_receiver.status` (e.g. `streaming`), `None` when no WAL receiver runs.
+    /// `pg_stat_wal_receiver.status` (e.g. `streaming`), `None` when no WAL receiver runs
+    /// (or the role may not see it: it needs `pg_monitor`).
     pub wal_receiver_status: Option<String>,
+    /// Whether lagprobe's tables have replicated to it yet (right after migrating a
+    /// delayed replica, they arrive one delay later).
+    pub schema_replicated: bool,
 }
 
 impl ReplicaState {
+    /// Ready to serve probes: in recovery, streaming, with lagprobe's tables.
     pub fn is_streaming(&self) -> bool {
-        self.in_recovery && self.wal_receiver_status.as_deref() == Some("streaming")
+        self.in_recovery
+            && self.wal_receiver_status.as_deref() == Some("streaming")
+            && self.schema_replicated
     }
 }
 
@@ -484,7 +491,8 @@ impl Databases {
     /// Whether a replica is in recovery and what its WAL receiver is doing.
     pub async fn replica_state(&self, replica: &Replica) -> Result<ReplicaState> {
         let row = sqlx::query(
-            "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1)",
+            "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1), \
+                    to_regclass('lagprobe.heartbeat') IS NOT NULL",
         )
         .fetch_one(&replica.pool)
         .await
@@ -492,6 +500,7 @@ impl Databases {
         Ok(ReplicaState {
             in_recovery: row.get(0),
             wal_receiver_status: row.get(1),
+            schema_replicated: row.get(2),
         })
     }
 }

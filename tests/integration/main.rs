@@ -3,7 +3,10 @@
 
 mod harness;
 
+mod api;
 mod grpc;
 mod http;
 mod lab;
 mod probe;
+mod strategies;
+mod token;

@@ -1,0 +1,167 @@
+//! The JSON API beyond single probes: runs, comparisons, lag, the delay link, metrics.
+
+use reqwest::StatusCode;
+
+use crate::harness::spawn_app;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_compare_lag_delay_and_metrics_over_http() {
+    let app = spawn_app(0).await;
+
+    let response = app
+        .http
+        .post(app.http_url("/api/run"))
+        .json(&serde_json::json!({"count": 3, "strategy": "lsn-route"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let run: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(run["strategy"], "lsn-route");
+    assert_eq!(run["summary"]["probe_count"], 3);
+    assert_eq!(run["probes"].as_array().unwrap().len(), 3);
+
+    let (status, compare) = app
+        .get_json("/api/compare?strategies=replica,primary&count=2")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{compare}");
+    let rows = compare["strategies"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["strategy"], "primary");
+    assert_eq!(rows[1]["summary"]["primary_share"], 1.0);
+
+    let (status, lag) = app.get_json("/api/lag").await;
+    assert_eq!(status, StatusCode::OK, "{lag}");
+    assert_eq!(lag["replicas"][0]["replica"], "replica1");
+    assert!(
+        lag["methods"]["heartbeat_lag_ms"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat")
+    );
+
+    let response = app
+        .http
+        .put(app.http_url("/api/delay"))
+        .json(&serde_json::json!({"delay_ms": 250, "jitter_ms": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, delay) = app.get_json("/api/delay").await;
+    assert_eq!(
+        delay,
+        serde_json::json!({"delay_ms": 250, "jitter_ms": 10, "link_down": false})
+    );
+
+    let metrics = app.http.get(app.http_url("/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains("lagprobe_probes_total{strategy=\"lsn-route\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "lagprobe_commit_to_visible_seconds_bucket{strategy=\"replica\",le=\"+Inf\"}"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("lagprobe_delay_link_delay_seconds 0.25"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lagprobe_lag_seconds{replica=\"replica1\",method=\"heartbeat\"}"),
+        "{text}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_api_input_names_the_field() {
+    let app = spawn_app(0).await;
+    let (status, body) = app.get_json("/api/run?strategy=fastest").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "strategy", "{body}");
+
+    let (status, body) = app
+        .get_json("/api/compare?strategies=replica,replica")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "strategies", "{body}");
+
+    let response = app
+        .http
+        .put(app.http_url("/api/delay"))
+        .json(&serde_json::json!({"delay_ms": 700000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["field"], "delay_ms", "{body}");
+
+    let response = app
+        .http
+        .put(app.http_url("/api/delay"))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let response = app
+        .http
+        .post(app.http_url("/api/write"))
+        .json(&serde_json::json!({"value": "x".repeat(1001)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["field"], "value", "{body}");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delay_calls_without_a_lab_are_failed_precondition() {
+    let app = spawn_app(0).await;
+    // The same service, pointed at the lab's servers but without the lab's link handle.
+    let (_state, servers) = lagprobe::app::start_service(
+        &app.lab.primary_url(),
+        &app.lab.replica_urls(),
+        &crate::harness::service_args(),
+        None,
+    )
+    .await
+    .unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", servers.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        lagprobe::grpc::pb::consistency_probe_client::ConsistencyProbeClient::new(channel);
+    let status = client
+        .get_delay(lagprobe::grpc::pb::GetDelayRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    let status = client
+        .set_delay(lagprobe::grpc::pb::DelaySettings::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    let response = app
+        .http
+        .get(format!("http://{}/api/delay", servers.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    servers.shutdown().await;
+    app.shutdown().await;
+}
