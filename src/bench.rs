@@ -14,6 +14,7 @@ use crate::{
     config::{PoolArgs, ServiceArgs, StrategyArgs},
     error::{Error, Result},
     lab::{Lab, LabOptions},
+    probe::RunParams,
 };
 
 /// What to measure, and how often.
@@ -21,6 +22,10 @@ use crate::{
 pub struct BenchOptions {
     /// Lab start-ups to time.
     pub lab_starts: u32,
+    /// Probes per strategy and delay in the strategy table.
+    pub strategy_probes: u32,
+    /// Probes per concurrency level in the probe-rate table.
+    pub rate_probes: u32,
     pub pg_bindir: Option<std::path::PathBuf>,
 }
 
@@ -54,6 +59,9 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
     let mut report = String::from("# lagprobe bench\n\n");
     report.push_str(&lab_startup(options).await?);
     report.push_str(&idle_rss(options, lagprobe_binary).await?);
+    report.push_str(&strategy_table(options).await?);
+    report.push_str(&delay_link_accuracy().await?);
+    report.push_str(&probe_rate(options).await?);
     Ok(report)
 }
 
@@ -174,4 +182,308 @@ fn resident_kib(pid: u32) -> Option<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
+}
+
+/// Every strategy on the same interleaved workload at D = 0, 50, 200 and 1000 ms, on a lab
+/// with a synchronous replica (so remote-apply takes effect).
+async fn strategy_table(options: &BenchOptions) -> Result<String> {
+    let mut table = format!(
+        "## Strategies compared ({} probes each, 8 in flight, synchronous replica)\n\n\
+         | delay ms | strategy | stale ratio (95% CI) | read p50 ms | read p99 ms | primary share | fallbacks |\n\
+         |---:|---|---|---:|---:|---:|---:|\n",
+        options.strategy_probes
+    );
+    for delay_ms in [0u64, 50, 200, 1000] {
+        let lab_options = LabOptions {
+            pg_bindir: options.pg_bindir.clone(),
+            delay: Duration::from_millis(delay_ms),
+            sync_replica: true,
+            ..LabOptions::default()
+        };
+        let (lab, state, servers) =
+            app::start_lab_service(&lab_options, &loopback_service()).await?;
+        let report = state
+            .compare(
+                &[],
+                &RunParams {
+                    count: Some(u64::from(options.strategy_probes)),
+                    concurrency: Some(8),
+                    ..RunParams::default()
+                },
+            )
+            .await?;
+        for row in &report.strategies {
+            let summary = &row.summary;
+            let _ = writeln!(
+                table,
+                "| {delay_ms} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.2} | {} |",
+                row.strategy,
+                summary.stale_ratio,
+                summary.stale_ratio_ci95_low,
+                summary.stale_ratio_ci95_high,
+                summary.read_latency.p50_ms,
+                summary.read_latency.p99_ms,
+                summary.primary_share,
+                summary.fallback_count,
+            );
+        }
+        servers.shutdown().await;
+        lab.shutdown().await;
+    }
+    table.push('\n');
+    Ok(table)
+}
+
+/// An upstream that echoes whatever it is sent.
+async fn echo_upstream() -> Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(Error::io("binding the echo server"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(Error::io("echo server address"))?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = socket.split();
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Per-message one-way latency added by the link: messages sent every 5 ms through the
+/// link to an echo server come back `delay` later; the same run against the echo server
+/// directly is the baseline subtracted.
+async fn echo_latencies(addr: std::net::SocketAddr, messages: u32) -> Result<Vec<Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(Error::io("connecting for the latency run"))?;
+    stream.set_nodelay(true).map_err(Error::io("nodelay"))?;
+    let (mut reader, mut writer) = stream.into_split();
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        for index in 0..messages {
+            tokio::time::sleep_until((started + Duration::from_millis(5) * index).into()).await;
+            if writer.write_all(&index.to_le_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut latencies = Vec::with_capacity(messages as usize);
+    let mut buffer = [0u8; 4];
+    for _ in 0..messages {
+        reader
+            .read_exact(&mut buffer)
+            .await
+            .map_err(Error::io("reading an echo"))?;
+        let index = u32::from_le_bytes(buffer);
+        let sent = started + Duration::from_millis(5) * index;
+        latencies.push(sent.elapsed());
+    }
+    let _ = sender.await;
+    Ok(latencies)
+}
+
+/// Bytes per second from an upstream that streams `total` bytes to each client, read at
+/// `addr` (directly or through a link).
+async fn streamed_throughput(addr: std::net::SocketAddr, total: u64) -> Result<f64> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(Error::io("connecting for the throughput run"))?;
+    let started = Instant::now();
+    let mut buffer = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    while received < total {
+        let read = stream
+            .read(&mut buffer)
+            .await
+            .map_err(Error::io("reading the stream"))?;
+        if read == 0 {
+            break;
+        }
+        received += read as u64;
+    }
+    Ok(received as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn streaming_upstream(total: u64) -> Result<std::net::SocketAddr> {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(Error::io("binding the stream server"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(Error::io("stream server address"))?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 256 * 1024];
+                let mut sent = 0u64;
+                while sent < total {
+                    if socket.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    sent += chunk.len() as u64;
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// How exactly the delay link holds bytes, and how fast it passes them at D = 0.
+async fn delay_link_accuracy() -> Result<String> {
+    let echo = echo_upstream().await?;
+    let mut direct = echo_latencies(echo, 200).await?;
+    let (_, baseline_ms, _) = spread_ms(&mut direct);
+    let mut table = String::from(
+        "## Delay link accuracy\n\n\
+         Added delay = latency through the link minus the configured delay minus the direct \
+         loopback round trip (median). Target: within 1 ms at p99.\n\n\
+         | configured ms | messages | added p50 ms | added p99 ms | added max ms |\n\
+         |---:|---:|---:|---:|---:|\n",
+    );
+    for delay_ms in [50u64, 1000] {
+        let link = crate::lab::DelayLink::bind(
+            "127.0.0.1:0",
+            echo.to_string(),
+            Duration::from_millis(delay_ms),
+        )
+        .await
+        .map_err(Error::io("starting a delay link"))?;
+        let mut through = echo_latencies(link.local_addr(), 400).await?;
+        through.sort();
+        let added = |quantile: f64| {
+            let index = ((through.len() - 1) as f64 * quantile).round() as usize;
+            through[index].as_secs_f64() * 1000.0 - delay_ms as f64 - baseline_ms
+        };
+        let _ = writeln!(
+            table,
+            "| {delay_ms} | {} | {:.3} | {:.3} | {:.3} |",
+            through.len(),
+            added(0.5),
+            added(0.99),
+            added(1.0)
+        );
+    }
+
+    let total = 512 * 1024 * 1024;
+    let source = streaming_upstream(total).await?;
+    let direct_rate = streamed_throughput(source, total).await?;
+    let link = crate::lab::DelayLink::bind("127.0.0.1:0", source.to_string(), Duration::ZERO)
+        .await
+        .map_err(Error::io("starting a delay link"))?;
+    let link_rate = streamed_throughput(link.local_addr(), total).await?;
+    let _ = write!(
+        table,
+        "\n| throughput at D = 0 (512 MiB, primary to replica direction) | MiB/s |\n|---|---:|\n\
+         | direct loopback | {:.0} |\n| through the delay link | {:.0} ({:.0}% of direct; target >= 50%) |\n\n",
+        direct_rate / 1048576.0,
+        link_rate / 1048576.0,
+        100.0 * link_rate / direct_rate
+    );
+    Ok(table)
+}
+
+/// Probes per second with the replica strategy at D = 0 from 1, 8 and 32 concurrent
+/// clients, and what the engine adds over the same statements sent directly.
+async fn probe_rate(options: &BenchOptions) -> Result<String> {
+    let lab_options = LabOptions {
+        pg_bindir: options.pg_bindir.clone(),
+        delay: Duration::ZERO,
+        ..LabOptions::default()
+    };
+    let mut service = loopback_service();
+    service.pool.pool_size = 64;
+    let (lab, state, servers) = app::start_lab_service(&lab_options, &service).await?;
+    let mut table = format!(
+        "## Probe rate, replica strategy, D = 0 ({} probes per row)\n\n\
+         | concurrent clients | probes/s | probe p50 ms | probe p99 ms |\n|---:|---:|---:|---:|\n",
+        options.rate_probes
+    );
+    for clients in [1u64, 8, 32] {
+        let started = Instant::now();
+        let report = state
+            .run(&RunParams {
+                count: Some(u64::from(options.rate_probes)),
+                concurrency: Some(clients),
+                strategy: Some(crate::db::strategy::Strategy::Replica),
+                ..RunParams::default()
+            })
+            .await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut probe_times: Vec<Duration> = report
+            .probes
+            .iter()
+            .map(|probe| {
+                probe.write_latency
+                    + probe
+                        .visible_after
+                        .or(probe.read_latency)
+                        .unwrap_or_default()
+            })
+            .collect();
+        let (_, p50, _) = spread_ms(&mut probe_times);
+        let p99 =
+            probe_times[((probe_times.len() - 1) as f64 * 0.99) as usize].as_secs_f64() * 1000.0;
+        let _ = writeln!(
+            table,
+            "| {clients} | {:.0} | {p50:.2} | {p99:.2} |",
+            f64::from(options.rate_probes) / elapsed
+        );
+    }
+
+    // Overhead: the engine's probe against the same statements, in the same order, on the
+    // same pools, without the engine (alternating, so drift hits both alike).
+    let engine = state.engine();
+    let databases = engine.databases();
+    let replica = &databases.replicas()[0];
+    let probe_options = crate::probe::ProbeOptions::default();
+    let mut engine_time = Duration::ZERO;
+    let mut direct_time = Duration::ZERO;
+    let rounds = options.rate_probes.max(50);
+    for round in 0..rounds {
+        let token = format!("bench-{round}");
+        let started = Instant::now();
+        let written = databases.write_row(&token, None, None).await?;
+        let standby = databases.standby_name(replica).await.ok();
+        let (position, first) = tokio::join!(
+            databases.commit_position(standby.as_deref()),
+            databases.read_on_replica(replica, &token)
+        );
+        position?;
+        let mut seen = first?.row.is_some();
+        while !seen {
+            tokio::time::sleep(probe_options.poll_interval).await;
+            seen = databases
+                .read_on_replica(replica, &token)
+                .await?
+                .row
+                .is_some();
+        }
+        databases.delete_probe_row(written.id).await?;
+        direct_time += started.elapsed();
+
+        let started = Instant::now();
+        engine.probe(&probe_options).await?;
+        engine_time += started.elapsed();
+    }
+    let engine_ms = engine_time.as_secs_f64() * 1000.0 / f64::from(rounds);
+    let direct_ms = direct_time.as_secs_f64() * 1000.0 / f64::from(rounds);
+    let _ = write!(
+        table,
+        "\n| probe overhead ({rounds} alternating rounds) | mean ms |\n|---|---:|\n\
+         | same statements sent directly | {direct_ms:.3} |\n| engine probe | {engine_ms:.3} |\n\
+         | overhead | {:+.1}% (target <= 10%) |\n\n",
+        100.0 * (engine_ms - direct_ms) / direct_ms
+    );
+    servers.shutdown().await;
+    lab.shutdown().await;
+    Ok(table)
 }

@@ -74,11 +74,17 @@ enum Command {
         #[command(flatten)]
         link: DelayLinkArgs,
     },
-    /// Measure lab start-up and idle memory against lagprobe's targets; prints markdown.
+    /// Measure lab start-up, memory, strategies, the delay link and probe rate; prints markdown.
     Bench {
         /// Lab start-ups to time.
         #[arg(long, default_value_t = 5)]
         lab_starts: u32,
+        /// Probes per strategy and delay in the strategy table.
+        #[arg(long, default_value_t = 30)]
+        strategy_probes: u32,
+        /// Probes per row of the probe-rate table.
+        #[arg(long, default_value_t = 400)]
+        rate_probes: u32,
         #[arg(long, env = "LAGPROBE_PG_BINDIR")]
         pg_bindir: Option<std::path::PathBuf>,
     },
@@ -115,10 +121,14 @@ async fn main() -> anyhow::Result<()> {
         Command::DelayLink { link } => delay_link(&link).await,
         Command::Bench {
             lab_starts,
+            strategy_probes,
+            rate_probes,
             pg_bindir,
         } => {
             let options = lagprobe::bench::BenchOptions {
                 lab_starts,
+                strategy_probes,
+                rate_probes,
                 pg_bindir,
             };
             let binary = std::env::current_exe().context("locating the lagprobe binary")?;
