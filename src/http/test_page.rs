@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use crate::{
     error::Error,
+    db::strategy::ServedBy,
     probe::{ProbeResult, Verdict, millis},
 };
 
@@ -76,12 +77,12 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         Verdict::Stale => (
             "stale",
             "STALE",
-            "The replica did not have the row that had just been committed on the primary.",
+            "The read did not see the row that had just been committed on the primary.",
         ),
         Verdict::Fresh => (
             "consistent",
             "CONSISTENT",
-            "The replica already had the row that had just been committed on the primary.",
+            "The read saw the row that had just been committed on the primary.",
         ),
         Verdict::ReplicaError => ("error", "REPLICA ERROR", "The replica could not be read."),
     };
@@ -102,11 +103,20 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         || "<em>(row not there yet)</em>".to_owned(),
         |v| format!("<code>{}</code>", escape(v)),
     );
+    let served_by = match probe.served_by {
+        Some(ServedBy::Replica) => format!("the replica {}", probe.replica),
+        Some(ServedBy::Primary) => "the primary".to_owned(),
+        Some(ServedBy::Fallback) => "the primary (waiting on the replica timed out)".to_owned(),
+        None => format!("nobody (the replica {} failed)", probe.replica),
+    };
     row(
         &mut body,
-        "Read back from the replica",
+        "Read back",
         &format!("<span id=\"read\">{read}</span>"),
-        "read immediately after the COMMIT returned",
+        &format!(
+            "strategy {}, served by {served_by}; read right after the COMMIT returned",
+            probe.strategy
+        ),
     );
     let visible = match (probe.visible_after, probe.still_stale_at) {
         (Some(after), Some(before)) => format!(
@@ -147,6 +157,23 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         "now() - pg_last_xact_replay_timestamp() on the replica (the old demo's figure): \
          unreliable, it keeps growing while the primary is idle",
     );
+    if let Some(heartbeat_ms) = probe.lag.heartbeat_lag_ms {
+        row(
+            &mut body,
+            "Lag: heartbeat",
+            &escape(&ms_text(heartbeat_ms)),
+            "primary clock now minus the newest heartbeat the replica shows: true data lag, \
+             at the heartbeat's resolution",
+        );
+    }
+    if let Some(gap) = probe.lag.receive_replay_gap_bytes {
+        row(
+            &mut body,
+            "Lag: received but not replayed",
+            &escape(&format!("{gap} bytes")),
+            "blind to WAL still on the network: reads about 0 while the delay holds the WAL back",
+        );
+    }
     row(
         &mut body,
         "Commit LSN / replica replay LSN",
