@@ -106,3 +106,28 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
     assert_eq!(status, StatusCode::OK, "{body}");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_dies_is_reported_with_its_log_tail() {
+    let app = spawn_app(0).await;
+    let replica = postmaster_pid(&app.lab.data_dir().join("replica1"));
+    // SAFETY: kill has no memory-safety preconditions; the pid is the lab's own postmaster.
+    unsafe {
+        libc::kill(replica, libc::SIGKILL);
+    }
+    let error = tokio::time::timeout(Duration::from_secs(10), app.lab.unexpected_exit())
+        .await
+        .expect("the death is noticed");
+    let text = error.to_string();
+    assert!(
+        text.contains("replica1 server exited unexpectedly"),
+        "{text}"
+    );
+    assert!(text.contains("log tail"), "{text}");
+    // The tail is the server's own log: it shows the replica starting up.
+    assert!(
+        text.contains("database system is ready to accept read-only connections"),
+        "{text}"
+    );
+    app.shutdown().await;
+}
