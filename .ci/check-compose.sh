@@ -587,7 +587,7 @@ PY
     wait_for_line "$lab_log" 'lab is up' 240 "$lab_pid"
     local primary replica data_dir
     primary=$(grep -Eo '^ *primary:? .*postgres://[^" ]+' "$lab_log" | grep -Eo 'postgres://[^" ]+' | head -n1)
-    replica=$(grep -Eo '^ *replica:? .*postgres://[^" ]+' "$lab_log" | grep -Eo 'postgres://[^" ]+' | head -n1)
+    replica=$(grep -Eo '^ *replica[0-9]*:? .*postgres://[^" ]+' "$lab_log" | grep -Eo 'postgres://[^" ]+' | head -n1)
     data_dir=$(awk '$1 == "data" || $1 == "data:" { print $2; exit }' "$lab_log")
     if [ -z "$primary" ] || [ -z "$replica" ] || [ -z "$data_dir" ]; then
         cat "$lab_log" >&2
