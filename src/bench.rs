@@ -26,6 +26,8 @@ pub struct BenchOptions {
     pub strategy_probes: u32,
     /// Probes per concurrency level in the probe-rate table.
     pub rate_probes: u32,
+    /// Which tables to produce: startup, memory, strategies, link, rate (all when empty).
+    pub sections: Vec<String>,
     pub pg_bindir: Option<std::path::PathBuf>,
 }
 
@@ -56,12 +58,36 @@ fn loopback_service() -> ServiceArgs {
 
 /// Runs every measurement and returns the report as markdown.
 pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<String> {
+    const SECTIONS: [&str; 5] = ["startup", "memory", "strategies", "link", "rate"];
+    if let Some(unknown) = options
+        .sections
+        .iter()
+        .find(|s| !SECTIONS.contains(&s.as_str()))
+    {
+        return Err(Error::invalid(
+            "sections",
+            format!("{unknown:?} is not one of {}", SECTIONS.join(", ")),
+        ));
+    }
+    let wanted = |section: &str| {
+        options.sections.is_empty() || options.sections.iter().any(|s| s == section)
+    };
     let mut report = String::from("# lagprobe bench\n\n");
-    report.push_str(&lab_startup(options).await?);
-    report.push_str(&idle_rss(options, lagprobe_binary).await?);
-    report.push_str(&strategy_table(options).await?);
-    report.push_str(&delay_link_accuracy().await?);
-    report.push_str(&probe_rate(options).await?);
+    if wanted("startup") {
+        report.push_str(&lab_startup(options).await?);
+    }
+    if wanted("memory") {
+        report.push_str(&idle_rss(options, lagprobe_binary).await?);
+    }
+    if wanted("strategies") {
+        report.push_str(&strategy_table(options).await?);
+    }
+    if wanted("link") {
+        report.push_str(&delay_link_accuracy().await?);
+    }
+    if wanted("rate") {
+        report.push_str(&probe_rate(options).await?);
+    }
     Ok(report)
 }
 
@@ -189,8 +215,8 @@ fn resident_kib(pid: u32) -> Option<u64> {
 async fn strategy_table(options: &BenchOptions) -> Result<String> {
     let mut table = format!(
         "## Strategies compared ({} probes each, 8 in flight, synchronous replica)\n\n\
-         | delay ms | strategy | stale ratio (95% CI) | read p50 ms | read p99 ms | primary share | fallbacks |\n\
-         |---:|---|---|---:|---:|---:|---:|\n",
+         | delay ms | strategy | stale ratio (95% CI) | write p50 ms | read p50 ms | read p99 ms | primary share | fallbacks |\n\
+         |---:|---|---|---:|---:|---:|---:|---:|\n",
         options.strategy_probes
     );
     for delay_ms in [0u64, 50, 200, 1000] {
@@ -216,11 +242,12 @@ async fn strategy_table(options: &BenchOptions) -> Result<String> {
             let summary = &row.summary;
             let _ = writeln!(
                 table,
-                "| {delay_ms} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.2} | {} |",
+                "| {delay_ms} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
                 row.strategy,
                 summary.stale_ratio,
                 summary.stale_ratio_ci95_low,
                 summary.stale_ratio_ci95_high,
+                summary.write_latency.p50_ms,
                 summary.read_latency.p50_ms,
                 summary.read_latency.p99_ms,
                 summary.primary_share,
@@ -265,23 +292,25 @@ async fn echo_latencies(addr: std::net::SocketAddr, messages: u32) -> Result<Vec
     stream.set_nodelay(true).map_err(Error::io("nodelay"))?;
     let (mut reader, mut writer) = stream.into_split();
     let started = Instant::now();
+    // Each message carries the moment it was really sent (ns since `started`), so the
+    // sender's own timer lateness does not count as link delay.
     let sender = tokio::spawn(async move {
         for index in 0..messages {
             tokio::time::sleep_until((started + Duration::from_millis(5) * index).into()).await;
-            if writer.write_all(&index.to_le_bytes()).await.is_err() {
+            let sent_ns = started.elapsed().as_nanos() as u64;
+            if writer.write_all(&sent_ns.to_le_bytes()).await.is_err() {
                 return;
             }
         }
     });
     let mut latencies = Vec::with_capacity(messages as usize);
-    let mut buffer = [0u8; 4];
+    let mut buffer = [0u8; 8];
     for _ in 0..messages {
         reader
             .read_exact(&mut buffer)
             .await
             .map_err(Error::io("reading an echo"))?;
-        let index = u32::from_le_bytes(buffer);
-        let sent = started + Duration::from_millis(5) * index;
+        let sent = started + Duration::from_nanos(u64::from_le_bytes(buffer));
         latencies.push(sent.elapsed());
     }
     let _ = sender.await;

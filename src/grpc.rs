@@ -182,6 +182,7 @@ fn summary_message(summary: &RunSummary) -> pb::RunSummary {
         stale_ratio_ci95_high: summary.stale_ratio_ci95_high,
         visible_after: Some(percentiles_message(&summary.visible_after)),
         read_latency: Some(percentiles_message(&summary.read_latency)),
+        write_latency: Some(percentiles_message(&summary.write_latency)),
         primary_share: summary.primary_share,
         wait_count: summary.wait_count,
         fallback_count: summary.fallback_count,

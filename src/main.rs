@@ -85,6 +85,9 @@ enum Command {
         /// Probes per row of the probe-rate table.
         #[arg(long, default_value_t = 400)]
         rate_probes: u32,
+        /// Only these tables (comma-separated): startup, memory, strategies, link, rate.
+        #[arg(long, value_delimiter = ',')]
+        sections: Vec<String>,
         #[arg(long, env = "LAGPROBE_PG_BINDIR")]
         pg_bindir: Option<std::path::PathBuf>,
     },
@@ -123,12 +126,14 @@ async fn main() -> anyhow::Result<()> {
             lab_starts,
             strategy_probes,
             rate_probes,
+            sections,
             pg_bindir,
         } => {
             let options = lagprobe::bench::BenchOptions {
                 lab_starts,
                 strategy_probes,
                 rate_probes,
+                sections,
                 pg_bindir,
             };
             let binary = std::env::current_exe().context("locating the lagprobe binary")?;

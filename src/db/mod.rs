@@ -14,7 +14,7 @@ use std::{
 
 use serde::Serialize;
 use sqlx::{
-    Row,
+    ConnectOptions, Row,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
 };
 
@@ -142,7 +142,13 @@ pub struct StandbyStats {
 /// Parses a `postgres://` URL into connect options, tagging errors with the database's role.
 pub fn connect_options(url: &str, role: Role) -> Result<PgConnectOptions> {
     PgConnectOptions::from_str(url)
-        .map(|options| options.application_name("lagprobe"))
+        .map(|options| {
+            options
+                .application_name("lagprobe")
+                // A remote_apply COMMIT waits out the replication delay by design: not a
+                // warning. Slow statements still show at debug level.
+                .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1))
+        })
         .map_err(|error| Error::DatabaseUrl {
             role,
             reason: error.to_string(),

@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 
 use crate::{
-    error::Error,
     db::strategy::ServedBy,
+    error::Error,
     probe::{ProbeResult, Verdict, millis},
 };
 

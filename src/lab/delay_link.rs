@@ -25,13 +25,14 @@ use tokio::{
     },
     sync::{mpsc, watch},
     task::JoinSet,
-    time::Instant,
 };
 
-/// Chunks in flight per connection before the reader waits: with 64 KiB reads, up to
-/// 64 MiB held, enough for a WAL stream of 64 MiB/s at a 1 s delay.
+use bytes::{Bytes, BytesMut};
+
+/// Chunks held per connection (twice: before and after their time) before the reader waits:
+/// with reads of up to 256 KiB, enough for a WAL stream of well over 100 MiB/s at 1 s.
 const CHUNKS_IN_FLIGHT: usize = 1024;
-const READ_BUFFER_BYTES: usize = 64 * 1024;
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 /// A delay link's settings at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -240,36 +241,75 @@ async fn relay(inbound: TcpStream, upstream: &str, control: DelayControl) -> std
     }
 }
 
-/// Copies `from` to `to`, delivering each chunk `control.delay()` after it was read.
+/// Copies `from` to `to`, delivering each chunk `control.hold()` after it was read.
+///
+/// The hold is timed by a thread of its own: tokio's timer ticks in whole milliseconds and
+/// would add up to a millisecond (more under load) to every chunk, while a thread's sleep
+/// is accurate to tens of microseconds. The thread only times; reading and writing stay
+/// asynchronous. Chunks go reader -> timer thread -> writer through bounded channels, in
+/// order, so a slow replica still pushes back on the primary.
 async fn delayed_copy(
     mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    to: OwnedWriteHalf,
     control: DelayControl,
 ) -> std::io::Result<()> {
-    let (held_sender, mut held) = mpsc::channel::<(Instant, Vec<u8>)>(CHUNKS_IN_FLIGHT);
+    let (held_sender, mut held) = mpsc::channel::<(std::time::Instant, Bytes)>(CHUNKS_IN_FLIGHT);
+    let (due_sender, mut due) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
+    // Chunks read but not yet taken by the writer; at 0 with no hold, a chunk may skip the
+    // timer thread without overtaking anything.
+    let pending = Arc::new(AtomicU64::new(0));
+    let timer_due_sender = due_sender.clone();
+    std::thread::Builder::new()
+        .name("lagprobe-delay".into())
+        .spawn(move || {
+            while let Some((deliver_at, chunk)) = held.blocking_recv() {
+                let now = std::time::Instant::now();
+                if deliver_at > now {
+                    std::thread::sleep(deliver_at - now);
+                }
+                if timer_due_sender.blocking_send(chunk).is_err() {
+                    return;
+                }
+            }
+        })?;
+    // The writer half is shared: with nothing pending and no hold, the reader writes the
+    // chunk itself, saving a task hand-off per chunk (the link's zero-delay throughput).
+    let to = Arc::new(tokio::sync::Mutex::new(to));
+    let reader_to = to.clone();
+    let reader_pending = pending.clone();
     let reader = async move {
-        let mut buffer = vec![0u8; READ_BUFFER_BYTES];
+        let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
         loop {
-            let read = from.read(&mut buffer).await?;
+            buffer.reserve(READ_BUFFER_BYTES);
+            let read = from.read_buf(&mut buffer).await?;
             if read == 0 {
                 return Ok(());
             }
-            let due = Instant::now() + control.hold();
-            if held_sender
-                .send((due, buffer[..read].to_vec()))
-                .await
-                .is_err()
-            {
+            let hold = control.hold();
+            let chunk = buffer.split().freeze();
+            let sent = if hold.is_zero() && reader_pending.load(Ordering::Acquire) == 0 {
+                reader_to.lock().await.write_all(&chunk).await?;
+                true
+            } else {
+                reader_pending.fetch_add(1, Ordering::AcqRel);
+                held_sender
+                    .send((std::time::Instant::now() + hold, chunk))
+                    .await
+                    .is_ok()
+            };
+            if !sent {
                 return Ok(());
             }
         }
     };
+    drop(due_sender);
     let writer = async move {
-        while let Some((due, chunk)) = held.recv().await {
-            tokio::time::sleep_until(due).await;
-            to.write_all(&chunk).await?;
+        while let Some(chunk) = due.recv().await {
+            to.lock().await.write_all(&chunk).await?;
+            // Only now is the chunk out: a zero-hold chunk read next may go straight after it.
+            pending.fetch_sub(1, Ordering::AcqRel);
         }
-        to.shutdown().await
+        to.lock().await.shutdown().await
     };
     tokio::try_join!(reader, writer)?;
     Ok(())

@@ -49,6 +49,8 @@ pub struct RunSummary {
     pub visible_after_max_ms: f64,
     pub visible_after: Percentiles,
     pub read_latency: Percentiles,
+    /// The write's round trip (remote-apply's cost shows here).
+    pub write_latency: Percentiles,
     /// Share of answered reads that the primary served (by strategy or as a fallback).
     pub primary_share: f64,
     pub wait_count: u32,
@@ -162,6 +164,7 @@ impl RunSummary {
             visible_after_max_ms: visible_after.max_ms,
             visible_after,
             read_latency: percentiles(probes.iter().filter_map(|p| p.read_latency)),
+            write_latency: percentiles(probes.iter().map(|p| p.write_latency)),
             primary_share: if served == 0 {
                 0.0
             } else {
@@ -209,18 +212,19 @@ impl RunSummary {
 /// terminal or in a note.
 pub fn markdown_table(rows: &[(String, &RunSummary)]) -> String {
     let mut table = String::from(
-        "| strategy | probes | stale | stale ratio (95% CI) | read p50 ms | read p99 ms | \
-         visible p50 ms | visible p99 ms | primary share | waits | fallbacks | errors |\n\
-         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| strategy | probes | stale | stale ratio (95% CI) | write p50 ms | read p50 ms | \
+         read p99 ms | visible p50 ms | visible p99 ms | primary share | waits | fallbacks | errors |\n\
+         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (label, summary) in rows {
         table.push_str(&format!(
-            "| {label} | {} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {} | {} | {} |\n",
+            "| {label} | {} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {} | {} | {} |\n",
             summary.probe_count,
             summary.stale_count,
             summary.stale_ratio,
             summary.stale_ratio_ci95_low,
             summary.stale_ratio_ci95_high,
+            summary.write_latency.p50_ms,
             summary.read_latency.p50_ms,
             summary.read_latency.p99_ms,
             summary.visible_after.p50_ms,
