@@ -36,15 +36,16 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.45rem .
 th{width:16rem;font-weight:600}td code{word-break:break-all}.note{color:#666;font-size:.85rem}\
 a.button{display:inline-block;margin-top:1rem;padding:.5rem 1rem;background:#1d1d1f;color:#fff;border-radius:.4rem;text-decoration:none}";
 
-fn page(title: &str, body: &str) -> String {
+fn page(title: &str, body: &str, again: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <title>{title}</title><style>{STYLE}</style></head><body>\
          <h1>lagprobe: read-after-write on a replica</h1>{body}\
-         <p><a class=\"button\" href=\"/test/\">Write and read again</a> \
+         <p><a class=\"button\" href=\"{again}\">Write and read again</a> \
          <a href=\"/api/probe\">same probe as JSON</a></p></body></html>\n",
-        title = escape(title)
+        title = escape(title),
+        again = escape(again),
     )
 }
 
@@ -104,10 +105,10 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         |v| format!("<code>{}</code>", escape(v)),
     );
     let served_by = match probe.served_by {
-        Some(ServedBy::Replica) => format!("the replica {}", probe.replica),
+        Some(ServedBy::Replica) => format!("replica {}", probe.replica),
         Some(ServedBy::Primary) => "the primary".to_owned(),
         Some(ServedBy::Fallback) => "the primary (waiting on the replica timed out)".to_owned(),
-        None => format!("nobody (the replica {} failed)", probe.replica),
+        None => format!("nobody (replica {} failed)", probe.replica),
     };
     row(
         &mut body,
@@ -135,7 +136,8 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
     row(
         &mut body,
         "Commit to visible on the replica",
-        &format!("<span id=\"visible-after\">{}</span>", escape(&visible)),
+        // `visible` holds only numbers and our own markup.
+        &format!("<span id=\"visible-after\">{visible}</span>"),
         "measured on one monotonic clock from the acknowledged COMMIT",
     );
     let gap = probe
@@ -208,7 +210,12 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         );
     }
     body.push_str("</table>");
-    page(&format!("lagprobe: {headline}"), &body)
+    // Strategy names are URL-safe, so the same strategy is kept for the next load.
+    page(
+        &format!("lagprobe: {headline}"),
+        &body,
+        &format!("/test/?strategy={}", probe.strategy),
+    )
 }
 
 /// The page when no probe could run (bad input, primary unavailable).
@@ -219,7 +226,7 @@ pub fn render_error(error: &Error, lab_delay_ms: Option<u64>) -> String {
     );
     delay_row(&mut body, lab_delay_ms);
     body.push_str("</table>");
-    page("lagprobe: no probe", &body)
+    page("lagprobe: no probe", &body, "/test/")
 }
 
 #[cfg(test)]
@@ -232,6 +239,42 @@ mod tests {
             escape("<a href='x'>&\"</a>"),
             "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
         );
+    }
+
+    #[test]
+    fn the_visibility_bracket_is_markup_not_text() {
+        use std::time::Duration;
+        let probe = ProbeResult {
+            token: "t".into(),
+            strategy: crate::db::strategy::Strategy::Replica,
+            replica: "<r1>".into(),
+            written_value: "w".into(),
+            read_value: None,
+            verdict: Verdict::Stale,
+            served_by: Some(ServedBy::Replica),
+            commit_lsn: crate::lsn::Lsn(2),
+            replica_replay_lsn: Some(crate::lsn::Lsn(1)),
+            lsn_gap_bytes: Some(1),
+            replay_timestamp_lag_ms: None,
+            write_latency: Duration::from_millis(1),
+            read_latency: Some(Duration::from_millis(1)),
+            waited: None,
+            visible_after: Some(Duration::from_millis(1003)),
+            still_stale_at: Some(Duration::from_millis(1000)),
+            visibility_timed_out: false,
+            replica_reads: 3,
+            remote_apply_effective: None,
+            lag: crate::probe::LagMeasures::default(),
+            error: None,
+        };
+        let html = render(&probe, Some(1000));
+        assert!(
+            html.contains("<span class=\"note\">(between 1000.0 ms and 1003.0 ms"),
+            "{html}"
+        );
+        assert!(!html.contains("&lt;span"), "{html}");
+        assert!(html.contains("replica &lt;r1&gt;"), "{html}");
+        assert!(html.contains("href=\"/test/?strategy=replica\""), "{html}");
     }
 
     #[test]
