@@ -150,6 +150,7 @@ fn probe_message(index: u32, probe: &ProbeResult) -> pb::ProbeResult {
         waited_ms: probe.waited.map(ms),
         remote_apply_effective: probe.remote_apply_effective,
         lag: Some(lag_message(&probe.lag)),
+        visibility_resolution_ms: probe.visibility_resolution.map(ms),
     }
 }
 

@@ -261,6 +261,7 @@ mod tests {
             waited: None,
             visible_after: Some(Duration::from_millis(1003)),
             still_stale_at: Some(Duration::from_millis(1000)),
+            visibility_resolution: Some(Duration::from_millis(3)),
             visibility_timed_out: false,
             replica_reads: 3,
             remote_apply_effective: None,

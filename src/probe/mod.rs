@@ -118,6 +118,9 @@ pub struct ProbeResult {
     /// Lower bound of commit-to-visible: the last replica read that missed the row was sent.
     #[serde(rename = "still_stale_at_ms", serialize_with = "as_optional_ms")]
     pub still_stale_at: Option<Duration>,
+    /// `visible_after - still_stale_at`: how exactly the moment of visibility is known.
+    #[serde(rename = "visibility_resolution_ms", serialize_with = "as_optional_ms")]
+    pub visibility_resolution: Option<Duration>,
     pub visibility_timed_out: bool,
     pub replica_reads: u32,
     /// remote-apply: whether the COMMIT had a synchronous standby to wait for.
@@ -312,6 +315,7 @@ impl ProbeEngine {
             waited: None,
             visible_after: None,
             still_stale_at: None,
+            visibility_resolution: None,
             visibility_timed_out: false,
             replica_reads: 0,
             remote_apply_effective: written.remote_apply_effective,
@@ -348,6 +352,10 @@ impl ProbeEngine {
             }
         }
 
+        result.visibility_resolution = result
+            .visible_after
+            .zip(result.still_stale_at)
+            .map(|(after, before)| after.saturating_sub(before));
         if let Err(error) = self.db.delete_probe_row(written.id).await {
             tracing::warn!(%error, "could not delete a finished probe's row; a later probe prunes it");
         }

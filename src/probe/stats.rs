@@ -261,6 +261,7 @@ mod tests {
             waited: None,
             visible_after: visible_after_ms.map(Duration::from_millis),
             still_stale_at: None,
+            visibility_resolution: None,
             visibility_timed_out: visible_after_ms.is_none() && verdict == Verdict::Stale,
             replica_reads: 1,
             remote_apply_effective: None,

@@ -57,8 +57,11 @@ async fn changing_the_delay_while_running_changes_commit_to_visible() {
         "{slow:?}"
     );
     assert!(visible_after < Duration::from_millis(2000), "{slow:?}");
-    // The bracket: missed at the lower bound, seen at the upper.
+    // The bracket: missed at the lower bound, seen at the upper, a few ms apart.
     assert!(slow.still_stale_at.unwrap() < visible_after);
+    let resolution = slow.visibility_resolution.unwrap();
+    assert_eq!(resolution, visible_after - slow.still_stale_at.unwrap());
+    assert!(resolution < Duration::from_millis(100), "{slow:?}");
     app.shutdown().await;
 }
 
