@@ -213,12 +213,7 @@ fn resident_kib(pid: u32) -> Option<u64> {
 /// Every strategy on the same interleaved workload at D = 0, 50, 200 and 1000 ms, on a lab
 /// with a synchronous replica (so remote-apply takes effect).
 async fn strategy_table(options: &BenchOptions) -> Result<String> {
-    let mut table = format!(
-        "## Strategies compared ({} probes each, 8 in flight, synchronous replica)\n\n\
-         | delay ms | strategy | stale ratio (95% CI) | write p50 ms | read p50 ms | read p99 ms | primary share | fallbacks |\n\
-         |---:|---|---|---:|---:|---:|---:|---:|\n",
-        options.strategy_probes
-    );
+    let mut reports = Vec::new();
     for delay_ms in [0u64, 50, 200, 1000] {
         let lab_options = LabOptions {
             pg_bindir: options.pg_bindir.clone(),
@@ -238,27 +233,24 @@ async fn strategy_table(options: &BenchOptions) -> Result<String> {
                 },
             )
             .await?;
-        for row in &report.strategies {
-            let summary = &row.summary;
-            let _ = writeln!(
-                table,
-                "| {delay_ms} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
-                row.strategy,
-                summary.stale_ratio,
-                summary.stale_ratio_ci95_low,
-                summary.stale_ratio_ci95_high,
-                summary.write_latency.p50_ms,
-                summary.read_latency.p50_ms,
-                summary.read_latency.p99_ms,
-                summary.primary_share,
-                summary.fallback_count,
-            );
-        }
+        reports.push((delay_ms, report));
         servers.shutdown().await;
         lab.shutdown().await;
     }
-    table.push('\n');
-    Ok(table)
+    let rows: Vec<(String, &crate::probe::RunSummary)> = reports
+        .iter()
+        .flat_map(|(delay_ms, report)| {
+            report
+                .strategies
+                .iter()
+                .map(move |row| (format!("D={delay_ms} ms {}", row.strategy), &row.summary))
+        })
+        .collect();
+    Ok(format!(
+        "## Strategies compared ({} probes each, 8 in flight, synchronous replica)\n\n{}\n",
+        options.strategy_probes,
+        crate::probe::markdown_table(&rows)
+    ))
 }
 
 /// An upstream that echoes whatever it is sent.
