@@ -70,7 +70,7 @@ in
       pkgs.docker-compose
       pkgs.shellcheck
     ];
-    # `lagprobe lab` looks here first; the tests use `pg_config --bindir`,
+    # `lagprobe lab` and the tests look here first, then `pg_config --bindir`,
     # then `initdb` on PATH, which the shell hook puts first.
     LAGPROBE_PG_BINDIR = "${postgresql}/bin";
     shellHook = ''

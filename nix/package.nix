@@ -25,10 +25,10 @@ let
     // {
       # The tests start real PostgreSQL servers (a primary and a streaming
       # replica each) on loopback ports, in temporary directories, as the
-      # build user. They look for the server programs with `pg_config
-      # --bindir`, then `initdb` on PATH; the lab's CLI reads
-      # LAGPROBE_PG_BINDIR first. All three point at nixpkgs' PostgreSQL
-      # (its server programs are in the default output, `pg_config` in `dev`).
+      # build user. They look for the server programs in LAGPROBE_PG_BINDIR,
+      # then `pg_config --bindir`, then `initdb` on PATH. All three point at
+      # nixpkgs' PostgreSQL (its server programs are in the default output,
+      # `pg_config` in `dev`).
       nativeCheckInputs = [ postgresql ];
       preCheck = ''
         export PATH=${postgresql}/bin:$PATH
