@@ -165,3 +165,70 @@ async fn delay_calls_without_a_lab_are_failed_precondition() {
     servers.shutdown().await;
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_primary_is_unavailable_with_the_cause() {
+    let app = spawn_app(0).await;
+    // Nothing listens on this port once the listener is dropped.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = crate::harness::service_args();
+    args.no_migrate = true;
+    let (_state, servers) = lagprobe::app::start_service(
+        &format!("postgres://postgres@127.0.0.1:{closed_port}/lagprobe"),
+        &app.lab.replica_urls(),
+        &args,
+        None,
+    )
+    .await
+    .expect("the service starts while its primary is down");
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", servers.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        lagprobe::grpc::pb::consistency_probe_client::ConsistencyProbeClient::new(channel);
+    let status = client
+        .run(lagprobe::grpc::pb::RunRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("primary database"),
+        "{}",
+        status.message()
+    );
+
+    let base = format!("http://{}", servers.http_addr);
+    let response = app
+        .http
+        .get(format!("{base}/api/probe"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("primary"),
+        "{body}"
+    );
+    let page = app.http.get(format!("{base}/test/")).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(page.text().await.unwrap().contains("NO PROBE"));
+    let (status, ready) = {
+        let response = app.http.get(format!("{base}/readyz")).send().await.unwrap();
+        (
+            response.status(),
+            response.json::<serde_json::Value>().await.unwrap(),
+        )
+    };
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["primary"]["reachable"], false, "{ready}");
+    servers.shutdown().await;
+    app.shutdown().await;
+}
