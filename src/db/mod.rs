@@ -448,6 +448,11 @@ impl Databases {
             .collect()
     }
 
+    /// The standby name, if already learnt ([`Databases::standby_name`]); never waits.
+    pub fn known_standby_name(&self, replica: &Replica) -> Option<String> {
+        replica.application_name.get().cloned()
+    }
+
     /// The name the primary's pg_stat_replication shows for this replica: the
     /// application_name in its primary_conninfo, else its cluster_name, else `walreceiver`
     /// (PostgreSQL's own fallbacks, in that order). Cached once learnt.

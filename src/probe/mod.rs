@@ -258,8 +258,9 @@ impl ProbeEngine {
     /// that cannot be read is a result ([`Verdict::ReplicaError`]), not an error.
     pub async fn probe(&self, options: &ProbeOptions) -> Result<ProbeResult> {
         let replica = self.pick_replica();
-        // Known after the first probe; a replica that is down just leaves it unknown.
-        let standby = self.db.standby_name(replica).await.ok();
+        // Learnt from the replica after its first good read (below), never waited for
+        // here: a replica that is down must not delay the write.
+        let standby = self.db.known_standby_name(replica);
         let token = uuid::Uuid::new_v4().simple().to_string();
         let remote_apply =
             (options.strategy == Strategy::RemoteApply).then_some(standby.as_deref());
@@ -352,6 +353,9 @@ impl ProbeEngine {
             }
         }
 
+        if standby.is_none() && result.error.is_none() {
+            let _ = self.db.standby_name(replica).await;
+        }
         result.visibility_resolution = result
             .visible_after
             .zip(result.still_stale_at)
