@@ -1,0 +1,132 @@
+//! The binary itself: `lagprobe lab` and `lagprobe delay-link` start, work and stop on
+//! SIGTERM with exit 0, leaving nothing behind.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+fn lagprobe(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_lagprobe"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the lagprobe binary starts")
+}
+
+/// Reads stdout lines until one contains `marker`; returns everything read.
+fn read_until(child: &mut Child, marker: &str) -> String {
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let read = stdout.read_line(&mut line).unwrap();
+        assert!(
+            read > 0,
+            "lagprobe ended before printing {marker:?}; it printed:\n{seen}"
+        );
+        seen.push_str(&line);
+        if line.contains(marker) {
+            return seen;
+        }
+    }
+}
+
+fn terminate_and_wait(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lagprobe did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn postgres_processes_under(dir: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .filter(|cmdline| {
+            let text = String::from_utf8_lossy(cmdline);
+            text.contains("postgres") && text.contains(dir)
+        })
+        .count()
+}
+
+#[test]
+fn lab_stops_on_sigterm_with_exit_0_and_leaves_no_postmaster() {
+    let mut child = lagprobe(&[
+        "lab",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ]);
+    let banner = read_until(&mut child, "Ctrl-C stops everything");
+    assert!(banner.contains("lagprobe lab is up"), "{banner}");
+    assert!(banner.contains("1000 ms delay"), "{banner}");
+    let data_dir = banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("data"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the banner names the data directory")
+        .to_owned();
+    assert_eq!(postgres_processes_under(&data_dir), 2, "{banner}");
+
+    let status = terminate_and_wait(&mut child);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(postgres_processes_under(&data_dir), 0);
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "{data_dir} left behind"
+    );
+}
+
+#[test]
+fn delay_link_command_delays_the_upstream_direction_and_stops_on_sigterm() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut socket, _) = upstream.accept().unwrap();
+        let mut buffer = [0u8; 5];
+        socket.read_exact(&mut buffer).unwrap();
+        socket.write_all(&buffer).unwrap();
+    });
+    let mut child = lagprobe(&[
+        "delay-link",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream_addr,
+        "--delay-ms",
+        "300",
+    ]);
+    let banner = read_until(&mut child, "delay link");
+    // "delay link 127.0.0.1:PORT -> UPSTREAM: holding ..."
+    let listen = banner.split_whitespace().nth(2).unwrap().to_owned();
+
+    let mut client = TcpStream::connect(&listen).unwrap();
+    let sent = Instant::now();
+    client.write_all(b"hello").unwrap();
+    let mut echoed = [0u8; 5];
+    client.read_exact(&mut echoed).unwrap();
+    let took = sent.elapsed();
+    assert_eq!(&echoed, b"hello");
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+
+    let status = terminate_and_wait(&mut child);
+    assert!(status.success(), "{status:?}");
+}
