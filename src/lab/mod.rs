@@ -232,6 +232,10 @@ fn common_server_args() -> Vec<String> {
         // 100 ms of the link being back, not the default 5 s.
         "wal_retrieve_retry_interval=100ms",
         "max_connections=200",
+        // Dynamic shared memory as files in the data directory, not /dev/shm segments: a
+        // server stopped hard (a dropped lab, a killed lagprobe) then leaves nothing behind
+        // once the lab's directory is removed.
+        "dynamic_shared_memory_type=mmap",
         "shared_buffers=32MB",
     ]
     .iter()
