@@ -230,9 +230,11 @@ impl AppState {
         Ok(control.settings())
     }
 
-    /// The lab's current primary-to-replica delay; `None` when not running a lab.
-    pub fn lab_delay(&self) -> Option<Duration> {
-        self.lab_delay.as_ref().map(DelayControl::delay)
+    /// The lab's current primary-to-replica delay in ms; `None` when not running a lab.
+    pub fn lab_delay_ms(&self) -> Option<u64> {
+        self.lab_delay
+            .as_ref()
+            .map(|control| control.delay().as_millis() as u64)
     }
 
     pub async fn readiness(&self) -> Readiness {

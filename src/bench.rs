@@ -155,7 +155,7 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
     .await?;
     lab.apply_configured_delay().await?;
 
-    let http_port = free_port()?;
+    let http_port = crate::lab::free_port()?;
     let mut child = tokio::process::Command::new(lagprobe_binary)
         .args(["serve", "--no-migrate", "--primary-url", &lab.primary_url()])
         .args(["--replica-url", &lab.replica_url()])
@@ -189,15 +189,6 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
         "## Idle service memory\n\n| measure | MiB | target |\n|---|---:|---|\n\
          | `lagprobe serve` RSS, idle after {served} probes | {rss} | < 50 MB |\n\n"
     ))
-}
-
-fn free_port() -> Result<u16> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("finding a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(Error::io("finding a free port"))?
-        .port())
 }
 
 /// VmRSS of a process, in KiB.

@@ -173,10 +173,11 @@ fn summary_message(summary: &RunSummary) -> pb::RunSummary {
         replica_error_count: summary.replica_error_count,
         visibility_timeout_count: summary.visibility_timeout_count,
         stale_ratio: summary.stale_ratio,
-        visible_after_p50_ms: summary.visible_after_p50_ms,
-        visible_after_p90_ms: summary.visible_after_p90_ms,
-        visible_after_p99_ms: summary.visible_after_p99_ms,
-        visible_after_max_ms: summary.visible_after_max_ms,
+        // The flat fields predate `visible_after`; both stay in the API.
+        visible_after_p50_ms: summary.visible_after.p50_ms,
+        visible_after_p90_ms: summary.visible_after.p90_ms,
+        visible_after_p99_ms: summary.visible_after.p99_ms,
+        visible_after_max_ms: summary.visible_after.max_ms,
         lsn_gap_max_bytes: summary.lsn_gap_max_bytes,
         elapsed_ms: summary.elapsed_ms,
         stale_ratio_ci95_low: summary.stale_ratio_ci95_low,
@@ -236,7 +237,7 @@ impl ConsistencyProbe for Service {
             strategy_options: request.strategy_options,
         })
         .map_err(status_of)?;
-        let lab_delay_ms = self.state.lab_delay().map(|delay| delay.as_millis() as u64);
+        let lab_delay_ms = self.state.lab_delay_ms();
         let report = self.state.run(&params).await.map_err(status_of)?;
         Ok(Response::new(pb::RunReport {
             probes: report
@@ -277,7 +278,7 @@ impl ConsistencyProbe for Service {
             strategy_options: request.strategy_options,
         })
         .map_err(status_of)?;
-        let lab_delay_ms = self.state.lab_delay().map(|delay| delay.as_millis() as u64);
+        let lab_delay_ms = self.state.lab_delay_ms();
         let report = self
             .state
             .compare(&strategies, &params)

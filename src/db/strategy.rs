@@ -125,13 +125,24 @@ pub struct ReadContext {
 #[derive(Debug, Clone)]
 pub struct RoutedRead {
     pub served_by: ServedBy,
-    pub row: Option<RowSeen>,
+    /// The primary's answer, when the primary served the read.
+    pub primary_row: Option<RowSeen>,
     /// The replica read's full answer, when the replica served the read.
     pub replica_read: Option<ReplicaRead>,
     /// Time spent waiting for the replica's replay position (lsn-wait).
     pub waited: Option<Duration>,
     /// When the replica read that served it was sent, if one did.
     pub replica_read_sent: Option<Instant>,
+}
+
+impl RoutedRead {
+    /// The row the read found, from whichever server answered.
+    pub fn row(&self) -> Option<&RowSeen> {
+        match &self.replica_read {
+            Some(read) => read.row.as_ref(),
+            None => self.primary_row.as_ref(),
+        }
+    }
 }
 
 impl Databases {
@@ -145,9 +156,9 @@ impl Databases {
         context: ReadContext,
         token: &str,
     ) -> Result<RoutedRead> {
-        let from_primary = |served_by, row, waited| RoutedRead {
+        let from_primary = |served_by, primary_row, waited| RoutedRead {
             served_by,
-            row,
+            primary_row,
             replica_read: None,
             waited,
             replica_read_sent: None,
@@ -222,7 +233,7 @@ impl Databases {
         let read = self.read_on_replica(replica, token).await?;
         Ok(RoutedRead {
             served_by: ServedBy::Replica,
-            row: read.row.clone(),
+            primary_row: None,
             replica_read: Some(read),
             waited,
             replica_read_sent: Some(sent),

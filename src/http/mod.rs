@@ -160,10 +160,6 @@ struct ProbeResponse {
     lab_delay_ms: Option<u64>,
 }
 
-fn lab_delay_ms(state: &AppState) -> Option<u64> {
-    state.lab_delay().map(|delay| delay.as_millis() as u64)
-}
-
 /// 200 for a judged probe, 503 when the replica could not be read.
 fn probe_status(probe: &ProbeResult) -> StatusCode {
     if probe.verdict == Verdict::ReplicaError {
@@ -180,7 +176,7 @@ async fn api_probe(
     let params = probe_query(query)?.params()?;
     let probe = state.probe(&params).await?;
     let status = probe_status(&probe);
-    let lab_delay_ms = lab_delay_ms(&state);
+    let lab_delay_ms = state.lab_delay_ms();
     Ok((
         status,
         Json(ProbeResponse {
@@ -195,7 +191,7 @@ async fn test_page(
     State(state): State<AppState>,
     query: Result<Query<ProbeQuery>, QueryRejection>,
 ) -> Response {
-    let lab_delay_ms = lab_delay_ms(&state);
+    let lab_delay_ms = state.lab_delay_ms();
     let outcome = match probe_query(query).and_then(|query| query.params()) {
         Ok(params) => state.probe(&params).await,
         Err(error) => Err(error),

@@ -191,7 +191,8 @@ fn temporary_parent() -> PathBuf {
     }
 }
 
-fn free_port() -> Result<u16, LabError> {
+/// A loopback port nothing listens on right now.
+pub(crate) fn free_port() -> Result<u16, LabError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(LabError::io("finding a free port"))?;
     Ok(listener
         .local_addr()
@@ -325,7 +326,7 @@ impl Lab {
 
         let mut replicas = Vec::new();
         for index in 0..options.replicas {
-            let replica_dir = root.join(replica_dir_name(index));
+            let replica_dir = root.join(replica_node_name(index));
             if !replica_dir.join("PG_VERSION").exists() {
                 // Straight from the primary: the copy need not cross the link.
                 let mut basebackup =
@@ -579,7 +580,7 @@ impl Lab {
             self.run_as.as_ref(),
             &root,
             replica_node_name(index as u8),
-            &root.join(replica_dir_name(index as u8)),
+            &root.join(replica_node_name(index as u8)),
             self.replicas[index].port,
             replica_args(self.link.local_addr(), index as u8),
             LAB_DATABASE,
@@ -612,13 +613,9 @@ const REPLICA_NAMES: [&str; MAX_REPLICAS as usize] = [
     "replica9",
 ];
 
-/// Replica `index`'s name in reports and logs.
+/// Replica `index`'s name in reports and logs, and its data directory's.
 fn replica_node_name(index: u8) -> &'static str {
     REPLICA_NAMES[usize::from(index)]
-}
-
-fn replica_dir_name(index: u8) -> &'static str {
-    replica_node_name(index)
 }
 
 /// The name the primary knows replica `index` by (pg_stat_replication.application_name).

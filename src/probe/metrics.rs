@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, sync::Mutex};
 
-use super::{ProbeResult, Verdict, millis};
+use super::{ProbeResult, millis};
 
 /// Histogram bucket upper bounds, seconds (Prometheus' base unit).
 pub const BUCKETS_SECONDS: [f64; 14] = [
@@ -85,7 +85,6 @@ impl ProbeMetrics {
         if probe.served_by == Some(crate::db::strategy::ServedBy::Fallback) {
             *totals.fallbacks.entry(strategy).or_default() += 1;
         }
-        debug_assert!(probe.verdict != Verdict::ReplicaError || probe.error.is_some());
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {

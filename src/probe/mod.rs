@@ -371,7 +371,7 @@ impl ProbeEngine {
         result.served_by = Some(routed.served_by);
         result.read_latency = Some(read_returned);
         result.waited = routed.waited;
-        match &routed.row {
+        match routed.row() {
             Some(row) => {
                 result.verdict = Verdict::Fresh;
                 result.read_value = Some(probe_value(&row.written_at, &result.token));
@@ -463,9 +463,10 @@ impl ProbeEngine {
             .db
             .routed_read(replica, strategy, settings, context, key)
             .await?;
+        let row = routed.row();
         Ok(ReadOutcome {
-            found: routed.row.is_some(),
-            value: routed.row.and_then(|row| row.value),
+            found: row.is_some(),
+            value: row.and_then(|row| row.value.clone()),
             served_by: routed.served_by,
             replica: replica.name.clone(),
             waited: routed.waited.unwrap_or_default(),

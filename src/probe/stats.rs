@@ -43,10 +43,6 @@ pub struct RunSummary {
     /// 95% Wilson score interval of `stale_ratio` ([0, 1] when nothing was judged).
     pub stale_ratio_ci95_low: f64,
     pub stale_ratio_ci95_high: f64,
-    pub visible_after_p50_ms: f64,
-    pub visible_after_p90_ms: f64,
-    pub visible_after_p99_ms: f64,
-    pub visible_after_max_ms: f64,
     pub visible_after: Percentiles,
     pub read_latency: Percentiles,
     /// The write's round trip (remote-apply's cost shows here).
@@ -158,10 +154,6 @@ impl RunSummary {
             },
             stale_ratio_ci95_low,
             stale_ratio_ci95_high,
-            visible_after_p50_ms: visible_after.p50_ms,
-            visible_after_p90_ms: visible_after.p90_ms,
-            visible_after_p99_ms: visible_after.p99_ms,
-            visible_after_max_ms: visible_after.max_ms,
             visible_after,
             read_latency: percentiles(probes.iter().filter_map(|p| p.read_latency)),
             write_latency: percentiles(probes.iter().map(|p| p.write_latency)),
@@ -288,11 +280,11 @@ mod tests {
         assert!(summary.stale_ratio_ci95_low < summary.stale_ratio);
         assert!(summary.stale_ratio_ci95_high > summary.stale_ratio);
         assert!(
-            (summary.visible_after_p50_ms - 500.0).abs() <= 1.0,
+            (summary.visible_after.p50_ms - 500.0).abs() <= 1.0,
             "{summary:?}"
         );
         assert!(
-            (summary.visible_after_p90_ms - 900.0).abs() <= 1.0,
+            (summary.visible_after.p90_ms - 900.0).abs() <= 1.0,
             "{summary:?}"
         );
         assert_eq!(summary.visible_after.max_ms, 1000.0);
