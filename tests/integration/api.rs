@@ -137,13 +137,7 @@ async fn delay_calls_without_a_lab_are_failed_precondition() {
     )
     .await
     .unwrap();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", servers.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client =
-        lagprobe::grpc::pb::consistency_probe_client::ConsistencyProbeClient::new(channel);
+    let mut client = crate::harness::grpc_client_at(servers.grpc_addr).await;
     let status = client
         .get_delay(lagprobe::grpc::pb::GetDelayRequest {})
         .await
@@ -186,13 +180,7 @@ async fn an_unreachable_primary_is_unavailable_with_the_cause() {
     .await
     .expect("the service starts while its primary is down");
 
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", servers.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client =
-        lagprobe::grpc::pb::consistency_probe_client::ConsistencyProbeClient::new(channel);
+    let mut client = crate::harness::grpc_client_at(servers.grpc_addr).await;
     let status = client
         .run(lagprobe::grpc::pb::RunRequest::default())
         .await

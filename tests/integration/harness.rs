@@ -71,6 +71,19 @@ pub async fn spawn_app_with(options: LabOptions) -> TestApp {
     }
 }
 
+async fn channel_to(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the gRPC server")
+}
+
+/// A client for a gRPC server at `addr` (a second service a test starts itself).
+pub async fn grpc_client_at(addr: SocketAddr) -> ConsistencyProbeClient<Channel> {
+    ConsistencyProbeClient::new(channel_to(addr).await)
+}
+
 impl TestApp {
     pub fn http_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.servers.http_addr)
@@ -81,15 +94,11 @@ impl TestApp {
     }
 
     pub async fn grpc_channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc_addr()))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the gRPC server")
+        channel_to(self.grpc_addr()).await
     }
 
     pub async fn grpc(&self) -> ConsistencyProbeClient<Channel> {
-        ConsistencyProbeClient::new(self.grpc_channel().await)
+        grpc_client_at(self.grpc_addr()).await
     }
 
     pub async fn get_json(&self, path: &str) -> (reqwest::StatusCode, serde_json::Value) {
