@@ -1,47 +1,19 @@
-//! The library's error type, and the one classification every transport maps to its own
-//! status codes (gRPC in `grpc.rs`, HTTP in `http/`).
+//! The crate's error type: each layer's own error (settings, lab, databases) wrapped, plus
+//! what the service adds, and the one classification every transport maps to its own
+//! status codes (gRPC in `grpc/`, HTTP in `http/`).
 
-use crate::lab::LabError;
-
-/// Which database an operation talked to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Primary,
-    Replica,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-        })
-    }
-}
+use crate::{db::DbError, lab::LabError, settings::Invalid};
 
 /// Everything that can go wrong in lagprobe's library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Input out of range or malformed; `field` names it as the caller spelled it.
-    #[error("invalid {field}: {reason}")]
-    InvalidArgument { field: &'static str, reason: String },
+    /// Input out of range or malformed; its `field` names it as the caller spelled it.
+    #[error(transparent)]
+    InvalidArgument(#[from] Invalid),
 
-    /// A database could not be reached or failed a query.
-    #[error("{role} database: {source}")]
-    Database {
-        role: Role,
-        #[source]
-        source: sqlx::Error,
-    },
-
-    /// Schema migrations on the primary failed.
-    #[error("migrations on the primary failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-
-    /// A database URL could not be understood.
-    #[error("invalid {role} database URL: {reason}")]
-    DatabaseUrl { role: Role, reason: String },
+    /// A database could not be reached, failed a query or its migrations.
+    #[error(transparent)]
+    Database(#[from] DbError),
 
     /// The embedded lab cluster failed.
     #[error(transparent)]
@@ -76,14 +48,7 @@ pub enum ErrorKind {
 
 impl Error {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
-            field,
-            reason: reason.into(),
-        }
-    }
-
-    pub fn database(role: Role) -> impl FnOnce(sqlx::Error) -> Self {
-        move |source| Error::Database { role, source }
+        Error::InvalidArgument(Invalid::new(field, reason))
     }
 
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
@@ -93,20 +58,18 @@ impl Error {
 
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
-            Error::Database { .. } => ErrorKind::Unavailable,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Database(DbError::Query { .. }) => ErrorKind::Unavailable,
             Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Error::NotFound => ErrorKind::NotFound,
-            Error::Migrate(_) | Error::DatabaseUrl { .. } | Error::Lab(_) | Error::Io { .. } => {
-                ErrorKind::Internal
-            }
+            Error::Database(_) | Error::Lab(_) | Error::Io { .. } => ErrorKind::Internal,
         }
     }
 
     /// The field an [`ErrorKind::InvalidArgument`] error is about.
     pub fn field(&self) -> Option<&'static str> {
         match self {
-            Error::InvalidArgument { field, .. } => Some(field),
+            Error::InvalidArgument(invalid) => Some(invalid.field),
             _ => None,
         }
     }

@@ -1,6 +1,7 @@
 //! The gRPC transport: `lagprobe.v1.ConsistencyProbe`, with reflection (v1 and v1alpha, so
 //! grpcurl needs no .proto file) and the standard health service. Thin by design: it turns
-//! messages into [`AppState`] calls and results into messages, nothing more.
+//! messages into the [service](crate::service)'s requests and results into messages,
+//! nothing more; one converter per request shape.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
@@ -9,13 +10,16 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream, wrappers::TcpLis
 use tonic::{Request, Response, Status};
 
 use crate::{
-    app::AppState,
-    db::strategy::{ServedBy, Strategy},
     error::{Error, ErrorKind, Result},
     lab::DelaySettings,
     probe::{
-        self, LagMeasures, Percentiles, ProbeResult, ReplicaSummary, RunParams, RunSummary, Verdict,
+        self, LagMeasures, Percentiles, ProbeResult, ReplicaSummary, RunSummary, ServedBy, Verdict,
     },
+    service::{
+        CompareRequest, ProbeParams, ReadRequest, RunRequest, Schedule, Service, StrategyParams,
+        WatchRequest, WriteRequest,
+    },
+    settings::Strategy,
 };
 
 /// Code generated from `proto/lagprobe/v1/probe.proto`.
@@ -30,7 +34,7 @@ pub mod pb {
 use pb::consistency_probe_server::{ConsistencyProbe, ConsistencyProbeServer};
 
 /// The one place library errors become gRPC statuses.
-pub fn status_of(error: Error) -> Status {
+fn status_of(error: Error) -> Status {
     let message = error.to_string();
     match error.kind() {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
@@ -42,8 +46,8 @@ pub fn status_of(error: Error) -> Status {
 }
 
 #[derive(Debug, Clone)]
-struct Service {
-    state: AppState,
+struct Transport {
+    service: Service,
 }
 
 /// A request's strategy; unspecified means the server's default.
@@ -80,28 +84,72 @@ fn served_by_message(served_by: Option<ServedBy>) -> pb::ServedBy {
     }
 }
 
-/// The shared parameters of Run, Compare, Watch and Read.
-struct CommonParams {
-    count: Option<u32>,
-    interval_ms: Option<u32>,
-    visibility_timeout_ms: Option<u32>,
-    poll_interval_ms: Option<u32>,
-    concurrency: Option<u32>,
-    strategy: i32,
-    strategy_options: Option<pb::StrategyOptions>,
+fn strategy_params(message: Option<pb::StrategyOptions>) -> StrategyParams {
+    let message = message.unwrap_or_default();
+    StrategyParams {
+        pin_window_ms: message.pin_window_ms.map(u64::from),
+        lsn_wait_timeout_ms: message.lsn_wait_timeout_ms.map(u64::from),
+    }
 }
 
-fn run_params(common: CommonParams) -> Result<RunParams> {
-    let options = common.strategy_options.unwrap_or_default();
-    Ok(RunParams {
-        count: common.count.map(u64::from),
-        interval_ms: common.interval_ms.map(u64::from),
-        visibility_timeout_ms: common.visibility_timeout_ms.map(u64::from),
-        poll_interval_ms: common.poll_interval_ms.map(u64::from),
-        concurrency: common.concurrency.map(u64::from),
-        strategy: strategy_of(common.strategy, "strategy")?,
-        pin_window_ms: options.pin_window_ms.map(u64::from),
-        lsn_wait_timeout_ms: options.lsn_wait_timeout_ms.map(u64::from),
+fn probe_params(message: Option<pb::ProbeOptions>) -> ProbeParams {
+    let message = message.unwrap_or_default();
+    ProbeParams {
+        visibility_timeout_ms: message.visibility_timeout_ms.map(u64::from),
+        poll_interval_ms: message.poll_interval_ms.map(u64::from),
+        strategy_options: strategy_params(message.strategy_options),
+    }
+}
+
+fn schedule(message: Option<pb::Schedule>) -> Schedule {
+    let message = message.unwrap_or_default();
+    Schedule {
+        count: message.count.map(u64::from),
+        interval_ms: message.interval_ms.map(u64::from),
+        concurrency: message.concurrency.map(u64::from),
+    }
+}
+
+fn run_request(message: pb::RunRequest) -> Result<RunRequest> {
+    Ok(RunRequest {
+        strategy: strategy_of(message.strategy, "strategy")?,
+        probe: probe_params(message.probe),
+        schedule: schedule(message.schedule),
+    })
+}
+
+fn compare_request(message: pb::CompareRequest) -> Result<CompareRequest> {
+    let strategies = message
+        .strategies
+        .iter()
+        .map(|value| {
+            strategy_of(*value, "strategies")?.ok_or_else(|| {
+                Error::invalid("strategies", "STRATEGY_UNSPECIFIED cannot be compared")
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CompareRequest {
+        strategies,
+        probe: probe_params(message.probe),
+        schedule: schedule(message.schedule),
+    })
+}
+
+fn watch_request(message: pb::WatchRequest) -> Result<WatchRequest> {
+    Ok(WatchRequest {
+        strategy: strategy_of(message.strategy, "strategy")?,
+        probe: probe_params(message.probe),
+        interval_ms: message.interval_ms.map(u64::from),
+    })
+}
+
+fn read_request(message: pb::ReadRequest) -> Result<ReadRequest> {
+    Ok(ReadRequest {
+        strategy: strategy_of(message.strategy, "strategy")?,
+        strategy_options: strategy_params(message.strategy_options),
+        key: message.key,
+        min_lsn: message.min_lsn,
+        client_id: message.client_id,
     })
 }
 
@@ -221,24 +269,14 @@ fn delay_message(settings: DelaySettings) -> pb::DelaySettings {
 type ProbeStream = Pin<Box<dyn Stream<Item = Result<pb::ProbeResult, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl ConsistencyProbe for Service {
+impl ConsistencyProbe for Transport {
     async fn run(
         &self,
         request: Request<pb::RunRequest>,
     ) -> Result<Response<pb::RunReport>, Status> {
-        let request = request.into_inner();
-        let params = run_params(CommonParams {
-            count: request.count,
-            interval_ms: request.interval_ms,
-            visibility_timeout_ms: request.visibility_timeout_ms,
-            poll_interval_ms: request.poll_interval_ms,
-            concurrency: request.concurrency,
-            strategy: request.strategy,
-            strategy_options: request.strategy_options,
-        })
-        .map_err(status_of)?;
-        let lab_delay_ms = self.state.lab_delay_ms();
-        let report = self.state.run(&params).await.map_err(status_of)?;
+        let request = run_request(request.into_inner()).map_err(status_of)?;
+        let lab_delay_ms = self.service.lab_delay_ms();
+        let report = self.service.run(&request).await.map_err(status_of)?;
         Ok(Response::new(pb::RunReport {
             probes: report
                 .probes
@@ -257,33 +295,9 @@ impl ConsistencyProbe for Service {
         &self,
         request: Request<pb::CompareRequest>,
     ) -> Result<Response<pb::CompareReport>, Status> {
-        let request = request.into_inner();
-        let strategies = request
-            .strategies
-            .iter()
-            .map(|value| {
-                strategy_of(*value, "strategies")?.ok_or_else(|| {
-                    Error::invalid("strategies", "STRATEGY_UNSPECIFIED cannot be compared")
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-            .map_err(status_of)?;
-        let params = run_params(CommonParams {
-            count: request.count,
-            interval_ms: request.interval_ms,
-            visibility_timeout_ms: request.visibility_timeout_ms,
-            poll_interval_ms: request.poll_interval_ms,
-            concurrency: request.concurrency,
-            strategy: 0,
-            strategy_options: request.strategy_options,
-        })
-        .map_err(status_of)?;
-        let lab_delay_ms = self.state.lab_delay_ms();
-        let report = self
-            .state
-            .compare(&strategies, &params)
-            .await
-            .map_err(status_of)?;
+        let request = compare_request(request.into_inner()).map_err(status_of)?;
+        let lab_delay_ms = self.service.lab_delay_ms();
+        let report = self.service.compare(&request).await.map_err(status_of)?;
         Ok(Response::new(pb::CompareReport {
             strategies: report
                 .strategies
@@ -305,18 +319,8 @@ impl ConsistencyProbe for Service {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<ProbeStream>, Status> {
-        let request = request.into_inner();
-        let params = run_params(CommonParams {
-            count: None,
-            interval_ms: request.interval_ms,
-            visibility_timeout_ms: request.visibility_timeout_ms,
-            poll_interval_ms: request.poll_interval_ms,
-            concurrency: None,
-            strategy: request.strategy,
-            strategy_options: request.strategy_options,
-        })
-        .map_err(status_of)?;
-        let receiver = self.state.watch(&params).map_err(status_of)?;
+        let request = watch_request(request.into_inner()).map_err(status_of)?;
+        let receiver = self.service.watch(&request).map_err(status_of)?;
         let mut index = 0u32;
         let stream = ReceiverStream::new(receiver).map(move |outcome| {
             index += 1;
@@ -328,7 +332,7 @@ impl ConsistencyProbe for Service {
     }
 
     async fn lag(&self, _: Request<pb::LagRequest>) -> Result<Response<pb::LagReport>, Status> {
-        let report = self.state.lag().await.map_err(status_of)?;
+        let report = self.service.lag().await.map_err(status_of)?;
         Ok(Response::new(pb::LagReport {
             primary_lsn: report.primary_lsn.to_string(),
             replicas: report
@@ -353,11 +357,11 @@ impl ConsistencyProbe for Service {
         request: Request<pb::WriteRequest>,
     ) -> Result<Response<pb::WriteResult>, Status> {
         let request = request.into_inner();
-        let outcome = self
-            .state
-            .write(&request.value, &request.client_id)
-            .await
-            .map_err(status_of)?;
+        let request = WriteRequest {
+            value: request.value,
+            client_id: request.client_id,
+        };
+        let outcome = self.service.write(&request).await.map_err(status_of)?;
         Ok(Response::new(pb::WriteResult {
             key: outcome.key,
             commit_lsn: outcome.commit_lsn.to_string(),
@@ -369,22 +373,8 @@ impl ConsistencyProbe for Service {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResult>, Status> {
-        let request = request.into_inner();
-        let params = run_params(CommonParams {
-            count: None,
-            interval_ms: None,
-            visibility_timeout_ms: None,
-            poll_interval_ms: None,
-            concurrency: None,
-            strategy: request.strategy,
-            strategy_options: request.strategy_options,
-        })
-        .map_err(status_of)?;
-        let outcome = self
-            .state
-            .read(&request.key, &request.min_lsn, &request.client_id, &params)
-            .await
-            .map_err(status_of)?;
+        let request = read_request(request.into_inner()).map_err(status_of)?;
+        let outcome = self.service.read(&request).await.map_err(status_of)?;
         Ok(Response::new(pb::ReadResult {
             value: outcome.value,
             found: outcome.found,
@@ -399,7 +389,7 @@ impl ConsistencyProbe for Service {
         &self,
         _: Request<pb::GetDelayRequest>,
     ) -> Result<Response<pb::DelaySettings>, Status> {
-        let settings = self.state.delay().map_err(status_of)?;
+        let settings = self.service.delay().map_err(status_of)?;
         Ok(Response::new(delay_message(settings)))
     }
 
@@ -409,7 +399,7 @@ impl ConsistencyProbe for Service {
     ) -> Result<Response<pb::DelaySettings>, Status> {
         let request = request.into_inner();
         let settings = self
-            .state
+            .service
             .set_delay(DelaySettings {
                 delay: Duration::from_millis(u64::from(request.delay_ms)),
                 jitter: Duration::from_millis(u64::from(request.jitter_ms)),
@@ -421,9 +411,9 @@ impl ConsistencyProbe for Service {
 }
 
 /// Serves the probe, reflection and health services on `listener` until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
-    state: AppState,
+    service: Service,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let reflection = || {
@@ -439,14 +429,14 @@ pub async fn serve(
         .map_err(|error| Error::FailedPrecondition(format!("reflection descriptors: {error}")))?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<ConsistencyProbeServer<Service>>()
+        .set_serving::<ConsistencyProbeServer<Transport>>()
         .await;
 
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ConsistencyProbeServer::new(Service { state }))
+        .add_service(ConsistencyProbeServer::new(Transport { service }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .map_err(|error| Error::FailedPrecondition(format!("gRPC server: {error}")))

@@ -1,34 +1,36 @@
 //! lagprobe makes read-after-write anomalies between a PostgreSQL primary and its streaming
-//! replica visible, measurable and fixable.
+//! replicas visible, measurable and fixable.
 //!
-//! Data flows one way through the modules:
+//! Data flows one way through the modules, and each imports only modules before it in this
+//! list (checked by `.ci/check-layers.sh`):
 //!
-//! - [`config`]: settings from flags and `LAGPROBE_*` environment variables.
-//! - [`lab`] (optional): an embedded primary and streaming replica started from the local
-//!   PostgreSQL binaries, with a [delay link](lab::delay_link) holding the WAL stream back.
-//! - [`db`]: the primary and replica pools, and every SQL statement lagprobe sends.
-//! - [`probe`]: one probe (write, commit, read back, wait for visibility), runs of many, and
-//!   their statistics.
-//! - [`app`]: the state the transports share and the servers that carry them.
-//! - transports: [`grpc`] (`lagprobe.v1.ConsistencyProbe`, reflection, health) and [`http`]
-//!   (the `/test/` page, JSON, health); the CLI lives in the binary.
+//! - [`settings`]: every default and bound, the strategy names, and the settings the
+//!   library starts from, validated once.
+//! - [`lab`] (optional): an embedded primary and streaming replicas started from the local
+//!   PostgreSQL binaries, with a delay link holding the WAL stream back.
+//! - [`db`]: the primary and replica pools, and every SQL statement a probe sends.
+//! - [`error`]: the crate's error type (each layer's own errors wrapped) and the one
+//!   classification the transports map to their status codes.
+//! - [`probe`]: one probe (write, commit, read back where a strategy says, wait for
+//!   visibility), runs, comparisons and streams of them, their statistics, the strategies.
+//! - [`service`]: what every transport calls, with one request type per kind of request.
+//! - transports: gRPC (`lagprobe.v1.ConsistencyProbe`, reflection, health; [`grpc::pb`] is
+//!   its generated code) and HTTP (the `/test/` page, JSON, health, metrics).
+//! - [`server`]: builds the whole app from [`settings::Settings`] and starts the
+//!   transports; the only module that imports them.
+//! - the CLI, the benchmark and the container health check live in the binary.
 //!
-//! Supporting modules: [`lsn`] (WAL positions), [`error`] (the error type every transport
-//! maps in one place), [`telemetry`] (logging), [`healthcheck`] (a dependency-free HTTP
-//! probe for container health checks), [`bench`] (the benchmark behind the speed and memory
-//! targets).
+//! [`lsn`] (WAL positions) is a leaf that any layer may use.
 
-pub mod app;
-pub mod bench;
-pub mod config;
 pub mod db;
 pub mod error;
 pub mod grpc;
-pub mod healthcheck;
-pub mod http;
+mod http;
 pub mod lab;
 pub mod lsn;
 pub mod probe;
-pub mod telemetry;
+pub mod server;
+pub mod service;
+pub mod settings;
 
 pub use error::{Error, Result};

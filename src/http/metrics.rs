@@ -4,10 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::probe::{
-    LagReport,
-    metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot},
-};
+use crate::probe::{BUCKETS_SECONDS, Histogram, LagReport, MetricsSnapshot};
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(value: &str) -> String {

@@ -5,9 +5,8 @@
 use std::fmt::Write as _;
 
 use crate::{
-    db::strategy::ServedBy,
     error::Error,
-    probe::{ProbeResult, Verdict, millis},
+    probe::{ProbeResult, ServedBy, Verdict, millis},
 };
 
 /// Escapes text for HTML element content and attribute values.
@@ -246,7 +245,7 @@ mod tests {
         use std::time::Duration;
         let probe = ProbeResult {
             token: "t".into(),
-            strategy: crate::db::strategy::Strategy::Replica,
+            strategy: crate::settings::Strategy::Replica,
             replica: "<r1>".into(),
             written_value: "w".into(),
             read_value: None,

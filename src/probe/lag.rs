@@ -98,7 +98,6 @@ pub struct ReplicaLag {
 /// Current lag of every replica.
 #[derive(Debug, Clone, Serialize)]
 pub struct LagReport {
-    #[serde(serialize_with = "crate::probe::as_text")]
     pub primary_lsn: Lsn,
     pub replicas: Vec<ReplicaLag>,
     /// Field name -> what it measures and its bias.

@@ -82,7 +82,7 @@ impl ProbeMetrics {
                 .or_default()
                 .observe(millis(read_latency) / 1000.0);
         }
-        if probe.served_by == Some(crate::db::strategy::ServedBy::Fallback) {
+        if probe.served_by == Some(super::ServedBy::Fallback) {
             *totals.fallbacks.entry(strategy).or_default() += 1;
         }
     }

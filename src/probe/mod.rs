@@ -7,16 +7,17 @@
 //! from the moment the primary acknowledged the COMMIT. The engine knows nothing of HTTP or
 //! gRPC; transports turn its results into their own shapes.
 
-pub mod lag;
-pub mod metrics;
-pub mod run;
+mod lag;
+mod metrics;
+mod run;
 mod stats;
+mod strategy;
 
-pub use lag::{LagMeasures, LagReport};
-pub use run::{
-    CompareReport, CompareSpec, RunParams, RunReport, RunSpec, StrategyReport, WatchSpec,
-};
+pub use lag::{LagMeasures, LagReport, ReplicaLag};
+pub use metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot, ProbeMetrics};
+pub use run::{CompareReport, CompareSpec, RunReport, RunSpec, StrategyReport, WatchSpec};
 pub use stats::{Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table};
+pub use strategy::{ReadContext, ServedBy, StrategySettings};
 
 use std::{
     sync::{
@@ -29,13 +30,12 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    db::{
-        CommitPosition, Databases, Replica, ReplicaRead,
-        strategy::{ReadContext, RoutedRead, ServedBy, Strategy, StrategySettings},
-    },
-    error::{Error, Result, Role},
+    db::{CommitPosition, Databases, DbError, Replica, ReplicaRead},
+    error::Result,
     lsn::Lsn,
+    settings::{self, Strategy},
 };
+use strategy::RoutedRead;
 
 /// How one probe reads and how long it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +52,8 @@ pub struct ProbeOptions {
 impl Default for ProbeOptions {
     fn default() -> Self {
         ProbeOptions {
-            visibility_timeout: Duration::from_secs(5),
-            poll_interval: Duration::from_millis(2),
+            visibility_timeout: settings::VISIBILITY_TIMEOUT_MS.default_duration(),
+            poll_interval: settings::POLL_INTERVAL_MS.default_duration(),
             strategy: Strategy::Replica,
             strategy_settings: StrategySettings::default(),
         }
@@ -96,9 +96,7 @@ pub struct ProbeResult {
     pub verdict: Verdict,
     /// Which server answered the strategy's read; `None` when it failed.
     pub served_by: Option<ServedBy>,
-    #[serde(serialize_with = "as_text")]
     pub commit_lsn: Lsn,
-    #[serde(serialize_with = "as_optional_text")]
     pub replica_replay_lsn: Option<Lsn>,
     /// `commit_lsn - replica_replay_lsn` at the first replica read.
     pub lsn_gap_bytes: Option<u64>,
@@ -149,26 +147,11 @@ fn as_optional_ms<S: serde::Serializer>(
     }
 }
 
-pub(crate) fn as_text<S: serde::Serializer>(lsn: &Lsn, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(lsn)
-}
-
-fn as_optional_text<S: serde::Serializer>(
-    lsn: &Option<Lsn>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match lsn {
-        Some(lsn) => as_text(lsn, serializer),
-        None => serializer.serialize_none(),
-    }
-}
-
 /// A value written through [`ProbeEngine::write_value`].
 #[derive(Debug, Clone, Serialize)]
 pub struct WriteOutcome {
     pub key: String,
     /// The consistency token.
-    #[serde(serialize_with = "as_text")]
     pub commit_lsn: Lsn,
     #[serde(rename = "write_latency_ms", serialize_with = "as_ms")]
     pub write_latency: Duration,
@@ -199,21 +182,11 @@ pub struct ProbeEngine {
 struct TimedRead {
     sent_at: Duration,
     returned_at: Duration,
-    outcome: Result<ReplicaRead>,
+    outcome: Result<ReplicaRead, DbError>,
 }
 
 fn probe_value(written_at: &str, token: &str) -> String {
     format!("{written_at} {token}")
-}
-
-fn is_primary_error(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::Database {
-            role: Role::Primary,
-            ..
-        }
-    )
 }
 
 impl ProbeEngine {
@@ -275,7 +248,8 @@ impl ProbeEngine {
             last_write: Some(committed),
         };
         let read_back = |context| {
-            self.db.routed_read(
+            strategy::routed_read(
+                &self.db,
                 replica,
                 options.strategy,
                 &options.strategy_settings,
@@ -325,7 +299,7 @@ impl ProbeEngine {
         };
 
         match routed {
-            Err(error) if is_primary_error(&error) => return Err(error),
+            Err(error) if error.is_primary_unavailable() => return Err(error.into()),
             Err(error) => {
                 result.replica_reads = 1;
                 result.error = Some(error.to_string());
@@ -459,10 +433,8 @@ impl ProbeEngine {
     ) -> Result<ReadOutcome> {
         let replica = self.pick_replica();
         let started = Instant::now();
-        let routed = self
-            .db
-            .routed_read(replica, strategy, settings, context, key)
-            .await?;
+        let routed =
+            strategy::routed_read(&self.db, replica, strategy, settings, context, key).await?;
         let row = routed.row();
         Ok(ReadOutcome {
             found: row.is_some(),
@@ -472,54 +444,5 @@ impl ProbeEngine {
             waited: routed.waited.unwrap_or_default(),
             read_latency: started.elapsed(),
         })
-    }
-}
-
-impl ProbeOptions {
-    /// Checks and converts caller input (milliseconds; `None` means the default).
-    pub fn from_millis(
-        visibility_timeout_ms: Option<u64>,
-        poll_interval_ms: Option<u64>,
-        strategy: Strategy,
-        strategy_settings: StrategySettings,
-    ) -> Result<Self> {
-        let defaults = ProbeOptions::default();
-        let poll_interval = checked_millis(
-            "poll_interval_ms",
-            poll_interval_ms,
-            1..=1_000,
-            defaults.poll_interval,
-        )?;
-        Ok(ProbeOptions {
-            visibility_timeout: checked_millis(
-                "visibility_timeout_ms",
-                visibility_timeout_ms,
-                1..=60_000,
-                defaults.visibility_timeout,
-            )?,
-            poll_interval,
-            strategy,
-            strategy_settings: StrategySettings {
-                lsn_poll_interval: poll_interval,
-                ..strategy_settings
-            },
-        })
-    }
-}
-
-/// `value` as a Duration if it lies in `range`, `default` when absent.
-pub(crate) fn checked_millis(
-    field: &'static str,
-    value: Option<u64>,
-    range: std::ops::RangeInclusive<u64>,
-    default: Duration,
-) -> Result<Duration> {
-    match value {
-        None => Ok(default),
-        Some(ms) if range.contains(&ms) => Ok(Duration::from_millis(ms)),
-        Some(ms) => Err(Error::invalid(
-            field,
-            format!("{ms} is out of range {}..={}", range.start(), range.end()),
-        )),
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use super::ServedBy;
 use super::{ProbeResult, Verdict, millis};
-use crate::db::strategy::ServedBy;
 
 /// A latency distribution, ms.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -233,7 +233,7 @@ pub fn markdown_table(rows: &[(String, &RunSummary)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{db::strategy::Strategy, lsn::Lsn, probe::LagMeasures};
+    use crate::{lsn::Lsn, probe::LagMeasures, settings::Strategy};
 
     fn probe(verdict: Verdict, visible_after_ms: Option<u64>, served_by: ServedBy) -> ProbeResult {
         ProbeResult {

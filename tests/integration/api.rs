@@ -2,7 +2,7 @@
 
 use reqwest::StatusCode;
 
-use crate::harness::spawn_app;
+use crate::harness::{spawn_app, spawn_service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_compare_lag_delay_and_metrics_over_http() {
@@ -129,14 +129,7 @@ async fn bad_api_input_names_the_field() {
 async fn delay_calls_without_a_lab_are_failed_precondition() {
     let app = spawn_app(0).await;
     // The same service, pointed at the lab's servers but without the lab's link handle.
-    let (_state, servers) = lagprobe::app::start_service(
-        &app.lab.primary_url(),
-        &app.lab.replica_urls(),
-        &crate::harness::service_args(),
-        None,
-    )
-    .await
-    .unwrap();
+    let servers = spawn_service(app.lab().primary_url(), app.replica_urls(), true).await;
     let mut client = crate::harness::grpc_client_at(servers.grpc_addr).await;
     let status = client
         .get_delay(lagprobe::grpc::pb::GetDelayRequest {})
@@ -169,16 +162,8 @@ async fn an_unreachable_primary_is_unavailable_with_the_cause() {
         .local_addr()
         .unwrap()
         .port();
-    let mut args = crate::harness::service_args();
-    args.no_migrate = true;
-    let (_state, servers) = lagprobe::app::start_service(
-        &format!("postgres://postgres@127.0.0.1:{closed_port}/lagprobe"),
-        &app.lab.replica_urls(),
-        &args,
-        None,
-    )
-    .await
-    .expect("the service starts while its primary is down");
+    let down_primary = format!("postgres://postgres@127.0.0.1:{closed_port}/lagprobe");
+    let servers = spawn_service(down_primary, app.replica_urls(), false).await;
 
     let mut client = crate::harness::grpc_client_at(servers.grpc_addr).await;
     let status = client

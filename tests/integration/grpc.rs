@@ -1,7 +1,7 @@
 //! The gRPC transport through real tonic clients: Run, its summary, validation, reflection.
 
 use lagprobe::{
-    grpc::pb::{RunRequest, Verdict},
+    grpc::pb::{ProbeOptions, RunRequest, Schedule, Verdict},
     lsn::Lsn,
 };
 use tokio_stream::StreamExt;
@@ -19,9 +19,12 @@ async fn run_at_1000_ms_delay_reads_stale_and_sees_writes_after_the_delay() {
     let mut client = app.grpc().await;
     let report = client
         .run(RunRequest {
-            count: Some(10),
             // One at a time, so the client's own scheduling does not blur the commit instant.
-            concurrency: Some(1),
+            schedule: Some(Schedule {
+                count: Some(10),
+                concurrency: Some(1),
+                ..Schedule::default()
+            }),
             ..RunRequest::default()
         })
         .await
@@ -94,42 +97,60 @@ async fn out_of_range_input_is_invalid_argument_naming_the_field() {
     let cases = [
         (
             RunRequest {
-                count: Some(0),
+                schedule: Some(Schedule {
+                    count: Some(0),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             "count",
         ),
         (
             RunRequest {
-                count: Some(10_001),
+                schedule: Some(Schedule {
+                    count: Some(10_001),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             "count",
         ),
         (
             RunRequest {
-                interval_ms: Some(60_001),
+                schedule: Some(Schedule {
+                    interval_ms: Some(60_001),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             "interval_ms",
         ),
         (
             RunRequest {
-                visibility_timeout_ms: Some(0),
+                probe: Some(ProbeOptions {
+                    visibility_timeout_ms: Some(0),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             "visibility_timeout_ms",
         ),
         (
             RunRequest {
-                poll_interval_ms: Some(0),
+                probe: Some(ProbeOptions {
+                    poll_interval_ms: Some(0),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             "poll_interval_ms",
         ),
         (
             RunRequest {
-                concurrency: Some(257),
+                schedule: Some(Schedule {
+                    concurrency: Some(257),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             "concurrency",

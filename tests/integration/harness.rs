@@ -5,10 +5,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lagprobe::{
-    app::{self, AppState, Servers},
-    config::{PoolArgs, ServiceArgs, StrategyArgs},
     grpc::pb::consistency_probe_client::ConsistencyProbeClient,
-    lab::{Lab, LabOptions},
+    lab::Lab,
+    server::{self, App},
+    service::Service,
+    settings::{DatabaseSettings, LabSettings, PoolSettings, Settings},
 };
 use tonic::transport::Channel;
 
@@ -22,40 +23,30 @@ pub const COMMIT_ACK_SLACK_MS: f64 = 5.0;
 /// A lab cluster and the service on it. Dropping it stops the servers at once; tests that
 /// finish call [`TestApp::shutdown`] to also check the orderly path.
 pub struct TestApp {
-    pub lab: Lab,
-    pub state: AppState,
-    pub servers: Servers,
+    pub app: App,
     pub http: reqwest::Client,
 }
 
-pub fn service_args() -> ServiceArgs {
-    ServiceArgs {
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        no_migrate: false,
-        heartbeat_ms: 100,
-        pool: PoolArgs {
-            pool_size: 32,
-            // Short, so an outage shows up as a replica error quickly.
-            acquire_timeout_ms: 1500,
-        },
-        strategy: StrategyArgs::default(),
-    }
+/// The app's settings for `databases`, as `main` would build them with default flags but
+/// on free ports, and with a short acquire timeout so an outage shows up quickly.
+pub fn settings(databases: DatabaseSettings) -> Settings {
+    let mut settings = Settings::on_free_ports(databases);
+    settings.pool = PoolSettings {
+        max_connections: 32,
+        acquire_timeout: Duration::from_millis(1500),
+    };
+    settings
 }
 
 /// Starts a lab with `delay_ms` from primary to replica and serves on it. A machine without
 /// PostgreSQL's server binaries fails here with the message that says how to install them.
 pub async fn spawn_app(delay_ms: u64) -> TestApp {
-    spawn_app_with(LabOptions {
-        delay: Duration::from_millis(delay_ms),
-        ..LabOptions::default()
-    })
-    .await
+    spawn_app_with(LabSettings::with_delay(Duration::from_millis(delay_ms))).await
 }
 
-/// [`spawn_app`] with any lab options (several replicas, synchronous replicas).
-pub async fn spawn_app_with(options: LabOptions) -> TestApp {
-    let (lab, state, servers) = app::start_lab_service(&options, &service_args())
+/// [`spawn_app`] with any lab settings (several replicas, synchronous replicas).
+pub async fn spawn_app_with(lab: LabSettings) -> TestApp {
+    let app = server::build(settings(DatabaseSettings::Lab(lab)))
         .await
         .unwrap_or_else(|error| panic!("could not start the lab cluster for this test: {error}"));
     let http = reqwest::Client::builder()
@@ -63,12 +54,20 @@ pub async fn spawn_app_with(options: LabOptions) -> TestApp {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    TestApp {
-        lab,
-        state,
-        servers,
-        http,
-    }
+    TestApp { app, http }
+}
+
+/// A second service on databases someone else runs (here: a test's lab), without a lab of
+/// its own.
+pub async fn spawn_service(primary_url: String, replica_urls: Vec<String>, migrate: bool) -> App {
+    let mut settings = settings(DatabaseSettings::External {
+        primary_url,
+        replica_urls,
+    });
+    settings.migrate = migrate;
+    server::build(settings)
+        .await
+        .expect("the service starts, whatever state its databases are in")
 }
 
 async fn channel_to(addr: SocketAddr) -> Channel {
@@ -85,12 +84,33 @@ pub async fn grpc_client_at(addr: SocketAddr) -> ConsistencyProbeClient<Channel>
 }
 
 impl TestApp {
+    pub fn lab(&self) -> &Lab {
+        self.app.lab().expect("test apps run a lab")
+    }
+
+    pub fn lab_mut(&mut self) -> &mut Lab {
+        self.app.lab_mut().expect("test apps run a lab")
+    }
+
+    pub fn service(&self) -> &Service {
+        self.app.service()
+    }
+
+    /// The lab's replica URLs, as `serve --replica-url` takes them.
+    pub fn replica_urls(&self) -> Vec<String> {
+        self.lab()
+            .replica_urls()
+            .into_iter()
+            .map(|(_, url)| url)
+            .collect()
+    }
+
     pub fn http_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.servers.http_addr)
+        format!("http://{}{path}", self.app.http_addr)
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.servers.grpc_addr
+        self.app.grpc_addr
     }
 
     pub async fn grpc_channel(&self) -> Channel {
@@ -109,7 +129,6 @@ impl TestApp {
     }
 
     pub async fn shutdown(self) {
-        self.servers.shutdown().await;
-        self.lab.shutdown().await;
+        self.app.shutdown().await;
     }
 }

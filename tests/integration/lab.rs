@@ -3,7 +3,10 @@
 
 use std::{path::Path, time::Duration};
 
-use lagprobe::probe::{RunParams, Verdict};
+use lagprobe::{
+    probe::Verdict,
+    service::{ProbeRequest, RunRequest, Schedule},
+};
 use reqwest::StatusCode;
 
 use crate::harness::spawn_app;
@@ -29,7 +32,7 @@ fn alive(pid: i32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_leaves_no_postmaster_and_no_directory() {
     let app = spawn_app(1000).await;
-    let dir = app.lab.data_dir().to_path_buf();
+    let dir = app.lab().data_dir().to_path_buf();
     let primary = postmaster_pid(&dir.join("primary"));
     let replica = postmaster_pid(&dir.join("replica1"));
     assert!(alive(primary) && alive(replica));
@@ -49,7 +52,7 @@ async fn shutdown_leaves_no_postmaster_and_no_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_lab_without_shutdown_still_stops_the_servers() {
     let app = spawn_app(0).await;
-    let dir = app.lab.data_dir().to_path_buf();
+    let dir = app.lab().data_dir().to_path_buf();
     let primary = postmaster_pid(&dir.join("primary"));
     let replica = postmaster_pid(&dir.join("replica1"));
     drop(app);
@@ -62,7 +65,7 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
     let (status, _) = app.get_json("/api/probe").await;
     assert_eq!(status, StatusCode::OK);
 
-    app.lab.stop_replica(0).await;
+    app.lab_mut().stop_replica(0).await;
 
     let (status, body) = app.get_json("/api/probe").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -81,19 +84,22 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
     let health = app.http.get(app.http_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     let report = app
-        .state
-        .run(&RunParams {
-            count: Some(2),
-            ..RunParams::default()
+        .service()
+        .run(&RunRequest {
+            schedule: Schedule {
+                count: Some(2),
+                ..Schedule::default()
+            },
+            ..RunRequest::default()
         })
         .await
         .unwrap();
     assert_eq!(report.summary.replica_error_count, 2);
 
-    app.lab.start_replica(0).await.unwrap();
+    app.lab_mut().start_replica(0).await.unwrap();
     let mut recovered = None;
     for _ in 0..50 {
-        let probe = app.state.probe(&RunParams::default()).await.unwrap();
+        let probe = app.service().probe(&ProbeRequest::default()).await.unwrap();
         if probe.verdict != Verdict::ReplicaError {
             recovered = Some(probe);
             break;
@@ -110,12 +116,12 @@ async fn replica_outage_is_reported_and_probes_recover_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_dies_is_reported_with_its_log_tail() {
     let app = spawn_app(0).await;
-    let replica = postmaster_pid(&app.lab.data_dir().join("replica1"));
+    let replica = postmaster_pid(&app.lab().data_dir().join("replica1"));
     // SAFETY: kill has no memory-safety preconditions; the pid is the lab's own postmaster.
     unsafe {
         libc::kill(replica, libc::SIGKILL);
     }
-    let error = tokio::time::timeout(Duration::from_secs(10), app.lab.unexpected_exit())
+    let error = tokio::time::timeout(Duration::from_secs(10), app.lab().unexpected_exit())
         .await
         .expect("the death is noticed");
     let text = error.to_string();

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use lagprobe::probe::{RunParams, Verdict};
+use lagprobe::{
+    probe::Verdict,
+    service::{ProbeParams, ProbeRequest, RunRequest, Schedule},
+};
 
 use crate::harness::{COMMIT_ACK_SLACK_MS, spawn_app};
 
@@ -11,10 +14,13 @@ use crate::harness::{COMMIT_ACK_SLACK_MS, spawn_app};
 async fn without_delay_every_write_becomes_visible_well_under_500_ms() {
     let app = spawn_app(0).await;
     let report = app
-        .state
-        .run(&RunParams {
-            count: Some(10),
-            ..RunParams::default()
+        .service()
+        .run(&RunRequest {
+            schedule: Schedule {
+                count: Some(10),
+                ..Schedule::default()
+            },
+            ..RunRequest::default()
         })
         .await
         .unwrap();
@@ -36,16 +42,16 @@ async fn without_delay_every_write_becomes_visible_well_under_500_ms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_the_delay_while_running_changes_commit_to_visible() {
     let app = spawn_app(0).await;
-    let quick = app.state.probe(&RunParams::default()).await.unwrap();
+    let quick = app.service().probe(&ProbeRequest::default()).await.unwrap();
     assert!(
         quick.visible_after.unwrap() < Duration::from_millis(500),
         "{quick:?}"
     );
 
-    app.lab
+    app.lab()
         .delay_control()
         .set_delay(Duration::from_millis(700));
-    let slow = app.state.probe(&RunParams::default()).await.unwrap();
+    let slow = app.service().probe(&ProbeRequest::default()).await.unwrap();
     assert_eq!(slow.verdict, Verdict::Stale, "{slow:?}");
     let visible_after = slow.visible_after.expect("visible before the 5 s timeout");
     assert!(
@@ -69,11 +75,14 @@ async fn changing_the_delay_while_running_changes_commit_to_visible() {
 async fn a_write_that_never_arrives_times_out_instead_of_hanging() {
     let app = spawn_app(3000).await;
     let probe = app
-        .state
-        .probe(&RunParams {
-            visibility_timeout_ms: Some(300),
-            poll_interval_ms: Some(20),
-            ..RunParams::default()
+        .service()
+        .probe(&ProbeRequest {
+            probe: ProbeParams {
+                visibility_timeout_ms: Some(300),
+                poll_interval_ms: Some(20),
+                ..ProbeParams::default()
+            },
+            ..ProbeRequest::default()
         })
         .await
         .unwrap();

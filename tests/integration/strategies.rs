@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use lagprobe::{
     grpc::pb::{
-        CompareRequest, DelaySettings, GetDelayRequest, RunRequest, ServedBy, Strategy,
-        StrategyOptions, Verdict,
+        CompareRequest, DelaySettings, GetDelayRequest, ProbeOptions, RunRequest, Schedule,
+        ServedBy, Strategy, StrategyOptions, Verdict,
     },
-    lab::LabOptions,
+    settings::LabSettings,
 };
 
 use crate::harness::{COMMIT_ACK_SLACK_MS, spawn_app, spawn_app_with};
@@ -19,8 +19,11 @@ async fn replica_reads_at_1000_ms_are_stale_at_least_90_percent_of_the_time() {
         .grpc()
         .await
         .run(RunRequest {
-            count: Some(20),
-            concurrency: Some(20),
+            schedule: Some(Schedule {
+                count: Some(20),
+                concurrency: Some(20),
+                ..Schedule::default()
+            }),
             strategy: Strategy::Replica.into(),
             ..RunRequest::default()
         })
@@ -48,10 +51,10 @@ async fn replica_reads_at_1000_ms_are_stale_at_least_90_percent_of_the_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fix_reads_its_writes_at_200_ms_while_the_replica_baseline_does_not() {
-    let app = spawn_app_with(LabOptions {
+    let app = spawn_app_with(LabSettings {
         delay: Duration::from_millis(200),
         sync_replica: true,
-        ..LabOptions::default()
+        ..LabSettings::default()
     })
     .await;
     let fixes = [
@@ -69,8 +72,11 @@ async fn every_fix_reads_its_writes_at_200_ms_while_the_replica_baseline_does_no
                 .chain(fixes)
                 .map(Into::into)
                 .collect(),
-            count: Some(30),
-            concurrency: Some(12),
+            schedule: Some(Schedule {
+                count: Some(30),
+                concurrency: Some(12),
+                ..Schedule::default()
+            }),
             ..CompareRequest::default()
         })
         .await
@@ -120,7 +126,10 @@ async fn remote_apply_without_a_synchronous_standby_is_reported_ineffective() {
         .grpc()
         .await
         .run(RunRequest {
-            count: Some(3),
+            schedule: Some(Schedule {
+                count: Some(3),
+                ..Schedule::default()
+            }),
             strategy: Strategy::RemoteApply.into(),
             ..RunRequest::default()
         })
@@ -149,14 +158,19 @@ async fn lsn_wait_falls_back_to_the_primary_when_the_link_is_cut_and_counts_it()
         .await
         .unwrap();
     let lsn_wait = |count| RunRequest {
-        count: Some(count),
-        strategy: Strategy::LsnWait.into(),
-        strategy_options: Some(StrategyOptions {
-            lsn_wait_timeout_ms: Some(300),
-            pin_window_ms: None,
+        schedule: Some(Schedule {
+            count: Some(count),
+            ..Schedule::default()
         }),
-        visibility_timeout_ms: Some(200),
-        ..RunRequest::default()
+        strategy: Strategy::LsnWait.into(),
+        probe: Some(ProbeOptions {
+            strategy_options: Some(StrategyOptions {
+                lsn_wait_timeout_ms: Some(300),
+                pin_window_ms: None,
+            }),
+            visibility_timeout_ms: Some(200),
+            ..ProbeOptions::default()
+        }),
     };
     let report = client.run(lsn_wait(2)).await.unwrap().into_inner();
     for probe in &report.probes {
@@ -192,8 +206,11 @@ async fn set_delay_changes_commit_to_visible_live() {
         report.summary.unwrap().visible_after.unwrap().p50_ms
     };
     let run = RunRequest {
-        count: Some(3),
-        concurrency: Some(3),
+        schedule: Some(Schedule {
+            count: Some(3),
+            concurrency: Some(3),
+            ..Schedule::default()
+        }),
         ..RunRequest::default()
     };
     let fast = visible_p50(client.run(run).await.unwrap().into_inner());
@@ -238,17 +255,20 @@ async fn set_delay_changes_commit_to_visible_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_replicas_are_named_and_broken_down() {
-    let app = spawn_app_with(LabOptions {
+    let app = spawn_app_with(LabSettings {
         delay: Duration::from_millis(100),
         replicas: 2,
-        ..LabOptions::default()
+        ..LabSettings::default()
     })
     .await;
     let mut client = app.grpc().await;
     let report = client
         .run(RunRequest {
-            count: Some(4),
-            concurrency: Some(4),
+            schedule: Some(Schedule {
+                count: Some(4),
+                concurrency: Some(4),
+                ..Schedule::default()
+            }),
             ..RunRequest::default()
         })
         .await

@@ -150,15 +150,7 @@ async fn watch_streams_probes_and_stops_when_cancelled() {
     }
     drop(stream);
 
-    let probes_run = || -> u64 {
-        app.state
-            .engine()
-            .metrics()
-            .snapshot()
-            .probes
-            .values()
-            .sum()
-    };
+    let probes_run = || -> u64 { app.service().metrics().probes.values().sum() };
     tokio::time::sleep(Duration::from_millis(400)).await;
     let after_cancel = probes_run();
     tokio::time::sleep(Duration::from_millis(600)).await;

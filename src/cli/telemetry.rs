@@ -2,7 +2,7 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::LogFormat;
+use super::args::LogFormat;
 
 /// Installs the global subscriber. The default filter keeps sqlx's per-query logs out.
 pub fn init(format: LogFormat) {

@@ -9,12 +9,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    app,
-    config::{PoolArgs, ServiceArgs, StrategyArgs},
+use lagprobe::{
     error::{Error, Result},
-    lab::{Lab, LabOptions},
-    probe::RunParams,
+    lab::DelayLink,
+    probe::{ProbeOptions, RunSummary, markdown_table},
+    server::{self, App},
+    service::{CompareRequest, RunRequest, Schedule},
+    settings::{DatabaseSettings, LabSettings, PoolSettings, Settings, Strategy},
 };
 
 /// What to measure, and how often.
@@ -42,18 +43,19 @@ fn spread_ms(samples: &mut [Duration]) -> (f64, f64, f64) {
     )
 }
 
-fn loopback_service() -> ServiceArgs {
-    ServiceArgs {
-        http_addr: "127.0.0.1:0".parse().expect("static address"),
-        grpc_addr: "127.0.0.1:0".parse().expect("static address"),
-        no_migrate: false,
-        heartbeat_ms: 100,
-        pool: PoolArgs {
-            pool_size: 16,
-            acquire_timeout_ms: 3000,
-        },
-        strategy: StrategyArgs::default(),
-    }
+/// The app on a default lab with `delay_ms` (and these changes), on free loopback ports.
+async fn lab_app(options: &BenchOptions, delay_ms: u64, lab: LabSettings) -> Result<App> {
+    let lab = LabSettings {
+        pg_bindir: options.pg_bindir.clone(),
+        delay: Duration::from_millis(delay_ms),
+        ..lab
+    };
+    server::build(Settings::on_free_ports(DatabaseSettings::Lab(lab))).await
+}
+
+/// The lab of a running app (every app here starts one).
+fn lab_of(app: &App) -> &lagprobe::lab::Lab {
+    app.lab().expect("bench apps run a lab")
 }
 
 /// Runs every measurement and returns the report as markdown.
@@ -94,21 +96,14 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
 /// Time from `lagprobe lab` starting to the replica streaming, and to the configured delay
 /// being engaged (migrations applied and replayed), at D = 1000 ms.
 async fn lab_startup(options: &BenchOptions) -> Result<String> {
-    let lab_options = LabOptions {
-        pg_bindir: options.pg_bindir.clone(),
-        delay: Duration::from_millis(1000),
-        ..LabOptions::default()
-    };
     let mut streaming = Vec::new();
     let mut engaged = Vec::new();
     for _ in 0..options.lab_starts.max(1) {
         let started = Instant::now();
-        let (lab, _state, servers) =
-            app::start_lab_service(&lab_options, &loopback_service()).await?;
+        let app = lab_app(options, 1000, LabSettings::default()).await?;
         engaged.push(started.elapsed());
-        streaming.push(lab.startup);
-        servers.shutdown().await;
-        lab.shutdown().await;
+        streaming.push(lab_of(&app).startup);
+        app.shutdown().await;
     }
     let mut table = format!(
         "## Lab start-up at D = 1000 ms ({} runs)\n\n\
@@ -140,22 +135,17 @@ async fn lab_startup(options: &BenchOptions) -> Result<String> {
 /// Resident memory of an idle `lagprobe serve` process (a separate process, so the lab and
 /// this benchmark do not count), after it has served a few probes and then sat idle.
 async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<String> {
-    let lab = Lab::start(&LabOptions {
-        pg_bindir: options.pg_bindir.clone(),
-        delay: Duration::from_millis(1000),
-        ..LabOptions::default()
-    })
+    let lab = server::start_lab(
+        &LabSettings {
+            pg_bindir: options.pg_bindir.clone(),
+            ..LabSettings::default()
+        },
+        true,
+        &PoolSettings::default(),
+    )
     .await?;
-    crate::db::Databases::connect_lazy(
-        &lab.primary_url(),
-        &lab.replica_urls(),
-        &Default::default(),
-    )?
-    .migrate()
-    .await?;
-    lab.apply_configured_delay().await?;
 
-    let http_port = crate::lab::free_port()?;
+    let http_port = free_port()?;
     let mut child = tokio::process::Command::new(lagprobe_binary)
         .args(["serve", "--no-migrate", "--primary-url", &lab.primary_url()])
         .args(["--replica-url", &lab.replica_url()])
@@ -171,7 +161,7 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut served = 0;
     while served < 5 && Instant::now() < deadline {
-        match crate::healthcheck::http_get_status(&probe_url, Duration::from_secs(10)).await {
+        match super::healthcheck::http_get_status(&probe_url, Duration::from_secs(10)).await {
             Ok(200) => served += 1,
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -206,29 +196,23 @@ fn resident_kib(pid: u32) -> Option<u64> {
 async fn strategy_table(options: &BenchOptions) -> Result<String> {
     let mut reports = Vec::new();
     for delay_ms in [0u64, 50, 200, 1000] {
-        let lab_options = LabOptions {
-            pg_bindir: options.pg_bindir.clone(),
-            delay: Duration::from_millis(delay_ms),
+        let sync_replica = LabSettings {
             sync_replica: true,
-            ..LabOptions::default()
+            ..LabSettings::default()
         };
-        let (lab, state, servers) =
-            app::start_lab_service(&lab_options, &loopback_service()).await?;
-        let report = state
-            .compare(
-                &[],
-                &RunParams {
-                    count: Some(u64::from(options.strategy_probes)),
-                    concurrency: Some(8),
-                    ..RunParams::default()
-                },
-            )
-            .await?;
-        reports.push((delay_ms, report));
-        servers.shutdown().await;
-        lab.shutdown().await;
+        let app = lab_app(options, delay_ms, sync_replica).await?;
+        let request = CompareRequest {
+            schedule: Schedule {
+                count: Some(u64::from(options.strategy_probes)),
+                concurrency: Some(8),
+                ..Schedule::default()
+            },
+            ..CompareRequest::default()
+        };
+        reports.push((delay_ms, app.service().compare(&request).await?));
+        app.shutdown().await;
     }
-    let rows: Vec<(String, &crate::probe::RunSummary)> = reports
+    let rows: Vec<(String, &RunSummary)> = reports
         .iter()
         .flat_map(|(delay_ms, report)| {
             report
@@ -240,7 +224,7 @@ async fn strategy_table(options: &BenchOptions) -> Result<String> {
     Ok(format!(
         "## Strategies compared ({} probes each, 8 in flight, synchronous replica)\n\n{}\n",
         options.strategy_probes,
-        crate::probe::markdown_table(&rows)
+        markdown_table(&rows)
     ))
 }
 
@@ -362,7 +346,7 @@ async fn delay_link_accuracy() -> Result<String> {
          |---:|---:|---:|---:|---:|\n",
     );
     for delay_ms in [50u64, 1000] {
-        let link = crate::lab::DelayLink::bind(
+        let link = DelayLink::bind(
             "127.0.0.1:0",
             echo.to_string(),
             Duration::from_millis(delay_ms),
@@ -388,7 +372,7 @@ async fn delay_link_accuracy() -> Result<String> {
     let total = 512 * 1024 * 1024;
     let source = streaming_upstream(total).await?;
     let direct_rate = streamed_throughput(source, total).await?;
-    let link = crate::lab::DelayLink::bind("127.0.0.1:0", source.to_string(), Duration::ZERO)
+    let link = DelayLink::bind("127.0.0.1:0", source.to_string(), Duration::ZERO)
         .await
         .map_err(Error::io("starting a delay link"))?;
     let link_rate = streamed_throughput(link.local_addr(), total).await?;
@@ -406,14 +390,14 @@ async fn delay_link_accuracy() -> Result<String> {
 /// Probes per second with the replica strategy at D = 0 from 1, 8 and 32 concurrent
 /// clients, and what the engine adds over the same statements sent directly.
 async fn probe_rate(options: &BenchOptions) -> Result<String> {
-    let lab_options = LabOptions {
+    let mut settings = Settings::on_free_ports(DatabaseSettings::Lab(LabSettings {
         pg_bindir: options.pg_bindir.clone(),
         delay: Duration::ZERO,
-        ..LabOptions::default()
-    };
-    let mut service = loopback_service();
-    service.pool.pool_size = 64;
-    let (lab, state, servers) = app::start_lab_service(&lab_options, &service).await?;
+        ..LabSettings::default()
+    }));
+    settings.pool.max_connections = 64;
+    let app = server::build(settings).await?;
+    let service = app.service();
     let mut table = format!(
         "## Probe rate, replica strategy, D = 0 ({} probes per row)\n\n\
          | concurrent clients | probes/s | probe p50 ms | probe p99 ms |\n|---:|---:|---:|---:|\n",
@@ -421,14 +405,16 @@ async fn probe_rate(options: &BenchOptions) -> Result<String> {
     );
     for clients in [1u64, 8, 32] {
         let started = Instant::now();
-        let report = state
-            .run(&RunParams {
+        let request = RunRequest {
+            strategy: Some(Strategy::Replica),
+            schedule: Schedule {
                 count: Some(u64::from(options.rate_probes)),
                 concurrency: Some(clients),
-                strategy: Some(crate::db::strategy::Strategy::Replica),
-                ..RunParams::default()
-            })
-            .await?;
+                ..Schedule::default()
+            },
+            ..RunRequest::default()
+        };
+        let report = service.run(&request).await?;
         let elapsed = started.elapsed().as_secs_f64();
         let mut probe_times: Vec<Duration> = report
             .probes
@@ -453,10 +439,10 @@ async fn probe_rate(options: &BenchOptions) -> Result<String> {
 
     // Overhead: the engine's probe against the same statements, in the same order, on the
     // same pools, without the engine (alternating, so drift hits both alike).
-    let engine = state.engine();
+    let engine = service.engine();
     let databases = engine.databases();
     let replica = &databases.replicas()[0];
-    let probe_options = crate::probe::ProbeOptions::default();
+    let probe_options = ProbeOptions::default();
     let mut engine_time = Duration::ZERO;
     let mut direct_time = Duration::ZERO;
     let rounds = options.rate_probes.max(50);
@@ -495,7 +481,16 @@ async fn probe_rate(options: &BenchOptions) -> Result<String> {
          | overhead | {:+.1}% (target <= 10%) |\n\n",
         100.0 * (engine_ms - direct_ms) / direct_ms
     );
-    servers.shutdown().await;
-    lab.shutdown().await;
+    app.shutdown().await;
     Ok(table)
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> Result<u16> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("finding a free port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(Error::io("finding a free port"))?
+        .port())
 }

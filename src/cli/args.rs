@@ -1,20 +1,22 @@
-//! Settings from command-line flags and `LAGPROBE_*` environment variables.
-//!
-//! Each subcommand's flags live here as clap argument groups, so `main.rs` only dispatches
-//! and every setting is documented once, with its flag, its variable and its default.
+//! The command line's flags and `LAGPROBE_*` variables, as clap argument groups that turn
+//! into the library's [settings](lagprobe::settings) and [requests](lagprobe::service).
+//! Every range and default comes from the settings table, so `--help` and the API agree.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, ValueEnum};
-
-use crate::{
-    db::{
-        PoolSettings,
-        strategy::{Strategy, StrategySettings},
+use clap::{Args, ValueEnum, builder::RangedU64ValueParser};
+use lagprobe::{
+    service::{CompareRequest, ProbeParams, RunRequest, Schedule, StrategyParams},
+    settings::{
+        self, Bound, DatabaseSettings, LabSettings, PoolSettings, Settings, Strategy,
+        StrategyDefaults,
     },
-    lab::LabOptions,
-    probe::ProbeOptions,
 };
+
+/// A flag's parser, checking the setting's range.
+fn within(bound: &Bound) -> RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(bound.range())
+}
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -30,11 +32,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct ServiceArgs {
     /// HTTP address (the /test/ page, JSON API, health). Port 0 picks a free port.
-    #[arg(long, env = "LAGPROBE_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    #[arg(long, env = "LAGPROBE_HTTP_ADDR", default_value = settings::HTTP_ADDR)]
     pub http_addr: SocketAddr,
 
     /// gRPC address (lagprobe.v1.ConsistencyProbe, reflection, health).
-    #[arg(long, env = "LAGPROBE_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "LAGPROBE_GRPC_ADDR", default_value = settings::GRPC_ADDR)]
     pub grpc_addr: SocketAddr,
 
     /// Skip running migrations on the primary at start.
@@ -43,7 +45,7 @@ pub struct ServiceArgs {
 
     /// Update the heartbeat row on the primary this often (ms), for heartbeat lag; 0 turns
     /// it off (for a primary where lagprobe should write nothing unasked).
-    #[arg(long, env = "LAGPROBE_HEARTBEAT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    #[arg(long, env = "LAGPROBE_HEARTBEAT_MS", default_value_t = settings::HEARTBEAT_MS.default, value_parser = within(&settings::HEARTBEAT_MS))]
     pub heartbeat_ms: u64,
 
     #[command(flatten)]
@@ -51,6 +53,21 @@ pub struct ServiceArgs {
 
     #[command(flatten)]
     pub strategy: StrategyArgs,
+}
+
+impl ServiceArgs {
+    /// The library's settings for serving `databases`.
+    pub fn settings(&self, databases: DatabaseSettings) -> Settings {
+        Settings {
+            databases,
+            http_addr: self.http_addr,
+            grpc_addr: self.grpc_addr,
+            migrate: !self.no_migrate,
+            heartbeat: (self.heartbeat_ms > 0).then(|| Duration::from_millis(self.heartbeat_ms)),
+            pool: self.pool.settings(),
+            defaults: self.strategy.defaults(),
+        }
+    }
 }
 
 /// The server's default read-your-writes strategy and its settings; requests may override.
@@ -61,40 +78,25 @@ pub struct StrategyArgs {
     pub default_strategy: Strategy,
 
     /// pin-window: reads stay on the primary this long after a write (ms).
-    #[arg(long, env = "LAGPROBE_PIN_WINDOW_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    #[arg(long, env = "LAGPROBE_PIN_WINDOW_MS", default_value_t = settings::PIN_WINDOW_MS.default, value_parser = within(&settings::PIN_WINDOW_MS))]
     pub pin_window_ms: u64,
 
     /// lsn-wait: wait this long for the replica before reading the primary (ms).
-    #[arg(long, env = "LAGPROBE_LSN_WAIT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    #[arg(long, env = "LAGPROBE_LSN_WAIT_TIMEOUT_MS", default_value_t = settings::LSN_WAIT_TIMEOUT_MS.default, value_parser = within(&settings::LSN_WAIT_TIMEOUT_MS))]
     pub lsn_wait_timeout_ms: u64,
 }
 
 fn parse_strategy(text: &str) -> Result<Strategy, String> {
     text.parse()
-        .map_err(|error: crate::Error| error.to_string())
-}
-
-impl Default for StrategyArgs {
-    fn default() -> Self {
-        StrategyArgs {
-            default_strategy: Strategy::Replica,
-            pin_window_ms: 2000,
-            lsn_wait_timeout_ms: 10_000,
-        }
-    }
+        .map_err(|error: settings::Invalid| error.to_string())
 }
 
 impl StrategyArgs {
-    /// The probe options a request gets when it sets nothing.
-    pub fn probe_defaults(&self) -> ProbeOptions {
-        ProbeOptions {
+    pub fn defaults(&self) -> StrategyDefaults {
+        StrategyDefaults {
             strategy: self.default_strategy,
-            strategy_settings: StrategySettings {
-                pin_window: Duration::from_millis(self.pin_window_ms),
-                lsn_wait_timeout: Duration::from_millis(self.lsn_wait_timeout_ms),
-                ..StrategySettings::default()
-            },
-            ..ProbeOptions::default()
+            pin_window: Duration::from_millis(self.pin_window_ms),
+            lsn_wait_timeout: Duration::from_millis(self.lsn_wait_timeout_ms),
         }
     }
 }
@@ -103,18 +105,19 @@ impl StrategyArgs {
 #[derive(Debug, Clone, Args)]
 pub struct PoolArgs {
     /// Connections per database pool at most.
-    #[arg(long, env = "LAGPROBE_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub pool_size: u32,
+    #[arg(long, env = "LAGPROBE_POOL_SIZE", default_value_t = settings::POOL_SIZE.default, value_parser = within(&settings::POOL_SIZE))]
+    pub pool_size: u64,
 
     /// How long a query waits for a connection before the database counts as unavailable (ms).
-    #[arg(long, env = "LAGPROBE_ACQUIRE_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    #[arg(long, env = "LAGPROBE_ACQUIRE_TIMEOUT_MS", default_value_t = settings::ACQUIRE_TIMEOUT_MS.default, value_parser = within(&settings::ACQUIRE_TIMEOUT_MS))]
     pub acquire_timeout_ms: u64,
 }
 
 impl PoolArgs {
     pub fn settings(&self) -> PoolSettings {
         PoolSettings {
-            max_connections: self.pool_size,
+            // In range by the flag's parser.
+            max_connections: self.pool_size as u32,
             acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
         }
     }
@@ -140,20 +143,11 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    /// `(name, url)` per replica, named by host:port (made unique if two coincide).
-    pub fn replicas(&self) -> Vec<(String, String)> {
-        let mut named: Vec<(String, String)> = Vec::new();
-        for url in &self.replica_url {
-            let base = crate::db::replica_name_from_url(url);
-            let mut name = base.clone();
-            let mut suffix = 2;
-            while named.iter().any(|(taken, _)| *taken == name) {
-                name = format!("{base}#{suffix}");
-                suffix += 1;
-            }
-            named.push((name, url.clone()));
+    pub fn settings(&self) -> DatabaseSettings {
+        DatabaseSettings::External {
+            primary_url: self.primary_url.clone(),
+            replica_urls: self.replica_url.clone(),
         }
-        named
     }
 }
 
@@ -171,7 +165,7 @@ pub struct LabArgs {
     pub data_dir: Option<PathBuf>,
 
     /// One-way delay from primary to replica, in milliseconds.
-    #[arg(long, env = "LAGPROBE_DELAY_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    #[arg(long, env = "LAGPROBE_DELAY_MS", default_value_t = settings::DELAY_MS.default, value_parser = within(&settings::DELAY_MS))]
     pub delay_ms: u64,
 
     /// Primary port on 127.0.0.1 (0: a free port).
@@ -182,9 +176,9 @@ pub struct LabArgs {
     #[arg(long, env = "LAGPROBE_REPLICA_PORT", default_value_t = 0)]
     pub replica_port: u16,
 
-    /// Streaming replicas to start, 1 to 9, all behind the one delay link.
-    #[arg(long, env = "LAGPROBE_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
-    pub replicas: u8,
+    /// Streaming replicas to start, all behind the one delay link.
+    #[arg(long, env = "LAGPROBE_REPLICAS", default_value_t = settings::REPLICAS.default, value_parser = within(&settings::REPLICAS))]
+    pub replicas: u64,
 
     /// Make the replicas synchronous standbys, so the remote-apply strategy takes effect.
     /// Ordinary writes still commit locally (synchronous_commit = local).
@@ -193,15 +187,62 @@ pub struct LabArgs {
 }
 
 impl LabArgs {
-    pub fn options(&self) -> LabOptions {
-        LabOptions {
+    pub fn settings(&self) -> LabSettings {
+        LabSettings {
             pg_bindir: self.pg_bindir.clone(),
             data_dir: self.data_dir.clone(),
             delay: Duration::from_millis(self.delay_ms),
             primary_port: self.primary_port,
             replica_port: self.replica_port,
-            replicas: self.replicas,
+            // In range by the flag's parser.
+            replicas: self.replicas as u8,
             sync_replica: self.sync_replica,
+        }
+    }
+}
+
+/// How each probe reads back and waits (the API's ProbeOptions; the strategy settings are
+/// the command's --pin-window-ms and --lsn-wait-timeout-ms).
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// How long each probe waits for its write to show on the replica (ms).
+    #[arg(long)]
+    pub visibility_timeout_ms: Option<u64>,
+    /// Milliseconds between replica reads while waiting.
+    #[arg(long)]
+    pub poll_interval_ms: Option<u64>,
+}
+
+impl ProbeArgs {
+    fn params(&self) -> ProbeParams {
+        ProbeParams {
+            visibility_timeout_ms: self.visibility_timeout_ms,
+            poll_interval_ms: self.poll_interval_ms,
+            strategy_options: StrategyParams::default(),
+        }
+    }
+}
+
+/// How many probes, how often, how many at once (the API's Schedule).
+#[derive(Debug, Clone, Args)]
+pub struct ScheduleArgs {
+    /// Number of probes (per strategy with --compare).
+    #[arg(long, default_value_t = settings::CLI_RUN_COUNT.default)]
+    pub count: u64,
+    /// Milliseconds between probe starts.
+    #[arg(long)]
+    pub interval_ms: Option<u64>,
+    /// Probes in flight at once.
+    #[arg(long)]
+    pub concurrency: Option<u64>,
+}
+
+impl ScheduleArgs {
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            count: Some(self.count),
+            interval_ms: self.interval_ms,
+            concurrency: self.concurrency,
         }
     }
 }
@@ -209,21 +250,10 @@ impl LabArgs {
 /// A run of probes from the command line.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Number of probes (1 to 10000).
-    #[arg(long, default_value_t = 10)]
-    pub count: u64,
-    /// Milliseconds between probe starts.
-    #[arg(long)]
-    pub interval_ms: Option<u64>,
-    /// How long each probe waits for its write to show on the replica (ms).
-    #[arg(long)]
-    pub visibility_timeout_ms: Option<u64>,
-    /// Milliseconds between replica reads while waiting.
-    #[arg(long)]
-    pub poll_interval_ms: Option<u64>,
-    /// Probes in flight at once.
-    #[arg(long)]
-    pub concurrency: Option<u64>,
+    #[command(flatten)]
+    pub schedule: ScheduleArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
     /// Strategy for the read-back (default: --strategy).
     #[arg(long = "read-strategy", value_parser = parse_strategy)]
     pub read_strategy: Option<Strategy>,
@@ -235,33 +265,36 @@ pub struct RunArgs {
     pub json: bool,
 }
 
-impl RunArgs {
-    pub fn params(&self) -> crate::probe::RunParams {
-        crate::probe::RunParams {
-            count: Some(self.count),
-            interval_ms: self.interval_ms,
-            visibility_timeout_ms: self.visibility_timeout_ms,
-            poll_interval_ms: self.poll_interval_ms,
-            concurrency: self.concurrency,
-            strategy: self.read_strategy,
-            pin_window_ms: None,
-            lsn_wait_timeout_ms: None,
-        }
-    }
+/// What `lagprobe run` was asked for.
+pub enum RunKind {
+    Run(RunRequest),
+    Compare(CompareRequest),
+}
 
-    /// The strategies of `--compare`; `None` when not comparing.
-    pub fn compared(&self) -> crate::Result<Option<Vec<Strategy>>> {
+impl RunArgs {
+    pub fn request(&self) -> Result<RunKind, settings::Invalid> {
+        let probe = self.probe.params();
+        let schedule = self.schedule.schedule();
         if self.compare.is_empty() {
-            return Ok(None);
+            return Ok(RunKind::Run(RunRequest {
+                strategy: self.read_strategy,
+                probe,
+                schedule,
+            }));
         }
-        if self.compare.iter().any(|name| name == "all") {
-            return Ok(Some(Vec::new()));
-        }
-        self.compare
-            .iter()
-            .map(|name| name.parse())
-            .collect::<crate::Result<Vec<_>>>()
-            .map(Some)
+        let strategies = if self.compare.iter().any(|name| name == "all") {
+            Vec::new()
+        } else {
+            self.compare
+                .iter()
+                .map(|name| Strategy::parse_field(name, "compare"))
+                .collect::<Result<_, _>>()?
+        };
+        Ok(RunKind::Compare(CompareRequest {
+            strategies,
+            probe,
+            schedule,
+        }))
     }
 }
 
@@ -281,6 +314,6 @@ pub struct DelayLinkArgs {
     pub upstream: String,
 
     /// Milliseconds to hold bytes flowing from the primary to the replica.
-    #[arg(long, env = "LAGPROBE_DELAY_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    #[arg(long, env = "LAGPROBE_DELAY_MS", default_value_t = settings::DELAY_MS.default, value_parser = within(&settings::DELAY_MS))]
     pub delay_ms: u64,
 }

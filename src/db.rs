@@ -1,10 +1,10 @@
 //! The primary and replica connection pools, and every SQL statement lagprobe sends.
 //!
-//! Writes go to the primary pool; reads go where a [strategy](strategy) says. Keeping all
-//! SQL here means the probe engine speaks in probe terms and the transports never see a
-//! query.
-
-pub mod strategy;
+//! Primitives only: a write, a read on the primary or on one replica, positions, health.
+//! Where a read goes (the read-your-writes strategies) is the probe engine's decision.
+//! Keeping all of lagprobe's probe SQL here means the probe engine speaks in probe terms
+//! and the transports never see a query. (The lab's few bootstrap statements are its own:
+//! it sits below this module.)
 
 use std::{
     str::FromStr,
@@ -18,28 +18,63 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
 };
 
-use crate::{
-    error::{Error, Result, Role},
-    lsn::Lsn,
-};
+use crate::{lsn::Lsn, settings::PoolSettings};
 
-/// How the pools connect.
-#[derive(Debug, Clone)]
-pub struct PoolSettings {
-    /// Connections per pool at most.
-    pub max_connections: u32,
-    /// How long a query waits for a connection before the database counts as unavailable.
-    pub acquire_timeout: Duration,
+/// Which database an operation talked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Primary,
+    Replica,
 }
 
-impl Default for PoolSettings {
-    fn default() -> Self {
-        PoolSettings {
-            max_connections: 16,
-            acquire_timeout: Duration::from_secs(3),
-        }
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
     }
 }
+
+/// What can go wrong talking to the databases.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// A database could not be reached or failed a query.
+    #[error("{role} database: {source}")]
+    Query {
+        role: Role,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// Schema migrations on the primary failed.
+    #[error("migrations on the primary failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// A database URL could not be understood.
+    #[error("invalid {role} database URL: {reason}")]
+    Url { role: Role, reason: String },
+
+    /// Probes need somewhere to read.
+    #[error("at least one replica is needed")]
+    NoReplica,
+}
+
+impl DbError {
+    /// Whether the primary failed (no probe can run without a write).
+    pub fn is_primary_unavailable(&self) -> bool {
+        matches!(
+            self,
+            DbError::Query {
+                role: Role::Primary,
+                ..
+            }
+        )
+    }
+}
+
+type Result<T, E = DbError> = std::result::Result<T, E>;
 
 /// One replica: its name in reports, and its pool.
 #[derive(Debug, Clone)]
@@ -49,12 +84,6 @@ pub struct Replica {
     /// The name the primary knows this replica's WAL receiver by (pg_stat_replication's
     /// application_name), learnt on first use.
     application_name: Arc<OnceLock<String>>,
-}
-
-impl Replica {
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
 }
 
 /// The primary and the replicas.
@@ -132,15 +161,13 @@ impl ReplicaState {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StandbyStats {
     pub application_name: String,
-    pub replay_lsn: Option<Lsn>,
     pub write_lag_ms: Option<f64>,
     pub flush_lag_ms: Option<f64>,
     pub replay_lag_ms: Option<f64>,
-    pub sync_state: Option<String>,
 }
 
 /// Parses a `postgres://` URL into connect options, tagging errors with the database's role.
-pub fn connect_options(url: &str, role: Role) -> Result<PgConnectOptions> {
+fn connect_options(url: &str, role: Role) -> Result<PgConnectOptions> {
     PgConnectOptions::from_str(url)
         .map(|options| {
             options
@@ -149,7 +176,7 @@ pub fn connect_options(url: &str, role: Role) -> Result<PgConnectOptions> {
                 // warning. Slow statements still show at debug level.
                 .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1))
         })
-        .map_err(|error| Error::DatabaseUrl {
+        .map_err(|error| DbError::Url {
             role,
             reason: error.to_string(),
         })
@@ -168,8 +195,24 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `(name, url)` per replica, named by host:port of its URL (made unique if two coincide).
+pub fn name_replicas(urls: &[String]) -> Vec<(String, String)> {
+    let mut named: Vec<(String, String)> = Vec::new();
+    for url in urls {
+        let base = replica_name_from_url(url);
+        let mut name = base.clone();
+        let mut suffix = 2;
+        while named.iter().any(|(taken, _)| *taken == name) {
+            name = format!("{base}#{suffix}");
+            suffix += 1;
+        }
+        named.push((name, url.clone()));
+    }
+    named
+}
+
 /// A replica's default report name: host:port of its URL.
-pub fn replica_name_from_url(url: &str) -> String {
+fn replica_name_from_url(url: &str) -> String {
     url::Url::parse(url)
         .ok()
         .and_then(|parsed| {
@@ -185,7 +228,7 @@ pub fn replica_name_from_url(url: &str) -> String {
 /// A pool that connects on first use, so a server can start while a database is down and
 /// report it through readiness; `test_before_acquire` weeds out connections a restarted
 /// server has broken, so a replica that comes back is used again.
-pub fn lazy_pool(url: &str, role: Role, settings: &PoolSettings) -> Result<PgPool> {
+fn lazy_pool(url: &str, role: Role, settings: &PoolSettings) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
@@ -199,12 +242,18 @@ fn decode_lsn(text: Option<String>) -> Result<Option<Lsn>, sqlx::Error> {
         .map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
-fn primary_error(error: sqlx::Error) -> Error {
-    Error::database(Role::Primary)(error)
+fn primary_error(source: sqlx::Error) -> DbError {
+    DbError::Query {
+        role: Role::Primary,
+        source,
+    }
 }
 
-fn replica_error(error: sqlx::Error) -> Error {
-    Error::database(Role::Replica)(error)
+fn replica_error(source: sqlx::Error) -> DbError {
+    DbError::Query {
+        role: Role::Replica,
+        source,
+    }
 }
 
 impl Databases {
@@ -215,10 +264,7 @@ impl Databases {
         settings: &PoolSettings,
     ) -> Result<Self> {
         if replicas.is_empty() {
-            return Err(Error::invalid(
-                "replica_url",
-                "at least one replica is needed",
-            ));
+            return Err(DbError::NoReplica);
         }
         let replicas = replicas
             .iter()
@@ -234,10 +280,6 @@ impl Databases {
             primary: lazy_pool(primary_url, Role::Primary, settings)?,
             replicas: replicas.into(),
         })
-    }
-
-    pub fn primary(&self) -> &PgPool {
-        &self.primary
     }
 
     pub fn replicas(&self) -> &[Replica] {
@@ -425,27 +467,24 @@ impl Databases {
     /// Every standby pg_stat_replication lists.
     pub async fn standbys(&self) -> Result<Vec<StandbyStats>> {
         let rows = sqlx::query(
-            "SELECT application_name, replay_lsn::text, \
+            "SELECT application_name, \
                     (extract(epoch FROM write_lag) * 1000)::float8, \
                     (extract(epoch FROM flush_lag) * 1000)::float8, \
-                    (extract(epoch FROM replay_lag) * 1000)::float8, sync_state \
+                    (extract(epoch FROM replay_lag) * 1000)::float8 \
              FROM pg_stat_replication ORDER BY application_name",
         )
         .fetch_all(&self.primary)
         .await
         .map_err(primary_error)?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(StandbyStats {
-                    application_name: row.get(0),
-                    replay_lsn: decode_lsn(row.get(1)).map_err(primary_error)?,
-                    write_lag_ms: row.get(2),
-                    flush_lag_ms: row.get(3),
-                    replay_lag_ms: row.get(4),
-                    sync_state: row.get(5),
-                })
+        Ok(rows
+            .into_iter()
+            .map(|row| StandbyStats {
+                application_name: row.get(0),
+                write_lag_ms: row.get(1),
+                flush_lag_ms: row.get(2),
+                replay_lag_ms: row.get(3),
             })
-            .collect()
+            .collect())
     }
 
     /// The standby name, if already learnt ([`Databases::standby_name`]); never waits.
@@ -516,9 +555,14 @@ impl Databases {
     }
 }
 
+/// Applies `migrations/` to the primary at `primary_url` (`lagprobe migrate`).
+pub async fn migrate(primary_url: &str, settings: &PoolSettings) -> Result<()> {
+    migrate_primary(&lazy_pool(primary_url, Role::Primary, settings)?).await
+}
+
 /// Runs the migrations against one primary pool. Everything lagprobe owns lives in the
 /// schema `lagprobe`, the migration ledger included, so user schemas are never touched.
-pub async fn migrate_primary(primary: &PgPool) -> Result<()> {
+async fn migrate_primary(primary: &PgPool) -> Result<()> {
     let mut migrator = sqlx::migrate!("./migrations");
     migrator.create_schema("lagprobe");
     migrator.dangerous_set_table_name("lagprobe._sqlx_migrations");
@@ -537,5 +581,8 @@ mod tests {
         assert!(!redact_url(url).contains("s3cret"));
         assert_eq!(replica_name_from_url(url), "db.example:6543");
         assert_eq!(replica_name_from_url("postgres://h/db"), "h");
+        let named = name_replicas(&["postgres://h/a".into(), "postgres://h/b".into()]);
+        assert_eq!(named[0].0, "h");
+        assert_eq!(named[1].0, "h#2");
     }
 }

@@ -1,0 +1,297 @@
+//! The `lagprobe` command line: clap commands dispatched to the library, the lab banner,
+//! and the binary-only parts (the benchmark, the container health check, logging).
+
+mod args;
+mod bench;
+mod healthcheck;
+mod telemetry;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use args::{
+    DatabaseArgs, DelayLinkArgs, LabArgs, LogFormat, PoolArgs, RunArgs, RunKind, ServiceArgs,
+    StrategyArgs,
+};
+use clap::{Parser, Subcommand};
+use lagprobe::{
+    db,
+    lab::DelayLink,
+    probe::markdown_table,
+    server::{self, App},
+    service::Service,
+    settings::DatabaseSettings,
+};
+
+/// Make read-after-write anomalies between a PostgreSQL primary and its replica visible.
+#[derive(Debug, Parser)]
+#[command(name = "lagprobe", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "LAGPROBE_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a primary and a streaming replica with a delay link between them, then serve.
+    Lab {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Serve against a primary and a replica that someone else runs.
+    Serve {
+        #[command(flatten)]
+        databases: DatabaseArgs,
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Apply lagprobe's migrations (schema `lagprobe`) to the primary and exit.
+    Migrate {
+        /// The primary (postgres:// URL).
+        #[arg(long, env = "LAGPROBE_PRIMARY_URL", hide_env_values = true)]
+        primary_url: String,
+        #[command(flatten)]
+        pool: PoolArgs,
+    },
+    /// Run probes against a primary and a replica and print the report.
+    Run {
+        #[command(flatten)]
+        databases: DatabaseArgs,
+        #[command(flatten)]
+        run: RunArgs,
+        #[command(flatten)]
+        pool: PoolArgs,
+        #[command(flatten)]
+        strategy: StrategyArgs,
+    },
+    /// Relay TCP connections to an upstream, holding upstream-to-client bytes for a delay.
+    DelayLink {
+        #[command(flatten)]
+        link: DelayLinkArgs,
+    },
+    /// Measure lab start-up, memory, strategies, the delay link and probe rate; prints markdown.
+    Bench {
+        /// Lab start-ups to time.
+        #[arg(long, default_value_t = 5)]
+        lab_starts: u32,
+        /// Probes per strategy and delay in the strategy table.
+        #[arg(long, default_value_t = 30)]
+        strategy_probes: u32,
+        /// Probes per row of the probe-rate table.
+        #[arg(long, default_value_t = 400)]
+        rate_probes: u32,
+        /// Only these tables (comma-separated): startup, memory, strategies, link, rate.
+        #[arg(long, value_delimiter = ',')]
+        sections: Vec<String>,
+        #[arg(long, env = "LAGPROBE_PG_BINDIR")]
+        pg_bindir: Option<std::path::PathBuf>,
+    },
+    /// GET a URL and exit 0 on a 2xx answer (for container health checks).
+    Healthcheck {
+        #[arg(long, default_value = "http://127.0.0.1:8000/readyz")]
+        url: String,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Lab { lab, service } => {
+            let databases = DatabaseSettings::Lab(lab.settings());
+            run_lab(&lab, service.settings(databases)).await
+        }
+        Command::Serve { databases, service } => {
+            serve(&databases, service.settings(databases.settings())).await
+        }
+        Command::Migrate { primary_url, pool } => {
+            db::migrate(&primary_url, &pool.settings()).await?;
+            println!("migrations applied to {}", db::redact_url(&primary_url));
+            Ok(())
+        }
+        Command::Run {
+            databases,
+            run,
+            pool,
+            strategy,
+        } => run_probes(&databases, &run, &pool, &strategy).await,
+        Command::DelayLink { link } => delay_link(&link).await,
+        Command::Bench {
+            lab_starts,
+            strategy_probes,
+            rate_probes,
+            sections,
+            pg_bindir,
+        } => {
+            let options = bench::BenchOptions {
+                lab_starts,
+                strategy_probes,
+                rate_probes,
+                sections,
+                pg_bindir,
+            };
+            let binary = std::env::current_exe().context("locating the lagprobe binary")?;
+            print!("{}", bench::run(&options, &binary).await?);
+            Ok(())
+        }
+        Command::Healthcheck { url } => {
+            let status = healthcheck::http_get_status(&url, Duration::from_secs(5)).await?;
+            anyhow::ensure!((200..300).contains(&status), "GET {url} answered {status}");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_requested() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+async fn run_lab(lab_args: &LabArgs, settings: lagprobe::settings::Settings) -> anyhow::Result<()> {
+    let mut app = server::build(settings).await.context("starting the lab")?;
+    print_lab_banner(&app, lab_args);
+    let outcome = tokio::select! {
+        stop = stop_requested() => stop,
+        error = app.failed() => Err(anyhow::Error::new(error)),
+    };
+    tracing::info!("stopping");
+    app.shutdown().await;
+    outcome
+}
+
+fn print_lab_banner(app: &App, lab_args: &LabArgs) {
+    let Some(lab) = app.lab() else { return };
+    let replicas: String = lab
+        .replica_urls()
+        .iter()
+        .map(|(name, url)| format!("\n  {name:<10} psql \"{url}\""))
+        .collect();
+    println!(
+        "lagprobe lab is up in {:.1} s: PostgreSQL {} primary and {} streaming replica(s){}, \
+         {} ms delay from primary to replica\n\
+         \n  test page  http://{}/test/\
+         \n  gRPC       {} (try: grpcurl -plaintext {} list)\
+         \n  primary    psql \"{}\"{replicas}\
+         \n  data       {}{}\n\nCtrl-C stops everything.",
+        lab.startup.as_secs_f64(),
+        lab.binaries().version,
+        lab_args.replicas,
+        if lab_args.sync_replica {
+            " (synchronous)"
+        } else {
+            ""
+        },
+        lab_args.delay_ms,
+        app.http_addr,
+        app.grpc_addr,
+        app.grpc_addr,
+        lab.primary_url(),
+        lab.data_dir().display(),
+        if lab_args.data_dir.is_some() {
+            ""
+        } else {
+            " (temporary, removed on exit)"
+        },
+    );
+}
+
+async fn serve(
+    databases: &DatabaseArgs,
+    settings: lagprobe::settings::Settings,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        primary = %db::redact_url(&databases.primary_url),
+        replicas = ?databases.replica_url.iter().map(|url| db::redact_url(url)).collect::<Vec<_>>(),
+        "serving against external databases"
+    );
+    let mut app = server::build(settings)
+        .await
+        .context("starting the service")?;
+    println!(
+        "lagprobe serving: http://{}/test/ and gRPC {}",
+        app.http_addr, app.grpc_addr
+    );
+    let outcome = tokio::select! {
+        stop = stop_requested() => stop,
+        error = app.failed() => Err(anyhow::Error::new(error)),
+    };
+    app.shutdown().await;
+    outcome
+}
+
+async fn run_probes(
+    databases: &DatabaseArgs,
+    run: &RunArgs,
+    pool: &PoolArgs,
+    strategy: &StrategyArgs,
+) -> anyhow::Result<()> {
+    let service = Service::connect(
+        &databases.primary_url,
+        &databases.replica_url,
+        &pool.settings(),
+        strategy.defaults(),
+    )?;
+    match run.request()? {
+        RunKind::Compare(request) => {
+            let report = service.compare(&request).await?;
+            if run.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let rows: Vec<_> = report
+                    .strategies
+                    .iter()
+                    .map(|row| (row.strategy.to_string(), &row.summary))
+                    .collect();
+                print!("{}", markdown_table(&rows));
+            }
+        }
+        RunKind::Run(request) => {
+            let report = service.run(&request).await?;
+            if run.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let row = (report.strategy.to_string(), &report.summary);
+                print!("{}", markdown_table(&[row]));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delay_link(args: &DelayLinkArgs) -> anyhow::Result<()> {
+    let link = DelayLink::bind(
+        args.listen.as_str(),
+        args.upstream.clone(),
+        Duration::from_millis(args.delay_ms),
+    )
+    .await
+    .with_context(|| format!("listening on {}", args.listen))?;
+    println!(
+        "delay link {} -> {}: holding upstream-to-client bytes {} ms",
+        link.local_addr(),
+        args.upstream,
+        args.delay_ms
+    );
+    stop_requested().await?;
+    drop(link);
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Request fields by name, from a query string or a JSON object, and the one converter per
+//! request shape of the HTTP transport. Each converter takes the fields it knows; whatever
+//! is left over is an unknown field, a 400 naming it. Values arrive as text in a query
+//! string and as JSON numbers or strings in a body: both are accepted the same way.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::{
+    error::{Error, Result},
+    service::{
+        CompareRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule,
+        StrategyParams, WriteRequest,
+    },
+    settings::Strategy,
+};
+
+/// The fields of one request, consumed as they are converted, and where they came from
+/// (`query` or `body`, for errors about the whole).
+pub(super) struct Fields(BTreeMap<String, Value>, &'static str);
+
+impl Fields {
+    /// A query string's fields; a field given twice is an error, not a silent choice.
+    pub(super) fn from_query(query: Option<&str>) -> Result<Self> {
+        let mut fields = BTreeMap::new();
+        for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            if fields
+                .insert(name.to_string(), Value::String(value.into_owned()))
+                .is_some()
+            {
+                return Err(Error::invalid("query", format!("{name} is given twice")));
+            }
+        }
+        Ok(Fields(fields, "query"))
+    }
+
+    /// A JSON body's fields; the body must be an object.
+    pub(super) fn from_json(body: &[u8]) -> Result<Self> {
+        let fields: BTreeMap<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
+            BTreeMap::new()
+        } else {
+            serde_json::from_slice(body)
+                .map_err(|error| Error::invalid("body", format!("not a JSON object: {error}")))?
+        };
+        Ok(Fields(fields, "body"))
+    }
+
+    fn u64(&mut self, name: &'static str) -> Result<Option<u64>> {
+        let number = |text: &str| text.trim().parse::<u64>().ok();
+        match self.0.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(value)) if value.as_u64().is_some() => Ok(value.as_u64()),
+            Some(Value::String(text)) if number(&text).is_some() => Ok(number(&text)),
+            Some(other) => Err(Error::invalid(
+                name,
+                format!("{other} is not a whole number of 0 or more"),
+            )),
+        }
+    }
+
+    fn text(&mut self, name: &'static str) -> Result<Option<String>> {
+        match self.0.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text)),
+            Some(other) => Err(Error::invalid(name, format!("{other} is not a string"))),
+        }
+    }
+
+    fn strategy(&mut self) -> Result<Option<Strategy>> {
+        self.text("strategy")?
+            .map(|name| Strategy::parse_field(&name, "strategy"))
+            .transpose()
+            .map_err(Error::from)
+    }
+
+    /// Comma-separated in a query string, a list (or the same joined text) in JSON.
+    fn strategies(&mut self) -> Result<Vec<Strategy>> {
+        const FIELD: &str = "strategies";
+        let names: Vec<String> = match self.0.remove(FIELD) {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(joined)) => joined.split(',').map(str::to_owned).collect(),
+            Some(Value::Array(list)) => list
+                .into_iter()
+                .map(|name| match name {
+                    Value::String(name) => Ok(name),
+                    other => Err(Error::invalid(FIELD, format!("{other} is not a name"))),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => return Err(Error::invalid(FIELD, format!("{other} is not a list"))),
+        };
+        names
+            .iter()
+            .map(|name| name.trim())
+            .filter(|name| !name.is_empty())
+            .map(|name| Strategy::parse_field(name, FIELD).map_err(Error::from))
+            .collect()
+    }
+
+    /// Succeeds when every field was used.
+    fn finish(self) -> Result<()> {
+        match self.0.keys().next() {
+            None => Ok(()),
+            Some(name) => Err(Error::invalid(
+                self.1,
+                format!("unknown field `{name}` (check its spelling)"),
+            )),
+        }
+    }
+
+    fn strategy_params(&mut self) -> Result<StrategyParams> {
+        Ok(StrategyParams {
+            pin_window_ms: self.u64("pin_window_ms")?,
+            lsn_wait_timeout_ms: self.u64("lsn_wait_timeout_ms")?,
+        })
+    }
+
+    fn probe_params(&mut self) -> Result<ProbeParams> {
+        Ok(ProbeParams {
+            visibility_timeout_ms: self.u64("visibility_timeout_ms")?,
+            poll_interval_ms: self.u64("poll_interval_ms")?,
+            strategy_options: self.strategy_params()?,
+        })
+    }
+
+    fn schedule(&mut self) -> Result<Schedule> {
+        Ok(Schedule {
+            count: self.u64("count")?,
+            interval_ms: self.u64("interval_ms")?,
+            concurrency: self.u64("concurrency")?,
+        })
+    }
+
+    pub(super) fn probe_request(mut self) -> Result<ProbeRequest> {
+        let request = ProbeRequest {
+            strategy: self.strategy()?,
+            probe: self.probe_params()?,
+        };
+        self.finish().map(|()| request)
+    }
+
+    pub(super) fn run_request(mut self) -> Result<RunRequest> {
+        let request = RunRequest {
+            strategy: self.strategy()?,
+            probe: self.probe_params()?,
+            schedule: self.schedule()?,
+        };
+        self.finish().map(|()| request)
+    }
+
+    pub(super) fn compare_request(mut self) -> Result<CompareRequest> {
+        let request = CompareRequest {
+            strategies: self.strategies()?,
+            probe: self.probe_params()?,
+            schedule: self.schedule()?,
+        };
+        self.finish().map(|()| request)
+    }
+
+    pub(super) fn write_request(mut self) -> Result<WriteRequest> {
+        let request = WriteRequest {
+            value: self
+                .text("value")?
+                .ok_or_else(|| Error::invalid("value", "a value to write is required"))?,
+            client_id: self.text("client_id")?.unwrap_or_default(),
+        };
+        self.finish().map(|()| request)
+    }
+
+    pub(super) fn read_request(mut self) -> Result<ReadRequest> {
+        let request = ReadRequest {
+            key: self.text("key")?.unwrap_or_default(),
+            min_lsn: self.text("min_lsn")?.unwrap_or_default(),
+            client_id: self.text("client_id")?.unwrap_or_default(),
+            strategy: self.strategy()?,
+            strategy_options: self.strategy_params()?,
+        };
+        self.finish().map(|()| request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_json_fields_convert_alike_and_leftovers_are_unknown() {
+        let query = Fields::from_query(Some("count=3&strategy=lsn-wait&pin_window_ms=0"));
+        let from_query = query.unwrap().run_request().unwrap();
+        let body = br#"{"count": 3, "strategy": "lsn-wait", "pin_window_ms": "0"}"#;
+        let from_json = Fields::from_json(body).unwrap().run_request().unwrap();
+        assert_eq!(from_query, from_json);
+        assert_eq!(from_query.schedule.count, Some(3));
+        assert_eq!(from_query.strategy, Some(Strategy::LsnWait));
+
+        let error = Fields::from_query(Some("count=3"))
+            .unwrap()
+            .probe_request()
+            .unwrap_err();
+        assert!(error.to_string().contains("count"), "{error}");
+        let error = Fields::from_query(Some("poll_interval_ms=soon"))
+            .unwrap()
+            .probe_request()
+            .unwrap_err();
+        assert_eq!(error.field(), Some("poll_interval_ms"));
+        let error = Fields::from_query(Some("count=1&count=2")).err().unwrap();
+        assert_eq!(error.field(), Some("query"));
+    }
+
+    #[test]
+    fn strategies_are_a_list_or_comma_separated() {
+        let joined = Fields::from_query(Some("strategies=primary,%20lsn-wait"));
+        let joined = joined.unwrap().compare_request().unwrap();
+        let listed = Fields::from_json(br#"{"strategies": ["primary", "lsn-wait"]}"#);
+        assert_eq!(joined, listed.unwrap().compare_request().unwrap());
+        let error = Fields::from_query(Some("strategies=primary,nope"))
+            .unwrap()
+            .compare_request()
+            .unwrap_err();
+        assert_eq!(error.field(), Some("strategies"));
+    }
+}

@@ -1,0 +1,197 @@
+//! Starting lagprobe from its [settings](crate::settings): the lab when asked for one, the
+//! pools and migrations, the [service](crate::service), the heartbeat, and the HTTP and gRPC
+//! transports on their listeners. The only module that imports the transports; tests and
+//! the benchmark build the app here exactly as `main` does (the zero2prod way: port 0).
+
+use std::net::SocketAddr;
+
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    db::{self, Databases},
+    error::{Error, Result},
+    lab::Lab,
+    service::Service,
+    settings::{DatabaseSettings, LabSettings, PoolSettings, Settings},
+};
+
+/// A running lagprobe: the lab (if it started one), the service and its servers. Stop it
+/// with [`App::shutdown`]; dropping it stops everything at once.
+#[derive(Debug)]
+pub struct App {
+    service: Service,
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    http_task: JoinHandle<Result<()>>,
+    grpc_task: JoinHandle<Result<()>>,
+    heartbeat: Option<JoinHandle<()>>,
+    // Last, so that on drop the servers stop before the lab's databases do.
+    lab: Option<Lab>,
+}
+
+/// Validates `settings`, starts the lab if they ask for one, migrates, and serves.
+pub async fn build(settings: Settings) -> Result<App> {
+    settings.validate()?;
+    let (lab, databases) = connect(&settings).await?;
+    let service = Service::new(
+        databases,
+        lab.as_ref().map(Lab::delay_control),
+        settings.defaults,
+    );
+    let http = bind(settings.http_addr, "HTTP").await?;
+    let grpc = bind(settings.grpc_addr, "gRPC").await?;
+    let http_addr = local_addr(&http, "HTTP")?;
+    let grpc_addr = local_addr(&grpc, "gRPC")?;
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let heartbeat = settings
+        .heartbeat
+        .filter(|period| !period.is_zero())
+        .map(|period| tokio::spawn(service.clone().heartbeat(period)));
+    let http_task = tokio::spawn(crate::http::serve(
+        http,
+        service.clone(),
+        until_stopped(stopped.clone()),
+    ));
+    let grpc_task = tokio::spawn(crate::grpc::serve(
+        grpc,
+        service.clone(),
+        until_stopped(stopped),
+    ));
+    tracing::info!(%http_addr, %grpc_addr, "serving");
+    Ok(App {
+        service,
+        http_addr,
+        grpc_addr,
+        stop,
+        http_task,
+        grpc_task,
+        heartbeat,
+        lab,
+    })
+}
+
+/// The pools, on the lab's servers or on the ones the settings name; migrated if asked.
+async fn connect(settings: &Settings) -> Result<(Option<Lab>, Databases)> {
+    match &settings.databases {
+        DatabaseSettings::External {
+            primary_url,
+            replica_urls,
+        } => {
+            let replicas = db::name_replicas(replica_urls);
+            let databases = Databases::connect_lazy(primary_url, &replicas, &settings.pool)?;
+            if settings.migrate {
+                databases.migrate().await?;
+                tracing::info!("migrations applied on the primary");
+            }
+            Ok((None, databases))
+        }
+        DatabaseSettings::Lab(lab_settings) => {
+            let lab = start_lab(lab_settings, settings.migrate, &settings.pool).await?;
+            let databases =
+                Databases::connect_lazy(&lab.primary_url(), &lab.replica_urls(), &settings.pool)?;
+            Ok((Some(lab), databases))
+        }
+    }
+}
+
+/// A lab whose migrations have replayed on every replica before the delay engages, so that
+/// it is ready to probe as soon as it is up.
+pub async fn start_lab(lab: &LabSettings, migrate: bool, pool: &PoolSettings) -> Result<Lab> {
+    let options = crate::lab::LabOptions {
+        pg_bindir: lab.pg_bindir.clone(),
+        data_dir: lab.data_dir.clone(),
+        delay: lab.delay,
+        primary_port: lab.primary_port,
+        replica_port: lab.replica_port,
+        replicas: lab.replicas,
+        sync_replica: lab.sync_replica,
+    };
+    let lab = Lab::start(&options).await?;
+    if migrate {
+        db::migrate(&lab.primary_url(), pool).await?;
+        tracing::info!("migrations applied on the primary");
+    }
+    lab.apply_configured_delay().await?;
+    Ok(lab)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(Error::io(format!("binding the {what} address {addr}")))
+}
+
+fn local_addr(listener: &TcpListener, what: &str) -> Result<SocketAddr> {
+    listener
+        .local_addr()
+        .map_err(Error::io(format!("reading the {what} address")))
+}
+
+impl App {
+    /// What the transports call, for callers in the same process (tests, the benchmark).
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// The lab, when this app started one.
+    pub fn lab(&self) -> Option<&Lab> {
+        self.lab.as_ref()
+    }
+
+    /// The lab, to stop and start its servers (tests).
+    pub fn lab_mut(&mut self) -> Option<&mut Lab> {
+        self.lab.as_mut()
+    }
+
+    /// Resolves if a server stops on its own (an accept error) or a lab server exits, with
+    /// what stopped it.
+    pub async fn failed(&mut self) -> Error {
+        let lab_exit = async {
+            match &self.lab {
+                Some(lab) => lab.unexpected_exit().await,
+                None => std::future::pending().await,
+            }
+        };
+        let finished = tokio::select! {
+            finished = &mut self.http_task => finished,
+            finished = &mut self.grpc_task => finished,
+            error = lab_exit => return error.into(),
+        };
+        match finished {
+            Ok(Err(error)) => error,
+            Ok(Ok(())) => Error::FailedPrecondition("a server stopped unexpectedly".into()),
+            Err(join_error) => std::panic::resume_unwind(join_error.into_panic()),
+        }
+    }
+
+    /// Stops accepting, lets requests in flight finish, waits for both servers, then stops
+    /// the lab. Open streams (Watch) end with the servers.
+    pub async fn shutdown(mut self) {
+        const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+        if let Some(heartbeat) = self.heartbeat.take() {
+            heartbeat.abort();
+        }
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(GRACE, &mut self.http_task).await;
+        let _ = tokio::time::timeout(GRACE, &mut self.grpc_task).await;
+        self.http_task.abort();
+        self.grpc_task.abort();
+        if let Some(lab) = self.lab.take() {
+            lab.shutdown().await;
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.abort();
+        }
+        self.http_task.abort();
+        self.grpc_task.abort();
+    }
+}
