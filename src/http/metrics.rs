@@ -54,142 +54,224 @@ pub fn render(
     link: LinkGauges,
 ) -> String {
     let mut out = String::new();
-    header(
-        &mut out,
+    probe_families(&mut out, snapshot);
+    lag_families(&mut out, lag);
+    link_families(&mut out, link);
+    out
+}
+
+/// `key="value"` pairs for inside a sample's braces, the values escaped.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(key, value)| format!("{key}=\"{}\"", label(value)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One sample line; `labels` as made by [`labels`], empty for none.
+fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Display) {
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// A family of plain samples: its header, then one line per `(labels, value)`.
+fn family<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    header(out, name, kind, help);
+    for (labels, value) in samples {
+        sample(out, name, &labels, value);
+    }
+}
+
+/// A histogram family with one histogram per strategy.
+fn histogram_family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    by_strategy: &std::collections::BTreeMap<String, Histogram>,
+) {
+    header(out, name, "histogram", help);
+    for (strategy, values) in by_strategy {
+        histogram(out, name, strategy, values);
+    }
+}
+
+/// What the engine recorded: probe counts, the two histograms and lsn-wait fallbacks.
+fn probe_families(out: &mut String, snapshot: &MetricsSnapshot) {
+    family(
+        out,
         "lagprobe_probes_total",
         "counter",
         "Probes run, by read strategy, verdict and replica.",
+        snapshot
+            .probes
+            .iter()
+            .map(|((strategy, verdict, replica), count)| {
+                let pairs = [
+                    ("strategy", strategy.as_str()),
+                    ("verdict", verdict),
+                    ("replica", replica.as_str()),
+                ];
+                (labels(&pairs), count)
+            }),
     );
-    for ((strategy, verdict, replica), count) in &snapshot.probes {
-        let _ = writeln!(
-            out,
-            "lagprobe_probes_total{{strategy=\"{}\",verdict=\"{}\",replica=\"{}\"}} {count}",
-            label(strategy),
-            verdict,
-            label(replica)
-        );
-    }
-    header(
-        &mut out,
+    histogram_family(
+        out,
         "lagprobe_commit_to_visible_seconds",
-        "histogram",
         "Time from an acknowledged COMMIT until the replica showed the row (upper bound).",
+        &snapshot.visible_after,
     );
-    for (strategy, values) in &snapshot.visible_after {
-        histogram(
-            &mut out,
-            "lagprobe_commit_to_visible_seconds",
-            strategy,
-            values,
-        );
-    }
-    header(
-        &mut out,
+    histogram_family(
+        out,
         "lagprobe_read_latency_seconds",
-        "histogram",
         "Time from an acknowledged COMMIT until the strategy's read returned.",
+        &snapshot.read_latency,
     );
-    for (strategy, values) in &snapshot.read_latency {
-        histogram(&mut out, "lagprobe_read_latency_seconds", strategy, values);
-    }
-    header(
-        &mut out,
+    family(
+        out,
         "lagprobe_fallbacks_total",
         "counter",
         "lsn-wait reads that timed out and went to the primary.",
+        snapshot
+            .fallbacks
+            .iter()
+            .map(|(strategy, count)| (labels(&[("strategy", strategy)]), count)),
     );
-    for (strategy, count) in &snapshot.fallbacks {
-        let _ = writeln!(
-            out,
-            "lagprobe_fallbacks_total{{strategy=\"{}\"}} {count}",
-            label(strategy)
-        );
-    }
+}
 
+/// A lag family's samples: per replica, a line for each method that was measured.
+fn lag_samples<'a, V: std::fmt::Display, const N: usize>(
+    out: &mut String,
+    name: &str,
+    by_replica: impl Iterator<Item = (&'a str, [(&'static str, Option<V>); N])>,
+) {
+    for (replica, by_method) in by_replica {
+        for (method, value) in by_method {
+            if let Some(value) = value {
+                let pairs = [("replica", replica), ("method", method)];
+                sample(out, name, &labels(&pairs), value);
+            }
+        }
+    }
+}
+
+/// Lag measured at this scrape: bytes, whether the scrape could measure it, seconds.
+fn lag_families(out: &mut String, lag: Result<&LagReport, String>) {
+    const BYTES: &str = "lagprobe_lag_bytes";
+    const SECONDS: &str = "lagprobe_lag_seconds";
     header(
-        &mut out,
-        "lagprobe_lag_bytes",
+        out,
+        BYTES,
         "gauge",
         "Replication lag in bytes, by method (see the API's LagReport.methods).",
     );
-    let mut seconds = String::new();
     header(
-        &mut seconds,
-        "lagprobe_lag_seconds",
-        "gauge",
-        "Replication lag in seconds, by method (see the API's LagReport.methods).",
-    );
-    header(
-        &mut out,
+        out,
         "lagprobe_lag_scrape_ok",
         "gauge",
         "1 if lag could be measured at this scrape.",
     );
+    let report = scrape_ok_sample(out, lag);
+    lag_samples(out, BYTES, lag_bytes(report));
+    header(
+        out,
+        SECONDS,
+        "gauge",
+        "Replication lag in seconds, by method (see the API's LagReport.methods).",
+    );
+    lag_samples(out, SECONDS, lag_seconds(report));
+}
+
+/// `lagprobe_lag_scrape_ok`'s sample, after a comment with the reason when lag could not
+/// be measured; the report when it could.
+fn scrape_ok_sample<'a>(
+    out: &mut String,
+    lag: Result<&'a LagReport, String>,
+) -> Option<&'a LagReport> {
     match lag {
         Ok(report) => {
             let _ = writeln!(out, "lagprobe_lag_scrape_ok 1");
-            for replica in &report.replicas {
-                let name = label(&replica.replica);
-                let lag = &replica.lag;
-                for (method, value) in [
-                    ("lsn_gap", lag.lsn_gap_bytes),
-                    ("receive_replay_gap", lag.receive_replay_gap_bytes),
-                ] {
-                    if let Some(bytes) = value {
-                        let _ = writeln!(
-                            out,
-                            "lagprobe_lag_bytes{{replica=\"{name}\",method=\"{method}\"}} {bytes}"
-                        );
-                    }
-                }
-                for (method, value) in [
-                    ("heartbeat", lag.heartbeat_lag_ms),
-                    ("replay_timestamp", lag.replay_timestamp_lag_ms),
-                    ("stat_write", lag.stat_write_lag_ms),
-                    ("stat_flush", lag.stat_flush_lag_ms),
-                    ("stat_replay", lag.stat_replay_lag_ms),
-                ] {
-                    if let Some(ms) = value {
-                        let _ = writeln!(
-                            seconds,
-                            "lagprobe_lag_seconds{{replica=\"{name}\",method=\"{method}\"}} {}",
-                            ms / 1000.0
-                        );
-                    }
-                }
-            }
+            Some(report)
         }
         Err(reason) => {
             let _ = writeln!(out, "# lag not measured: {}", reason.replace('\n', " "));
             let _ = writeln!(out, "lagprobe_lag_scrape_ok 0");
+            None
         }
     }
-    out.push_str(&seconds);
+}
 
-    if let Some((delay_seconds, jitter_seconds, down)) = link {
-        header(
-            &mut out,
+/// Each replica's lag in bytes, by method.
+fn lag_bytes(
+    report: Option<&LagReport>,
+) -> impl Iterator<Item = (&str, [(&'static str, Option<u64>); 2])> {
+    report
+        .into_iter()
+        .flat_map(|report| &report.replicas)
+        .map(|replica| {
+            let lag = &replica.lag;
+            let by_method = [
+                ("lsn_gap", lag.lsn_gap_bytes),
+                ("receive_replay_gap", lag.receive_replay_gap_bytes),
+            ];
+            (replica.replica.as_str(), by_method)
+        })
+}
+
+/// Each replica's lag in seconds, by method.
+fn lag_seconds(
+    report: Option<&LagReport>,
+) -> impl Iterator<Item = (&str, [(&'static str, Option<f64>); 5])> {
+    report
+        .into_iter()
+        .flat_map(|report| &report.replicas)
+        .map(|replica| {
+            let lag = &replica.lag;
+            let by_method = [
+                ("heartbeat", lag.heartbeat_lag_ms),
+                ("replay_timestamp", lag.replay_timestamp_lag_ms),
+                ("stat_write", lag.stat_write_lag_ms),
+                ("stat_flush", lag.stat_flush_lag_ms),
+                ("stat_replay", lag.stat_replay_lag_ms),
+            ]
+            .map(|(method, ms)| (method, ms.map(|ms| ms / 1000.0)));
+            (replica.replica.as_str(), by_method)
+        })
+}
+
+/// The lab's delay link settings, when running a lab: one unlabelled gauge each.
+fn link_families(out: &mut String, link: LinkGauges) {
+    let Some((delay_seconds, jitter_seconds, down)) = link else {
+        return;
+    };
+    for (name, help, value) in [
+        (
             "lagprobe_delay_link_delay_seconds",
-            "gauge",
             "The lab's delay from primary to replica.",
-        );
-        let _ = writeln!(out, "lagprobe_delay_link_delay_seconds {delay_seconds}");
-        header(
-            &mut out,
+            delay_seconds.to_string(),
+        ),
+        (
             "lagprobe_delay_link_jitter_seconds",
-            "gauge",
             "The lab's uniform jitter bound.",
-        );
-        let _ = writeln!(out, "lagprobe_delay_link_jitter_seconds {jitter_seconds}");
-        header(
-            &mut out,
+            jitter_seconds.to_string(),
+        ),
+        (
             "lagprobe_delay_link_down",
-            "gauge",
             "1 while the lab's delay link is cut.",
-        );
-        let _ = writeln!(out, "lagprobe_delay_link_down {}", u8::from(down));
+            u8::from(down).to_string(),
+        ),
+    ] {
+        family(out, name, "gauge", help, [(String::new(), value)]);
     }
-    out
 }
 
 #[cfg(test)]

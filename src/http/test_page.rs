@@ -71,9 +71,9 @@ fn ms_text(ms: f64) -> String {
     format!("{ms:.1} ms")
 }
 
-/// The page for a probe that ran.
-pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
-    let (class, headline, explanation) = match probe.verdict {
+/// The verdict's CSS class, headline and one-line explanation.
+fn verdict_text(verdict: Verdict) -> (&'static str, &'static str, &'static str) {
+    match verdict {
         Verdict::Stale => (
             "stale",
             "STALE",
@@ -85,13 +85,37 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
             "The read saw the row that had just been committed on the primary.",
         ),
         Verdict::ReplicaError => ("error", "REPLICA ERROR", "The replica could not be read."),
-    };
+    }
+}
+
+/// The page for a probe that ran.
+pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
+    let (class, headline, explanation) = verdict_text(probe.verdict);
     let mut body = format!(
         "<div class=\"verdict {class}\" id=\"verdict\">{headline}<small>{}</small></div><table>",
         escape(explanation)
     );
+    written_row(&mut body, probe);
+    read_back_row(&mut body, probe);
+    visibility_row(&mut body, probe);
+    replay_lag_rows(&mut body, probe);
+    optional_lag_rows(&mut body, probe);
+    lsn_and_latency_rows(&mut body, probe);
+    delay_row(&mut body, lab_delay_ms);
+    error_row(&mut body, probe);
+    body.push_str("</table>");
+    // Strategy names are URL-safe, so the same strategy is kept for the next load.
+    page(
+        &format!("lagprobe: {headline}"),
+        &body,
+        &format!("/test/?strategy={}", probe.strategy),
+    )
+}
+
+/// What the probe wrote to the primary.
+fn written_row(html: &mut String, probe: &ProbeResult) {
     row(
-        &mut body,
+        html,
         "Written to the primary",
         &format!(
             "<code id=\"written\">{}</code>",
@@ -99,25 +123,38 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         ),
         "commit timestamp (primary clock) and this probe's own token; committed before the read",
     );
-    let read = probe.read_value.as_deref().map_or_else(
-        || "<em>(row not there yet)</em>".to_owned(),
-        |v| format!("<code>{}</code>", escape(v)),
-    );
-    let served_by = match probe.served_by {
+}
+
+/// Which server answered the strategy's read.
+fn served_by_text(probe: &ProbeResult) -> String {
+    match probe.served_by {
         Some(ServedBy::Replica) => format!("replica {}", probe.replica),
         Some(ServedBy::Primary) => "the primary".to_owned(),
         Some(ServedBy::Fallback) => "the primary (waiting on the replica timed out)".to_owned(),
         None => format!("nobody (replica {} failed)", probe.replica),
-    };
+    }
+}
+
+/// What the strategy's read returned, and who served it.
+fn read_back_row(html: &mut String, probe: &ProbeResult) {
+    let read = probe.read_value.as_deref().map_or_else(
+        || "<em>(row not there yet)</em>".to_owned(),
+        |v| format!("<code>{}</code>", escape(v)),
+    );
     row(
-        &mut body,
+        html,
         "Read back",
         &format!("<span id=\"read\">{read}</span>"),
         &format!(
-            "strategy {}, served by {served_by}; read right after the COMMIT returned",
-            probe.strategy
+            "strategy {}, served by {}; read right after the COMMIT returned",
+            probe.strategy,
+            served_by_text(probe)
         ),
     );
+}
+
+/// Commit to visible on the replica, with the bracket when it is known.
+fn visibility_row(html: &mut String, probe: &ProbeResult) {
     let visible = match (probe.visible_after, probe.still_stale_at) {
         (Some(after), Some(before)) => format!(
             "{} <span class=\"note\">(between {} and {} after the commit)</span>",
@@ -133,17 +170,21 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         (None, _) => "not measured".to_owned(),
     };
     row(
-        &mut body,
+        html,
         "Commit to visible on the replica",
         // `visible` holds only numbers and our own markup.
         &format!("<span id=\"visible-after\">{visible}</span>"),
         "measured on one monotonic clock from the acknowledged COMMIT",
     );
+}
+
+/// The two lags every probe reports: WAL not yet replayed, and the replay timestamp's.
+fn replay_lag_rows(html: &mut String, probe: &ProbeResult) {
     let gap = probe
         .lsn_gap_bytes
         .map_or_else(|| "unknown".to_owned(), |bytes| format!("{bytes} bytes"));
     row(
-        &mut body,
+        html,
         "Lag: WAL not yet replayed",
         &escape(&gap),
         "commit LSN minus the replica's replay LSN at the immediate read: exact for \"has my write arrived\"",
@@ -152,15 +193,19 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         .replay_timestamp_lag_ms
         .map_or_else(|| "unknown".to_owned(), ms_text);
     row(
-        &mut body,
+        html,
         "Lag: replica's replay timestamp",
         &escape(&timestamp_lag),
         "now() - pg_last_xact_replay_timestamp() on the replica (the old demo's figure): \
          unreliable, it keeps growing while the primary is idle",
     );
+}
+
+/// The lags shown only when measured: heartbeat, and received but not replayed.
+fn optional_lag_rows(html: &mut String, probe: &ProbeResult) {
     if let Some(heartbeat_ms) = probe.lag.heartbeat_lag_ms {
         row(
-            &mut body,
+            html,
             "Lag: heartbeat",
             &escape(&ms_text(heartbeat_ms)),
             "primary clock now minus the newest heartbeat the replica shows: true data lag, \
@@ -169,14 +214,18 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
     }
     if let Some(gap) = probe.lag.receive_replay_gap_bytes {
         row(
-            &mut body,
+            html,
             "Lag: received but not replayed",
             &escape(&format!("{gap} bytes")),
             "blind to WAL still on the network: reads about 0 while the delay holds the WAL back",
         );
     }
+}
+
+/// Commit and replay LSNs, then write and read latency.
+fn lsn_and_latency_rows(html: &mut String, probe: &ProbeResult) {
     row(
-        &mut body,
+        html,
         "Commit LSN / replica replay LSN",
         &escape(&format!(
             "{} / {}",
@@ -188,7 +237,7 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         "",
     );
     row(
-        &mut body,
+        html,
         "Write latency / read latency",
         &escape(&format!(
             "{} / {}",
@@ -199,22 +248,18 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
         )),
         "",
     );
-    delay_row(&mut body, lab_delay_ms);
+}
+
+/// The probe's error, if it had one.
+fn error_row(html: &mut String, probe: &ProbeResult) {
     if let Some(error) = &probe.error {
         row(
-            &mut body,
+            html,
             "Error",
             &format!("<code>{}</code>", escape(error)),
             "",
         );
     }
-    body.push_str("</table>");
-    // Strategy names are URL-safe, so the same strategy is kept for the next load.
-    page(
-        &format!("lagprobe: {headline}"),
-        &body,
-        &format!("/test/?strategy={}", probe.strategy),
-    )
 }
 
 /// The page when no probe could run (bad input, primary unavailable).

@@ -185,6 +185,67 @@ struct TimedRead {
     outcome: Result<ReplicaRead, DbError>,
 }
 
+/// The write side of one probe: when the primary acknowledged the COMMIT, where the commit
+/// sits in the WAL, and the row it wrote.
+struct ProbeWrite {
+    committed: Instant,
+    position: CommitPosition,
+    written: crate::db::WrittenRow,
+}
+
+/// A probe's result before its read is judged: what was written, nothing read yet.
+fn unjudged_result(
+    token: String,
+    strategy: Strategy,
+    replica: &Replica,
+    write: &ProbeWrite,
+    write_latency: Duration,
+) -> ProbeResult {
+    ProbeResult {
+        written_value: probe_value(&write.written.written_at, &token),
+        token,
+        strategy,
+        replica: replica.name.clone(),
+        read_value: None,
+        verdict: Verdict::ReplicaError,
+        served_by: None,
+        commit_lsn: write.position.wal_lsn,
+        replica_replay_lsn: None,
+        lsn_gap_bytes: None,
+        replay_timestamp_lag_ms: None,
+        write_latency,
+        read_latency: None,
+        waited: None,
+        visible_after: None,
+        still_stale_at: None,
+        visibility_resolution: None,
+        visibility_timed_out: false,
+        replica_reads: 0,
+        remote_apply_effective: write.written.remote_apply_effective,
+        lag: LagMeasures::default(),
+        error: None,
+    }
+}
+
+/// Lag by every method from the probe's first replica read, sent `sent_at` after the commit.
+fn record_first_read(
+    result: &mut ProbeResult,
+    write: &ProbeWrite,
+    replica_read: &ReplicaRead,
+    sent_at: Duration,
+) {
+    let primary_now_ms = write.written.written_at_epoch_ms + millis(sent_at);
+    result.lag = LagMeasures::from_reads(
+        write.position.wal_lsn,
+        Some(&write.position),
+        replica_read,
+        primary_now_ms,
+    );
+    result.replica_replay_lsn = replica_read.replay_lsn;
+    result.lsn_gap_bytes = result.lag.lsn_gap_bytes;
+    result.replay_timestamp_lag_ms = replica_read.replay_timestamp_lag_ms;
+}
+
 fn probe_value(written_at: &str, token: &str) -> String {
     format!("{written_at} {token}")
 }
@@ -231,7 +292,7 @@ impl ProbeEngine {
     /// that cannot be read is a result ([`Verdict::ReplicaError`]), not an error.
     pub async fn probe(&self, options: &ProbeOptions) -> Result<ProbeResult> {
         let replica = self.pick_replica();
-        // Learnt from the replica after its first good read (below), never waited for
+        // Learnt from the replica after its first good read (in `finish`), never waited for
         // here: a replica that is down must not delay the write.
         let standby = self.db.known_standby_name(replica);
         let token = uuid::Uuid::new_v4().simple().to_string();
@@ -243,6 +304,48 @@ impl ProbeEngine {
         let committed = Instant::now();
         let write_latency = committed - write_started;
 
+        let (position, routed) = self
+            .read_after_commit(replica, options, standby.as_deref(), &token, committed)
+            .await?;
+        let read_returned = committed.elapsed();
+        let write = ProbeWrite {
+            committed,
+            position,
+            written,
+        };
+        let mut result = unjudged_result(token, options.strategy, replica, &write, write_latency);
+
+        match routed {
+            Err(error) if error.is_primary_unavailable() => return Err(error.into()),
+            Err(error) => {
+                result.replica_reads = 1;
+                result.error = Some(error.to_string());
+            }
+            Ok(routed) => {
+                self.judge(&mut result, &routed, read_returned);
+                let first = self
+                    .first_read(replica, routed, read_returned, committed, &result.token)
+                    .await;
+                self.measure_visibility(replica, options, &write, first, &mut result)
+                    .await;
+            }
+        }
+        self.finish(replica, standby.as_deref(), &write, &mut result)
+            .await;
+        Ok(result)
+    }
+
+    /// The strategy's read-back and the commit's position in the WAL. LSN strategies need
+    /// the position before they read; the others read at once and fetch it alongside, so
+    /// their read stays "immediately after commit".
+    async fn read_after_commit(
+        &self,
+        replica: &Replica,
+        options: &ProbeOptions,
+        standby: Option<&str>,
+        token: &str,
+        committed: Instant,
+    ) -> Result<(CommitPosition, Result<RoutedRead, DbError>)> {
         let mut context = ReadContext {
             min_lsn: None,
             last_write: Some(committed),
@@ -254,91 +357,18 @@ impl ProbeEngine {
                 options.strategy,
                 &options.strategy_settings,
                 context,
-                &token,
+                token,
             )
         };
-        // LSN strategies need the commit position before they read; the others read at once
-        // and fetch it alongside, so their read stays "immediately after commit".
-        let (position, routed) =
-            if matches!(options.strategy, Strategy::LsnWait | Strategy::LsnRoute) {
-                let position = self.db.commit_position(standby.as_deref()).await?;
-                context.min_lsn = Some(position.wal_lsn);
-                (position, read_back(context).await)
-            } else {
-                let (position, routed) = tokio::join!(
-                    self.db.commit_position(standby.as_deref()),
-                    read_back(context)
-                );
-                (position?, routed)
-            };
-        let read_returned = committed.elapsed();
-
-        let mut result = ProbeResult {
-            written_value: probe_value(&written.written_at, &token),
-            token,
-            strategy: options.strategy,
-            replica: replica.name.clone(),
-            read_value: None,
-            verdict: Verdict::ReplicaError,
-            served_by: None,
-            commit_lsn: position.wal_lsn,
-            replica_replay_lsn: None,
-            lsn_gap_bytes: None,
-            replay_timestamp_lag_ms: None,
-            write_latency,
-            read_latency: None,
-            waited: None,
-            visible_after: None,
-            still_stale_at: None,
-            visibility_resolution: None,
-            visibility_timed_out: false,
-            replica_reads: 0,
-            remote_apply_effective: written.remote_apply_effective,
-            lag: LagMeasures::default(),
-            error: None,
-        };
-
-        match routed {
-            Err(error) if error.is_primary_unavailable() => return Err(error.into()),
-            Err(error) => {
-                result.replica_reads = 1;
-                result.error = Some(error.to_string());
-            }
-            Ok(routed) => {
-                self.judge(&mut result, &routed, read_returned);
-                let first = match (routed.replica_read, routed.replica_read_sent) {
-                    (Some(read), Some(sent)) => TimedRead {
-                        sent_at: sent.saturating_duration_since(committed),
-                        returned_at: read_returned,
-                        outcome: Ok(read),
-                    },
-                    _ => self.timed_read(replica, &result.token, committed).await,
-                };
-                self.measure_visibility(
-                    replica,
-                    options,
-                    committed,
-                    &position,
-                    &written,
-                    first,
-                    &mut result,
-                )
-                .await;
-            }
+        if matches!(options.strategy, Strategy::LsnWait | Strategy::LsnRoute) {
+            let position = self.db.commit_position(standby).await?;
+            context.min_lsn = Some(position.wal_lsn);
+            Ok((position, read_back(context).await))
+        } else {
+            let (position, routed) =
+                tokio::join!(self.db.commit_position(standby), read_back(context));
+            Ok((position?, routed))
         }
-
-        if standby.is_none() && result.error.is_none() {
-            let _ = self.db.standby_name(replica).await;
-        }
-        result.visibility_resolution = result
-            .visible_after
-            .zip(result.still_stale_at)
-            .map(|(after, before)| after.saturating_sub(before));
-        if let Err(error) = self.db.delete_probe_row(written.id).await {
-            tracing::warn!(%error, "could not delete a finished probe's row; a later probe prunes it");
-        }
-        self.metrics.record(&result);
-        Ok(result)
     }
 
     fn judge(&self, result: &mut ProbeResult, routed: &RoutedRead, read_returned: Duration) {
@@ -354,17 +384,34 @@ impl ProbeEngine {
         }
     }
 
+    /// The replica read that opens the visibility bracket: the strategy's own when it read
+    /// the replica, a new one otherwise.
+    async fn first_read(
+        &self,
+        replica: &Replica,
+        routed: RoutedRead,
+        read_returned: Duration,
+        committed: Instant,
+        token: &str,
+    ) -> TimedRead {
+        match (routed.replica_read, routed.replica_read_sent) {
+            (Some(read), Some(sent)) => TimedRead {
+                sent_at: sent.saturating_duration_since(committed),
+                returned_at: read_returned,
+                outcome: Ok(read),
+            },
+            _ => self.timed_read(replica, token, committed).await,
+        }
+    }
+
     /// Records lag from the first replica read, then polls the replica until the row shows
     /// up or the timeout passes, bracketing the moment it became visible between the last
     /// miss and the first hit.
-    #[allow(clippy::too_many_arguments)]
     async fn measure_visibility(
         &self,
         replica: &Replica,
         options: &ProbeOptions,
-        committed: Instant,
-        position: &CommitPosition,
-        written: &crate::db::WrittenRow,
+        write: &ProbeWrite,
         first: TimedRead,
         result: &mut ProbeResult,
     ) {
@@ -382,16 +429,7 @@ impl ProbeEngine {
                 }
                 Ok(replica_read) => {
                     if result.replica_reads == 1 {
-                        let primary_now_ms = written.written_at_epoch_ms + millis(read.sent_at);
-                        result.lag = LagMeasures::from_reads(
-                            position.wal_lsn,
-                            Some(position),
-                            &replica_read,
-                            primary_now_ms,
-                        );
-                        result.replica_replay_lsn = replica_read.replay_lsn;
-                        result.lsn_gap_bytes = result.lag.lsn_gap_bytes;
-                        result.replay_timestamp_lag_ms = replica_read.replay_timestamp_lag_ms;
+                        record_first_read(result, write, &replica_read, read.sent_at);
                     }
                     if replica_read.row.is_some() {
                         result.visible_after = Some(read.returned_at);
@@ -400,13 +438,37 @@ impl ProbeEngine {
                     result.still_stale_at = Some(read.sent_at);
                 }
             }
-            if committed.elapsed() >= options.visibility_timeout {
+            if write.committed.elapsed() >= options.visibility_timeout {
                 result.visibility_timed_out = true;
                 return;
             }
             tokio::time::sleep(options.poll_interval).await;
-            read = self.timed_read(replica, &result.token, committed).await;
+            read = self
+                .timed_read(replica, &result.token, write.committed)
+                .await;
         }
+    }
+
+    /// After the reads: learns the replica's standby name if it was not known and the probe
+    /// saw no error, closes the visibility bracket, deletes the row and counts the probe.
+    async fn finish(
+        &self,
+        replica: &Replica,
+        standby: Option<&str>,
+        write: &ProbeWrite,
+        result: &mut ProbeResult,
+    ) {
+        if standby.is_none() && result.error.is_none() {
+            let _ = self.db.standby_name(replica).await;
+        }
+        result.visibility_resolution = result
+            .visible_after
+            .zip(result.still_stale_at)
+            .map(|(after, before)| after.saturating_sub(before));
+        if let Err(error) = self.db.delete_probe_row(write.written.id).await {
+            tracing::warn!(%error, "could not delete a finished probe's row; a later probe prunes it");
+        }
+        self.metrics.record(result);
     }
 
     /// Writes `value` on the primary; the result's commit LSN is the consistency token.
