@@ -98,24 +98,17 @@ async fn connect(settings: &Settings) -> Result<(Option<Lab>, Databases)> {
     }
 }
 
-/// A lab whose migrations have replayed on every replica before the delay engages, so that
-/// it is ready to probe as soon as it is up.
+/// A lab whose migrations (if asked for) have replayed on every replica before the delay
+/// engages, so that it is ready to probe as soon as it is up.
 pub async fn start_lab(lab: &LabSettings, migrate: bool, pool: &PoolSettings) -> Result<Lab> {
-    let options = crate::lab::LabOptions {
-        pg_bindir: lab.pg_bindir.clone(),
-        data_dir: lab.data_dir.clone(),
-        delay: lab.delay,
-        primary_port: lab.primary_port,
-        replica_port: lab.replica_port,
-        replicas: lab.replicas,
-        sync_replica: lab.sync_replica,
-    };
-    let lab = Lab::start(&options).await?;
-    if migrate {
-        db::migrate(&lab.primary_url(), pool).await?;
-        tracing::info!("migrations applied on the primary");
-    }
-    lab.apply_configured_delay().await?;
+    let lab = Lab::start(lab, async |lab: &Lab| {
+        if migrate {
+            db::migrate(&lab.primary_url(), pool).await?;
+            tracing::info!("migrations applied on the primary");
+        }
+        Ok::<(), db::DbError>(())
+    })
+    .await?;
     Ok(lab)
 }
 

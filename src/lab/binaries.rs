@@ -1,9 +1,10 @@
 //! Finding the local PostgreSQL server binaries the lab runs.
+//!
+//! Async throughout (tokio's process and fs), as it runs on the runtime at lab start.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
 
 use super::LabError;
 
@@ -18,24 +19,23 @@ pub struct PgBinaries {
     pub bindir: PathBuf,
     /// As `postgres --version` prints it, e.g. `15.18`.
     pub version: String,
-    pub major: u32,
 }
 
 impl PgBinaries {
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(super) fn program(&self, name: &str) -> PathBuf {
         self.bindir.join(name)
     }
 
     /// Looks in order: `explicit` (the flag), LAGPROBE_PG_BINDIR, `pg_config --bindir`,
     /// `initdb` on PATH, then the newest `/usr/lib/postgresql/*/bin` (Debian's layout,
     /// which does not put server programs on PATH).
-    pub fn find(explicit: Option<&Path>) -> Result<Self, LabError> {
+    pub(super) async fn find(explicit: Option<&Path>) -> Result<Self, LabError> {
         let from_env = std::env::var_os("LAGPROBE_PG_BINDIR")
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from);
         if let Some(dir) = explicit.or(from_env.as_deref()) {
-            return if has_server_programs(dir) {
-                Self::at(dir)
+            return if has_server_programs(dir).await {
+                Self::at(dir).await
             } else {
                 Err(LabError::BinariesNotFound {
                     tried: format!(
@@ -47,13 +47,14 @@ impl PgBinaries {
             };
         }
         let mut tried = Vec::new();
-        let candidates = pg_config_bindir()
-            .into_iter()
-            .chain(initdb_on_path())
-            .chain(newest_debian_bindir());
-        for dir in candidates {
-            if has_server_programs(&dir) {
-                return Self::at(&dir);
+        let candidates = [
+            pg_config_bindir().await,
+            initdb_on_path().await,
+            newest_debian_bindir().await,
+        ];
+        for dir in candidates.into_iter().flatten() {
+            if has_server_programs(&dir).await {
+                return Self::at(&dir).await;
             }
             tried.push(dir.display().to_string());
         }
@@ -64,11 +65,12 @@ impl PgBinaries {
         })
     }
 
-    fn at(dir: &Path) -> Result<Self, LabError> {
+    async fn at(dir: &Path) -> Result<Self, LabError> {
         let postgres = dir.join("postgres");
         let output = Command::new(&postgres)
             .arg("--version")
             .output()
+            .await
             .map_err(LabError::io(format!(
                 "running {} --version",
                 postgres.display()
@@ -96,47 +98,73 @@ impl PgBinaries {
         Ok(PgBinaries {
             bindir: dir.to_path_buf(),
             version,
-            major,
         })
     }
 }
 
-fn has_server_programs(dir: &Path) -> bool {
-    REQUIRED.iter().all(|name| dir.join(name).is_file())
+async fn has_server_programs(dir: &Path) -> bool {
+    for name in REQUIRED {
+        if !is_file(&dir.join(name)).await {
+            return false;
+        }
+    }
+    true
 }
 
-fn pg_config_bindir() -> Option<PathBuf> {
-    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
+async fn is_file(path: &Path) -> bool {
+    tokio::fs::metadata(path)
+        .await
+        .is_ok_and(|metadata| metadata.is_file())
+}
+
+async fn pg_config_bindir() -> Option<PathBuf> {
+    let output = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .await
+        .ok()?;
     output
         .status
         .success()
         .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
-fn initdb_on_path() -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).find(|dir| dir.join("initdb").is_file())
+async fn initdb_on_path() -> Option<PathBuf> {
+    for dir in std::env::split_paths(&std::env::var_os("PATH")?) {
+        if is_file(&dir.join("initdb")).await {
+            return Some(dir);
+        }
+    }
+    None
 }
 
-fn newest_debian_bindir() -> Option<PathBuf> {
-    std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
-            Some((major, entry.path().join("bin")))
-        })
-        .max_by_key(|(major, _)| *major)
-        .map(|(_, bin)| bin)
+async fn newest_debian_bindir() -> Option<PathBuf> {
+    let mut entries = tokio::fs::read_dir("/usr/lib/postgresql").await.ok()?;
+    let mut newest: Option<(u32, PathBuf)> = None;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let Some(major) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|(best, _)| major > *best) {
+            newest = Some((major, entry.path().join("bin")));
+        }
+    }
+    newest.map(|(_, bin)| bin)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn explicit_dir_without_programs_is_a_clear_error() {
+    #[tokio::test]
+    async fn explicit_dir_without_programs_is_a_clear_error() {
         let empty = tempfile::tempdir().unwrap();
         let error = PgBinaries::find(Some(empty.path()))
+            .await
             .unwrap_err()
             .to_string();
         assert!(error.contains("apt-get install postgresql"), "{error}");

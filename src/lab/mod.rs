@@ -1,15 +1,17 @@
-//! The embedded lab: a PostgreSQL primary and a streaming replica started from the local
-//! server binaries, with the [delay link](delay_link) between them.
+//! The embedded lab: a PostgreSQL primary and streaming replicas started from the local
+//! server binaries, with the [delay link](DelayLink) between them.
 //!
-//! Start-up order matters for speed: the replica is built and starts streaming while the
-//! link's delay is still 0 (a replication handshake across a 1 s link takes about 8 s), and
-//! the configured delay is switched on only once the replica has caught up
-//! ([`Lab::apply_configured_delay`]). SSL is off and fsync is off: this is a throwaway
+//! [`Lab::start`] is the one way in, and returns a lab with its delay engaged. Start-up
+//! order matters for speed: the replicas are built and start streaming while the link's
+//! delay is still 0 (a replication handshake across a 1 s link takes about 8 s); the
+//! caller's preparation (migrations) runs then too, and the configured delay is switched on
+//! only once every replica has replayed it. SSL is off and fsync is off: this is a throwaway
 //! cluster on loopback, and its job is to be fast to start.
 
-pub mod binaries;
-pub mod delay_link;
-pub mod node;
+mod binaries;
+mod delay_link;
+mod node;
+mod sql;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -18,16 +20,23 @@ use std::{
 };
 
 use sqlx::{Connection, postgres::PgConnectOptions, postgres::PgConnection, postgres::PgSslMode};
+use tokio::process::Command;
 
+use crate::settings::{self, LabSettings};
 pub use binaries::PgBinaries;
 pub use delay_link::{DelayControl, DelayLink, DelaySettings};
-use node::{PgNode, RunAs, lab_command, run_to_completion};
+use node::{PgNode, RunAs, lab_command, reap_in_background, run_to_completion};
 
 /// The database the lab creates for lagprobe (and for the user to play in).
-pub const LAB_DATABASE: &str = "lagprobe";
+const LAB_DATABASE: &str = "lagprobe";
 /// The superuser initdb creates; trusted on loopback only.
 const LAB_USER: &str = "postgres";
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often readiness is polled: servers answer on loopback within a millisecond, and a
+/// lab that starts in about a second should not lose much of it to sleeping.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Slower for new connections: each failed attempt costs the starting server a fork.
+const CONNECT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// What can go wrong starting or running the lab.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +50,9 @@ pub enum LabError {
 
     #[error("PostgreSQL {version} in {bindir} is too old: the lab needs 13 or newer")]
     TooOld { bindir: PathBuf, version: String },
+
+    #[error("a lab has 1 to {MAX_REPLICAS} replicas, not {0}")]
+    InvalidReplicas(u8),
 
     #[error(
         "running as root, and neither a `postgres` nor a `nobody` account exists to run \
@@ -79,6 +91,10 @@ pub enum LabError {
         source: sqlx::Error,
     },
 
+    /// The caller's `before_delay` step of [`Lab::start`] failed.
+    #[error("preparing the lab before engaging its delay: {0}")]
+    BeforeDelay(#[source] Box<dyn std::error::Error + Send + Sync>),
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -88,7 +104,7 @@ pub enum LabError {
 }
 
 impl LabError {
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| LabError::Io { context, source }
     }
@@ -98,42 +114,8 @@ impl LabError {
     }
 }
 
-/// How to build the lab.
-#[derive(Debug, Clone)]
-pub struct LabOptions {
-    /// Directory with initdb/postgres/pg_basebackup; found automatically when `None`.
-    pub pg_bindir: Option<PathBuf>,
-    /// Keep the clusters here across runs; a temporary directory (removed on exit) when `None`.
-    pub data_dir: Option<PathBuf>,
-    /// One-way delay from primary to replica once the lab is up.
-    pub delay: Duration,
-    /// Loopback ports; 0 picks a free one. Replica `i` (from 0) gets `replica_port + i`.
-    pub primary_port: u16,
-    pub replica_port: u16,
-    /// Streaming replicas, 1 to [`MAX_REPLICAS`], all behind the one delay link.
-    pub replicas: u8,
-    /// Name every replica in `synchronous_standby_names`, so that `remote_apply` commits wait
-    /// for them. The server default becomes `synchronous_commit = local`, so ordinary writes
-    /// still do not wait: only writes that ask for remote_apply do.
-    pub sync_replica: bool,
-}
-
-/// The most replicas a lab starts.
-pub const MAX_REPLICAS: u8 = 9;
-
-impl Default for LabOptions {
-    fn default() -> Self {
-        LabOptions {
-            pg_bindir: None,
-            data_dir: None,
-            delay: Duration::from_millis(1000),
-            primary_port: 0,
-            replica_port: 0,
-            replicas: 1,
-            sync_replica: false,
-        }
-    }
-}
+/// The most replicas a lab starts: the settings table's bound.
+const MAX_REPLICAS: u8 = settings::REPLICAS.max as u8;
 
 /// Where the lab keeps its clusters: a temporary directory, or one the user keeps.
 #[derive(Debug)]
@@ -143,28 +125,74 @@ enum LabDir {
 }
 
 impl LabDir {
+    /// Creates the directory (and finds the user to run as, who must own it). Off the
+    /// runtime: it reads the user database and probes /dev/shm.
+    async fn create(data_dir: Option<PathBuf>) -> Result<(LabDir, Option<RunAs>), LabError> {
+        off_runtime("preparing the lab's directory", move || {
+            let run_as = RunAs::for_this_process()?;
+            let dir = match data_dir {
+                Some(path) => {
+                    std::fs::create_dir_all(&path)
+                        .map_err(LabError::io(format!("creating {}", path.display())))?;
+                    LabDir::Kept(path)
+                }
+                None => LabDir::Temporary(
+                    tempfile::Builder::new()
+                        .prefix("lagprobe-lab-")
+                        .tempdir_in(temporary_parent())
+                        .map_err(LabError::io("creating the lab's temporary directory"))?,
+                ),
+            };
+            if let Some(user) = &run_as {
+                user.chown(dir.path())?;
+            }
+            Ok((dir, run_as))
+        })
+        .await
+    }
+
     fn path(&self) -> &Path {
         match self {
             LabDir::Temporary(dir) => dir.path(),
             LabDir::Kept(path) => path,
         }
     }
+
+    /// Removes a temporary directory off the runtime (a data directory is hundreds of
+    /// files). Only once its servers are gone, or they could write into it meanwhile.
+    async fn remove(self) {
+        if let LabDir::Temporary(dir) = self {
+            let _ = tokio::task::spawn_blocking(move || drop(dir)).await;
+        }
+    }
 }
 
-/// A running primary/replica pair. Call [`Lab::shutdown`] to stop it in order; dropping it
-/// stops the servers immediately.
+/// Runs blocking `work` on tokio's blocking pool.
+async fn off_runtime<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, LabError> + Send + 'static,
+) -> Result<T, LabError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| LabError::Io {
+            context: what.to_owned(),
+            source: std::io::Error::other(error),
+        })?
+}
+
+/// A running primary with its replicas. Call [`Lab::shutdown`] to stop it in order; dropping
+/// it stops the servers without waiting (a background thread removes a temporary directory
+/// once they are gone).
 #[derive(Debug)]
 pub struct Lab {
     binaries: PgBinaries,
     run_as: Option<RunAs>,
-    // Field order is drop order: servers first, then the link, then the directory.
     replicas: Vec<PgNode>,
     primary: PgNode,
-    sync_replica: bool,
     link: DelayLink,
-    configured_delay: Duration,
     dir: LabDir,
-    /// How long `start` took until the replica streamed.
+    /// How long `start` took until every replica streamed (the caller's `before_delay` and
+    /// the catch-up after it not included).
     pub startup: Duration,
 }
 
@@ -174,7 +202,7 @@ const MIN_SHM_BYTES: u64 = 1 << 30;
 /// Where a temporary lab lives: `/dev/shm` when it is a roomy tmpfs (initdb and
 /// pg_basebackup are several times faster there than on a disk: 0.5 s instead of 1.3 s and
 /// 0.1 s instead of 0.9 s measured here), else the system's temporary directory. Containers
-/// often have a 64 MB /dev/shm, hence the size check.
+/// often have a 64 MB /dev/shm, hence the size check. Blocking.
 fn temporary_parent() -> PathBuf {
     let shm = Path::new("/dev/shm");
     let roomy = std::ffi::CString::new("/dev/shm").ok().is_some_and(|path| {
@@ -210,8 +238,14 @@ fn lab_connect_options(port: u16, database: &str) -> PgConnectOptions {
         .application_name("lagprobe-lab")
 }
 
+async fn connect(node: &PgNode) -> Result<PgConnection, LabError> {
+    PgConnection::connect_with(&lab_connect_options(node.port, LAB_DATABASE))
+        .await
+        .map_err(LabError::sql(node.name))
+}
+
 /// A `postgres://` URL for a lab server.
-pub fn lab_url(port: u16) -> String {
+fn lab_url(port: u16) -> String {
     format!("postgres://{LAB_USER}@127.0.0.1:{port}/{LAB_DATABASE}?sslmode=disable")
 }
 
@@ -245,154 +279,125 @@ fn common_server_args() -> Vec<String> {
 }
 
 impl Lab {
-    /// Builds (or reuses, with `data_dir`) and starts the pair; returns once the replica
-    /// streams, with the link's delay still 0. Call [`Lab::apply_configured_delay`] next.
-    pub async fn start(options: &LabOptions) -> Result<Lab, LabError> {
+    /// Builds (or reuses, with `data_dir`) and starts the primary and its replicas, all at
+    /// zero delay; once every replica streams (and, with `sync_replica`, is synchronous)
+    /// runs `before_delay` (migrations go here, so they need not cross the delay); waits
+    /// until every replica has replayed everything written so far; then engages
+    /// `options.delay`. On failure every server started is stopped again.
+    pub async fn start<F, E>(options: &LabSettings, before_delay: F) -> Result<Lab, LabError>
+    where
+        F: AsyncFnOnce(&Lab) -> Result<(), E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
-        let binaries = PgBinaries::find(options.pg_bindir.as_deref())?;
-        let run_as = RunAs::for_this_process()?;
-        let dir = match &options.data_dir {
-            Some(path) => {
-                std::fs::create_dir_all(path)
-                    .map_err(LabError::io(format!("creating {}", path.display())))?;
-                LabDir::Kept(path.clone())
-            }
-            None => LabDir::Temporary(
-                tempfile::Builder::new()
-                    .prefix("lagprobe-lab-")
-                    .tempdir_in(temporary_parent())
-                    .map_err(LabError::io("creating the lab's temporary directory"))?,
-            ),
-        };
-        if let Some(user) = &run_as {
-            user.chown(dir.path())?;
+        if !(1..=MAX_REPLICAS).contains(&options.replicas) {
+            return Err(LabError::InvalidReplicas(options.replicas));
         }
-        let root = dir.path().to_path_buf();
+        let binaries = PgBinaries::find(options.pg_bindir.as_deref()).await?;
+        let (dir, run_as) = LabDir::create(options.data_dir.clone()).await?;
         tracing::info!(
             bindir = %binaries.bindir.display(),
             version = %binaries.version,
-            dir = %root.display(),
+            dir = %dir.path().display(),
             user = run_as.as_ref().map_or("(current)", |user| user.name.as_str()),
             "starting the lab"
         );
-
-        let primary_dir = root.join("primary");
-        if !primary_dir.join("PG_VERSION").exists() {
-            let mut initdb = lab_command(&binaries.program("initdb"), run_as.as_ref(), &root);
-            initdb
-                .arg("-D")
-                .arg(&primary_dir)
-                .args([
-                    "-U",
-                    LAB_USER,
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                ])
-                .args(["--no-sync", "--no-instructions"]);
-            run_to_completion(initdb, "initdb").await?;
-            tracing::debug!(elapsed = ?started.elapsed(), "initdb done");
-        }
-        if options.replicas == 0 || options.replicas > MAX_REPLICAS {
-            return Err(LabError::Io {
-                context: format!("--replicas {}", options.replicas),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("a lab has 1 to {MAX_REPLICAS} replicas"),
-                ),
-            });
-        }
-        let primary = start_node(
-            &binaries,
-            run_as.as_ref(),
-            &root,
-            "primary",
-            &primary_dir,
-            options.primary_port,
-            primary_args(options.replicas, options.sync_replica),
-            "postgres",
-        )
-        .await?;
-        create_lab_database(primary.port).await?;
-        tracing::debug!(elapsed = ?started.elapsed(), "primary accepting connections");
-
-        let link = DelayLink::bind(
-            "127.0.0.1:0",
-            format!("127.0.0.1:{}", primary.port),
-            Duration::ZERO,
-        )
-        .await
-        .map_err(LabError::io("starting the delay link"))?;
-
-        let mut replicas = Vec::new();
-        for index in 0..options.replicas {
-            let replica_dir = root.join(replica_node_name(index));
-            if !replica_dir.join("PG_VERSION").exists() {
-                // Straight from the primary: the copy need not cross the link.
-                let mut basebackup =
-                    lab_command(&binaries.program("pg_basebackup"), run_as.as_ref(), &root);
-                basebackup
-                    .args([
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                        &primary.port.to_string(),
-                        "-U",
-                        LAB_USER,
-                    ])
-                    .arg("-D")
-                    .arg(&replica_dir)
-                    .args(["--write-recovery-conf", "--wal-method=stream"])
-                    .args(["--checkpoint=fast", "--no-sync"]);
-                run_to_completion(basebackup, "pg_basebackup").await?;
-                tracing::debug!(elapsed = ?started.elapsed(), index, "base backup taken");
+        let programs = Programs {
+            binaries: &binaries,
+            run_as: run_as.as_ref(),
+            root: dir.path(),
+        };
+        let (primary, link) = match programs.start_primary(options, started).await {
+            Ok(running) => running,
+            Err(error) => {
+                dir.remove().await;
+                return Err(error);
             }
-            let port = match options.replica_port {
-                0 => 0,
-                base => base
-                    .checked_add(u16::from(index))
-                    .ok_or_else(|| LabError::Io {
-                        context: format!("--replica-port {base}"),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::InvalidInput,
-                            "port out of range",
-                        ),
-                    })?,
-            };
-            replicas.push(
-                start_node(
-                    &binaries,
-                    run_as.as_ref(),
-                    &root,
-                    replica_node_name(index),
-                    &replica_dir,
-                    port,
-                    replica_args(link.local_addr(), index),
-                    LAB_DATABASE,
-                )
-                .await?,
-            );
-        }
-        tracing::debug!(elapsed = ?started.elapsed(), "replicas accepting connections");
+        };
         let mut lab = Lab {
             binaries,
             run_as,
-            replicas,
+            replicas: Vec::new(),
             primary,
-            sync_replica: options.sync_replica,
             link,
-            configured_delay: options.delay,
             dir,
             startup: Duration::ZERO,
         };
-        for index in 0..lab.replicas.len() {
-            lab.wait_until_streaming(index).await?;
+        match lab.finish_start(options, started, before_delay).await {
+            Ok(()) => Ok(lab),
+            Err(error) => {
+                lab.shutdown().await;
+                Err(error)
+            }
         }
-        if lab.sync_replica {
-            lab.wait_until_synchronous().await?;
+    }
+
+    /// [`Lab::start`] from a running primary on: replicas, readiness, `before_delay`, delay.
+    async fn finish_start<F, E>(
+        &mut self,
+        options: &LabSettings,
+        started: Instant,
+        before_delay: F,
+    ) -> Result<(), LabError>
+    where
+        F: AsyncFnOnce(&Lab) -> Result<(), E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        for index in 0..options.replicas {
+            self.add_replica(index, options.replica_port).await?;
+            tracing::debug!(elapsed = ?started.elapsed(), index, "replica accepting connections");
         }
-        lab.startup = started.elapsed();
-        Ok(lab)
+        for index in 0..self.replicas.len() {
+            self.wait_until_streaming(index).await?;
+        }
+        if options.sync_replica {
+            self.wait_until_synchronous().await?;
+        }
+        self.startup = started.elapsed();
+        before_delay(&*self)
+            .await
+            .map_err(|error| LabError::BeforeDelay(error.into()))?;
+        self.wait_until_replayed().await?;
+        self.link.control().set_delay(options.delay);
+        tracing::info!(
+            delay_ms = options.delay.as_millis() as u64,
+            "delay link engaged"
+        );
+        Ok(())
+    }
+
+    fn programs(&self) -> Programs<'_> {
+        Programs {
+            binaries: &self.binaries,
+            run_as: self.run_as.as_ref(),
+            root: self.dir.path(),
+        }
+    }
+
+    /// Builds replica `index` from the primary unless it exists, and starts it.
+    async fn add_replica(&mut self, index: u8, base_port: u16) -> Result<(), LabError> {
+        let programs = self.programs();
+        let data_dir = programs.root.join(replica_node_name(index));
+        if !has_cluster(&data_dir).await {
+            programs.base_backup(self.primary.port, &data_dir).await?;
+        }
+        let port = match base_port {
+            0 => 0,
+            base => base
+                .checked_add(u16::from(index))
+                .ok_or_else(|| LabError::Io {
+                    context: format!("--replica-port {base}"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "port out of range",
+                    ),
+                })?,
+        };
+        let replica = programs
+            .start_replica(index, port, self.link.local_addr())
+            .await?;
+        self.replicas.push(replica);
+        Ok(())
     }
 
     pub fn primary_url(&self) -> String {
@@ -412,19 +417,6 @@ impl Lab {
             .collect()
     }
 
-    pub fn primary_port(&self) -> u16 {
-        self.primary.port
-    }
-
-    pub fn replica_ports(&self) -> Vec<u16> {
-        self.replicas.iter().map(|node| node.port).collect()
-    }
-
-    /// Where the replica's WAL stream enters the delay link.
-    pub fn link_addr(&self) -> SocketAddr {
-        self.link.local_addr()
-    }
-
     /// The live delay setting (shared with every relayed connection).
     pub fn delay_control(&self) -> DelayControl {
         self.link.control().clone()
@@ -438,114 +430,72 @@ impl Lab {
         &self.binaries
     }
 
-    /// Waits until the replica has replayed everything the primary has written so far
-    /// (migrations included), then switches the link to the configured delay.
-    pub async fn apply_configured_delay(&self) -> Result<(), LabError> {
-        let mut primary =
-            PgConnection::connect_with(&lab_connect_options(self.primary.port, LAB_DATABASE))
-                .await
-                .map_err(LabError::sql("primary"))?;
-        let target: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+    fn nodes(&self) -> Vec<&PgNode> {
+        std::iter::once(&self.primary)
+            .chain(&self.replicas)
+            .collect()
+    }
+
+    /// Waits until every replica has replayed everything the primary has written so far
+    /// (the caller's migrations included), so none of it is held up by the delay.
+    async fn wait_until_replayed(&self) -> Result<(), LabError> {
+        let mut primary = connect(&self.primary).await?;
+        let target: String = sqlx::query_scalar(sql::CURRENT_WAL_LSN)
             .fetch_one(&mut primary)
             .await
-            .map_err(LabError::sql("primary"))?;
+            .map_err(LabError::sql(self.primary.name))?;
         for node in &self.replicas {
-            let mut replica =
-                PgConnection::connect_with(&lab_connect_options(node.port, LAB_DATABASE))
+            let mut replica = connect(node).await?;
+            poll_until(node, &self.nodes(), POLL_INTERVAL, async || {
+                let caught_up: Option<bool> = sqlx::query_scalar(sql::REPLAYED_UP_TO)
+                    .bind(&target)
+                    .fetch_one(&mut replica)
                     .await
                     .map_err(LabError::sql(node.name))?;
-            let deadline = Instant::now() + READY_TIMEOUT;
-            loop {
-                let caught_up: Option<bool> =
-                    sqlx::query_scalar("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn")
-                        .bind(&target)
-                        .fetch_one(&mut replica)
-                        .await
-                        .map_err(LabError::sql(node.name))?;
-                if caught_up == Some(true) {
-                    break;
-                }
-                self.check_alive()?;
-                if Instant::now() > deadline {
-                    return Err(not_ready(node, format!("never replayed up to {target}")));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+                Ok(match caught_up {
+                    Some(true) => Check::Ready(()),
+                    _ => Check::NotYet(format!("never replayed up to {target}")),
+                })
+            })
+            .await?;
         }
-        self.link.control().set_delay(self.configured_delay);
-        tracing::info!(
-            delay_ms = self.configured_delay.as_millis() as u64,
-            "delay link engaged"
-        );
         Ok(())
     }
 
     /// Polls until replica `index`'s WAL receiver reports `streaming`.
     async fn wait_until_streaming(&self, index: usize) -> Result<(), LabError> {
         let node = &self.replicas[index];
-        let mut replica = PgConnection::connect_with(&lab_connect_options(node.port, LAB_DATABASE))
-            .await
-            .map_err(LabError::sql(node.name))?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let status: Option<String> =
-                sqlx::query_scalar("SELECT status FROM pg_stat_wal_receiver LIMIT 1")
-                    .fetch_optional(&mut replica)
-                    .await
-                    .map_err(LabError::sql(node.name))?;
-            if status.as_deref() == Some("streaming") {
-                return Ok(());
-            }
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                return Err(not_ready(node, format!("WAL receiver status {status:?}")));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut replica = connect(node).await?;
+        poll_until(node, &self.nodes(), POLL_INTERVAL, async || {
+            let status: Option<String> = sqlx::query_scalar(sql::WAL_RECEIVER_STATUS)
+                .fetch_optional(&mut replica)
+                .await
+                .map_err(LabError::sql(node.name))?;
+            Ok(match status.as_deref() {
+                Some("streaming") => Check::Ready(()),
+                _ => Check::NotYet(format!("WAL receiver status {status:?}")),
+            })
+        })
+        .await
     }
 
     /// Polls until the primary lists every replica as a synchronous standby.
     async fn wait_until_synchronous(&self) -> Result<(), LabError> {
-        let mut primary =
-            PgConnection::connect_with(&lab_connect_options(self.primary.port, LAB_DATABASE))
+        let node = &self.primary;
+        let mut primary = connect(node).await?;
+        let expected = self.replicas.len() as i64;
+        poll_until(node, &self.nodes(), POLL_INTERVAL, async || {
+            let synchronous: i64 = sqlx::query_scalar(sql::SYNCHRONOUS_STANDBYS)
+                .fetch_one(&mut primary)
                 .await
-                .map_err(LabError::sql("primary"))?;
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let synchronous: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
-            )
-            .fetch_one(&mut primary)
-            .await
-            .map_err(LabError::sql("primary"))?;
-            if synchronous == self.replicas.len() as i64 {
-                return Ok(());
-            }
-            self.check_alive()?;
-            if Instant::now() > deadline {
-                return Err(not_ready(
-                    &self.primary,
-                    format!(
-                        "{synchronous} of {} replicas synchronous",
-                        self.replicas.len()
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn check_alive(&self) -> Result<(), LabError> {
-        for node in std::iter::once(&self.primary).chain(&self.replicas) {
-            if let Some(status) = node.exit_status() {
-                return Err(LabError::NodeExited {
-                    node: node.name,
-                    status: status.to_string(),
-                    log_tail: node.log_tail(),
-                });
-            }
-        }
-        Ok(())
+                .map_err(LabError::sql(node.name))?;
+            Ok(if synchronous == expected {
+                Check::Ready(())
+            } else {
+                Check::NotYet(format!("{synchronous} of {expected} replicas synchronous"))
+            })
+        })
+        .await
     }
 
     /// Resolves with an error when any server exits without being asked to.
@@ -574,37 +524,92 @@ impl Lab {
 
     /// Starts replica `index` again after [`Lab::stop_replica`], on the same port.
     pub async fn start_replica(&mut self, index: usize) -> Result<(), LabError> {
-        let root = self.dir.path().to_path_buf();
-        let replica = start_node(
-            &self.binaries,
-            self.run_as.as_ref(),
-            &root,
-            replica_node_name(index as u8),
-            &root.join(replica_node_name(index as u8)),
-            self.replicas[index].port,
-            replica_args(self.link.local_addr(), index as u8),
-            LAB_DATABASE,
-        )
-        .await?;
+        let replica = self
+            .programs()
+            .start_replica(
+                index as u8,
+                self.replicas[index].port,
+                self.link.local_addr(),
+            )
+            .await?;
         let _stopped = std::mem::replace(&mut self.replicas[index], replica);
         self.wait_until_streaming(index).await
     }
 
-    /// Stops the replicas, then the primary, then the link; removes a temporary directory.
+    /// Stops the replicas, then the primary; removes a temporary directory.
     pub async fn shutdown(mut self) {
         for node in &mut self.replicas {
             node.stop().await;
         }
         self.primary.stop().await;
+        self.take_dir().remove().await;
+    }
+
+    /// Moves the directory out, for removal after the servers; what stays behind is an
+    /// empty path that nothing reads again (the lab is being consumed).
+    fn take_dir(&mut self) -> LabDir {
+        std::mem::replace(&mut self.dir, LabDir::Kept(PathBuf::new()))
     }
 }
 
-fn not_ready(node: &PgNode, cause: String) -> LabError {
-    LabError::NotReady {
-        node: node.name,
-        timeout: READY_TIMEOUT,
-        cause,
-        log_tail: node.log_tail(),
+impl Drop for Lab {
+    /// Without [`Lab::shutdown`] (a failing test, a panic): an immediate shutdown of every
+    /// server, waited for on a thread of its own rather than a runtime worker, and only
+    /// then the directory's removal, so no server writes into a directory being removed.
+    fn drop(&mut self) {
+        let mut leftovers = Vec::new();
+        for node in self.replicas.iter_mut().chain([&mut self.primary]) {
+            leftovers.extend(node.quit_without_waiting());
+        }
+        let dir = self.take_dir();
+        if leftovers.is_empty() && matches!(dir, LabDir::Kept(_)) {
+            return;
+        }
+        reap_in_background(leftovers, move || drop(dir));
+    }
+}
+
+/// Whether `data_dir` already holds a cluster (a kept lab directory from an earlier run).
+async fn has_cluster(data_dir: &Path) -> bool {
+    tokio::fs::try_exists(data_dir.join("PG_VERSION"))
+        .await
+        .unwrap_or(false)
+}
+
+/// One look at a condition the lab waits for.
+enum Check<T> {
+    Ready(T),
+    /// What was seen instead, for the error if the wait times out.
+    NotYet(String),
+}
+
+/// Repeats `step` every `interval` until it is ready. Fails as soon as a server in
+/// `watched` exits (its log tells why), or after [`READY_TIMEOUT`] with `blame`'s log tail.
+async fn poll_until<T>(
+    blame: &PgNode,
+    watched: &[&PgNode],
+    interval: Duration,
+    mut step: impl AsyncFnMut() -> Result<Check<T>, LabError>,
+) -> Result<T, LabError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        for node in watched {
+            if let Some(status) = node.exit_status() {
+                return Err(node.exited(status).await);
+            }
+        }
+        match step().await? {
+            Check::Ready(value) => return Ok(value),
+            Check::NotYet(cause) if Instant::now() > deadline => {
+                return Err(LabError::NotReady {
+                    node: blame.name,
+                    timeout: READY_TIMEOUT,
+                    cause,
+                    log_tail: blame.log_tail().await,
+                });
+            }
+            Check::NotYet(_) => tokio::time::sleep(interval).await,
+        }
     }
 }
 
@@ -619,7 +624,7 @@ fn replica_node_name(index: u8) -> &'static str {
 }
 
 /// The name the primary knows replica `index` by (pg_stat_replication.application_name).
-pub fn standby_name(index: u8) -> String {
+fn standby_name(index: u8) -> String {
     format!("lagprobe_{}", replica_node_name(index))
 }
 
@@ -652,88 +657,177 @@ fn replica_args(link: SocketAddr, index: u8) -> Vec<String> {
     ]
 }
 
-/// Starts a server and waits until it accepts connections. With an automatic port, a
-/// port taken between choosing and binding it is retried with another.
-#[allow(clippy::too_many_arguments)]
-async fn start_node(
-    binaries: &PgBinaries,
-    run_as: Option<&RunAs>,
-    root: &Path,
-    name: &'static str,
-    data_dir: &Path,
-    requested_port: u16,
-    extra_args: Vec<String>,
-    ready_database: &str,
-) -> Result<PgNode, LabError> {
-    let log_path = root.join(format!("{name}.log"));
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let port = if requested_port == 0 {
-            free_port()?
-        } else {
-            requested_port
+/// The lab's programs, run as its user with its directory as home.
+#[derive(Debug, Clone, Copy)]
+struct Programs<'a> {
+    binaries: &'a PgBinaries,
+    run_as: Option<&'a RunAs>,
+    root: &'a Path,
+}
+
+impl Programs<'_> {
+    fn command(&self, program: &str) -> Command {
+        lab_command(&self.binaries.program(program), self.run_as, self.root)
+    }
+
+    /// Creates the primary's cluster unless it exists, starts it, creates the lab's
+    /// database and binds the delay link to it (at zero delay).
+    async fn start_primary(
+        &self,
+        options: &LabSettings,
+        started: Instant,
+    ) -> Result<(PgNode, DelayLink), LabError> {
+        let data_dir = self.root.join("primary");
+        if !has_cluster(&data_dir).await {
+            self.initdb(&data_dir).await?;
+            tracing::debug!(elapsed = ?started.elapsed(), "initdb done");
+        }
+        let args = primary_args(options.replicas, options.sync_replica);
+        let mut primary = self
+            .start_node(
+                "primary",
+                &data_dir,
+                options.primary_port,
+                &args,
+                "postgres",
+            )
+            .await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "primary accepting connections");
+        let upstream = format!("127.0.0.1:{}", primary.port);
+        let link = match create_lab_database(&primary).await {
+            Ok(()) => DelayLink::bind("127.0.0.1:0", upstream, Duration::ZERO)
+                .await
+                .map_err(LabError::io("starting the delay link")),
+            Err(error) => Err(error),
         };
-        let mut command = lab_command(&binaries.program("postgres"), run_as, root);
-        command.args(common_server_args()).args(&extra_args);
-        let node = PgNode::spawn(command, name, data_dir, port, &log_path)?;
-        match wait_until_accepting(&node, ready_database).await {
-            Ok(()) => return Ok(node),
-            Err(LabError::NodeExited { log_tail, .. })
-                if requested_port == 0 && attempts < 3 && log_tail.contains("could not bind") =>
-            {
-                tracing::info!(name, port, "port was taken; retrying with another");
+        match link {
+            Ok(link) => Ok((primary, link)),
+            Err(error) => {
+                primary.stop().await;
+                Err(error)
             }
-            Err(error) => return Err(error),
+        }
+    }
+
+    async fn initdb(&self, data_dir: &Path) -> Result<(), LabError> {
+        let mut initdb = self.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(data_dir)
+            .args(["-U", LAB_USER, "--auth=trust"])
+            .args(["--encoding=UTF8", "--locale=C"])
+            .args(["--no-sync", "--no-instructions"]);
+        run_to_completion(initdb, "initdb").await
+    }
+
+    /// Straight from the primary: the copy need not cross the link.
+    async fn base_backup(&self, primary_port: u16, data_dir: &Path) -> Result<(), LabError> {
+        let mut basebackup = self.command("pg_basebackup");
+        basebackup
+            .args(["-h", "127.0.0.1", "-p", &primary_port.to_string()])
+            .args(["-U", LAB_USER])
+            .arg("-D")
+            .arg(data_dir)
+            .args(["--write-recovery-conf", "--wal-method=stream"])
+            .args(["--checkpoint=fast", "--no-sync"]);
+        run_to_completion(basebackup, "pg_basebackup").await
+    }
+
+    /// Starts the replica `index` from its existing data directory, streaming via `link`.
+    async fn start_replica(
+        &self,
+        index: u8,
+        port: u16,
+        link: SocketAddr,
+    ) -> Result<PgNode, LabError> {
+        let name = replica_node_name(index);
+        let data_dir = self.root.join(name);
+        let args = replica_args(link, index);
+        self.start_node(name, &data_dir, port, &args, LAB_DATABASE)
+            .await
+    }
+
+    /// Starts a server and waits until it accepts connections. With an automatic port, a
+    /// port taken between choosing and binding it is retried with another. A server that
+    /// never gets ready is stopped again.
+    async fn start_node(
+        &self,
+        name: &'static str,
+        data_dir: &Path,
+        requested_port: u16,
+        extra_args: &[String],
+        ready_database: &str,
+    ) -> Result<PgNode, LabError> {
+        let log_path = self.root.join(format!("{name}.log"));
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let port = match requested_port {
+                0 => free_port()?,
+                port => port,
+            };
+            let mut command = self.command("postgres");
+            command.args(common_server_args()).args(extra_args);
+            let mut node = PgNode::spawn(command, name, data_dir, port, &log_path).await?;
+            match wait_until_accepting(&node, ready_database).await {
+                Ok(()) => return Ok(node),
+                Err(LabError::NodeExited { log_tail, .. })
+                    if requested_port == 0
+                        && attempts < 3
+                        && log_tail.contains("could not bind") =>
+                {
+                    tracing::info!(name, port, "port was taken; retrying with another");
+                }
+                Err(error) => {
+                    node.stop().await;
+                    return Err(error);
+                }
+            }
         }
     }
 }
 
 async fn wait_until_accepting(node: &PgNode, database: &str) -> Result<(), LabError> {
-    let deadline = Instant::now() + READY_TIMEOUT;
     let options = lab_connect_options(node.port, database);
-    loop {
-        if let Some(status) = node.exit_status() {
-            return Err(LabError::NodeExited {
-                node: node.name,
-                status: status.to_string(),
-                log_tail: node.log_tail(),
-            });
-        }
-        match PgConnection::connect_with(&options).await {
+    poll_until(
+        node,
+        &[node],
+        CONNECT_POLL_INTERVAL,
+        async || match PgConnection::connect_with(&options).await {
             Ok(connection) => {
                 let _ = connection.close().await;
-                return Ok(());
+                Ok(Check::Ready(()))
             }
-            Err(error) if Instant::now() > deadline => {
-                return Err(LabError::NotReady {
-                    node: node.name,
-                    timeout: READY_TIMEOUT,
-                    cause: error.to_string(),
-                    log_tail: node.log_tail(),
-                });
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+            Err(error) => Ok(Check::NotYet(error.to_string())),
+        },
+    )
+    .await
 }
 
-async fn create_lab_database(primary_port: u16) -> Result<(), LabError> {
-    let mut connection = PgConnection::connect_with(&lab_connect_options(primary_port, "postgres"))
+async fn create_lab_database(primary: &PgNode) -> Result<(), LabError> {
+    let mut connection = PgConnection::connect_with(&lab_connect_options(primary.port, "postgres"))
         .await
-        .map_err(LabError::sql("primary"))?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(LAB_DATABASE)
-            .fetch_one(&mut connection)
-            .await
-            .map_err(LabError::sql("primary"))?;
+        .map_err(LabError::sql(primary.name))?;
+    let exists: bool = sqlx::query_scalar(sql::DATABASE_EXISTS)
+        .bind(LAB_DATABASE)
+        .fetch_one(&mut connection)
+        .await
+        .map_err(LabError::sql(primary.name))?;
     if !exists {
-        // A literal: sqlx refuses built SQL strings, and the name is a constant anyway.
-        sqlx::query("CREATE DATABASE lagprobe")
+        sqlx::query(sql::CREATE_LAB_DATABASE)
             .execute(&mut connection)
             .await
-            .map_err(LabError::sql("primary"))?;
+            .map_err(LabError::sql(primary.name))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_created_database_is_the_one_urls_name() {
+        assert!(sql::CREATE_LAB_DATABASE.ends_with(&format!(" {LAB_DATABASE}")));
+    }
 }

@@ -4,31 +4,38 @@
 //! `postgres` (or `nobody`). Each postmaster gets its own process group, so a terminal's
 //! Ctrl-C reaches only lagprobe, which then shuts the servers down in order; and a
 //! parent-death signal, so a killed lagprobe does not leave a postmaster behind.
+//!
+//! The orderly stop is the async [`PgNode::stop`]. Dropping a node instead must not block a
+//! runtime worker, so it only signals the server and leaves the waiting (and any escalation
+//! to SIGKILL) to a plain thread: see [`Leftover`].
 
 use std::{
-    fs::File,
-    io::{Read, Seek, SeekFrom},
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
-use tokio::{process::Command, sync::watch};
+use tokio::{
+    io::{AsyncReadExt, AsyncSeekExt},
+    process::Command,
+    sync::watch,
+};
 
 use super::LabError;
 
 /// The unprivileged account lab programs run as when lagprobe runs as root.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunAs {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
+pub(super) struct RunAs {
+    pub(super) name: String,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
 }
 
 impl RunAs {
     /// `None` when not root (programs run as the current user), else `postgres` if that
-    /// account exists, else `nobody`.
-    pub fn for_this_process() -> Result<Option<RunAs>, LabError> {
+    /// account exists, else `nobody`. Reads the user database: call it off the runtime.
+    pub(super) fn for_this_process() -> Result<Option<RunAs>, LabError> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Ok(None);
@@ -41,32 +48,51 @@ impl RunAs {
     }
 
     /// Hands `path` to this account, as the server must own its data directory.
-    pub fn chown(&self, path: &Path) -> Result<(), LabError> {
+    pub(super) fn chown(&self, path: &Path) -> Result<(), LabError> {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(LabError::io(
             format!("chown {} to {}", path.display(), self.name),
         ))
     }
 }
 
+/// The reentrant lookup: labs start in parallel (the tests do), and `getpwnam`'s static
+/// buffer would be shared between them.
 fn lookup_user(name: &str) -> Option<RunAs> {
     let c_name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam reads a static buffer; lagprobe calls it once, at lab start, and
-    // copies the fields out before anything else can call it.
-    unsafe {
-        let entry = libc::getpwnam(c_name.as_ptr());
-        if entry.is_null() {
+    let mut buffer: Vec<libc::c_char> = vec![0; 4096];
+    loop {
+        // SAFETY: an all-zero passwd is a valid value for getpwnam_r to overwrite.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to live storage of the stated size, and the strings
+        // getpwnam_r stores in `entry` point into `buffer`, which outlives their use here.
+        let code = unsafe {
+            libc::getpwnam_r(
+                c_name.as_ptr(),
+                &mut entry,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut found,
+            )
+        };
+        // ERANGE: the entry does not fit; a directory service may return long ones.
+        if code == libc::ERANGE && buffer.len() < 1 << 20 {
+            buffer.resize(buffer.len() * 2, 0);
+            continue;
+        }
+        if code != 0 || found.is_null() {
             return None;
         }
-        Some(RunAs {
+        return Some(RunAs {
             name: name.to_owned(),
-            uid: (*entry).pw_uid,
-            gid: (*entry).pw_gid,
-        })
+            uid: entry.pw_uid,
+            gid: entry.pw_gid,
+        });
     }
 }
 
 /// A command for a lab program, as the lab's user, with a predictable environment.
-pub fn lab_command(program: &Path, run_as: Option<&RunAs>, home: &Path) -> Command {
+pub(super) fn lab_command(program: &Path, run_as: Option<&RunAs>, home: &Path) -> Command {
     let mut command = Command::new(program);
     command
         .env("HOME", home)
@@ -81,7 +107,7 @@ pub fn lab_command(program: &Path, run_as: Option<&RunAs>, home: &Path) -> Comma
 }
 
 /// Runs a lab program to completion; a failure carries its output.
-pub async fn run_to_completion(mut command: Command, what: &str) -> Result<(), LabError> {
+pub(super) async fn run_to_completion(mut command: Command, what: &str) -> Result<(), LabError> {
     let output = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -104,33 +130,27 @@ pub async fn run_to_completion(mut command: Command, what: &str) -> Result<(), L
 
 /// A running postmaster that lagprobe started and watches.
 #[derive(Debug)]
-pub struct PgNode {
-    pub name: &'static str,
-    pub port: u16,
-    pub data_dir: PathBuf,
+pub(super) struct PgNode {
+    pub(super) name: &'static str,
+    pub(super) port: u16,
     log_path: PathBuf,
     pid: i32,
     exit: watch::Receiver<Option<ExitStatus>>,
     stopping: bool,
+    /// Signalled and handed to a [`Leftover`]; nothing is left for this value to do.
+    handed_off: bool,
 }
 
 impl PgNode {
     /// Starts `postgres -D data_dir -p port <args>`, logging to `log_path`.
-    pub fn spawn(
+    pub(super) async fn spawn(
         mut command: Command,
         name: &'static str,
         data_dir: &Path,
         port: u16,
         log_path: &Path,
     ) -> Result<PgNode, LabError> {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .map_err(LabError::io(format!("opening {}", log_path.display())))?;
-        let log_for_stderr = log
-            .try_clone()
-            .map_err(LabError::io(format!("opening {}", log_path.display())))?;
+        let (log, log_for_stderr) = open_log(log_path).await?;
         command
             .arg("-D")
             .arg(data_dir)
@@ -161,22 +181,22 @@ impl PgNode {
         Ok(PgNode {
             name,
             port,
-            data_dir: data_dir.to_path_buf(),
             log_path: log_path.to_path_buf(),
             pid,
             exit,
             stopping: false,
+            handed_off: false,
         })
     }
 
     /// The exit status, if the process has ended.
-    pub fn exit_status(&self) -> Option<ExitStatus> {
+    pub(super) fn exit_status(&self) -> Option<ExitStatus> {
         *self.exit.borrow()
     }
 
     /// Resolves when the process ends without having been asked to; never resolves for
     /// a node being stopped.
-    pub async fn unexpected_exit(&self) -> LabError {
+    pub(super) async fn unexpected_exit(&self) -> LabError {
         let mut exit = self.exit.clone();
         let status = match exit.wait_for(Option::is_some).await {
             Ok(status) => status.expect("waited for Some"),
@@ -185,21 +205,26 @@ impl PgNode {
         if self.stopping {
             std::future::pending::<()>().await;
         }
+        self.exited(status).await
+    }
+
+    /// The error for this server having exited with `status`.
+    pub(super) async fn exited(&self, status: ExitStatus) -> LabError {
         LabError::NodeExited {
             node: self.name,
             status: status.to_string(),
-            log_tail: self.log_tail(),
+            log_tail: self.log_tail().await,
         }
     }
 
     /// The end of the server log, for error reports.
-    pub fn log_tail(&self) -> String {
-        tail_of_file(&self.log_path, 4096)
+    pub(super) async fn log_tail(&self) -> String {
+        tail_of_file(&self.log_path, 4096).await
     }
 
     /// Fast shutdown (SIGINT: roll back sessions, checkpoint, exit), escalating to an
     /// immediate one (SIGQUIT) and then SIGKILL if the server dawdles.
-    pub async fn stop(&mut self) {
+    pub(super) async fn stop(&mut self) {
         self.stopping = true;
         for (signal, grace) in [
             (libc::SIGINT, Duration::from_secs(15)),
@@ -225,6 +250,23 @@ impl PgNode {
         }
     }
 
+    /// Asks for an immediate shutdown (SIGQUIT: the postmaster ends its children, then
+    /// itself) and returns at once, with what is needed to wait for the end elsewhere.
+    /// `None` when the server is already gone or was handed off before.
+    pub(super) fn quit_without_waiting(&mut self) -> Option<Leftover> {
+        if self.handed_off || self.pid <= 0 || self.exit_status().is_some() {
+            return None;
+        }
+        self.stopping = true;
+        self.handed_off = true;
+        self.signal(libc::SIGQUIT);
+        Some(Leftover {
+            name: self.name,
+            pid: self.pid,
+            exit: self.exit.clone(),
+        })
+    }
+
     fn signal(&self, signal: i32) {
         if self.pid > 0 {
             // SAFETY: kill has no memory-safety preconditions.
@@ -236,20 +278,108 @@ impl PgNode {
 }
 
 impl Drop for PgNode {
-    /// Last resort when a lab is dropped without `shutdown` (a failing test, a panic):
-    /// an immediate shutdown, waited for briefly so no postmaster outlives the lab.
+    /// Last resort when a node is dropped without `stop` (a failing test, a panic).
     fn drop(&mut self) {
-        if self.exit_status().is_some() || self.pid <= 0 {
+        if let Some(leftover) = self.quit_without_waiting() {
+            reap_in_background(vec![leftover], || {});
+        }
+    }
+}
+
+/// The server log, appended to across runs, twice: for stdout and for stderr.
+async fn open_log(log_path: &Path) -> Result<(std::fs::File, std::fs::File), LabError> {
+    let opening = || LabError::io(format!("opening {}", log_path.display()));
+    let log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .await
+        .map_err(opening())?
+        .into_std()
+        .await;
+    let log_for_stderr = log.try_clone().map_err(opening())?;
+    Ok((log, log_for_stderr))
+}
+
+/// A server that was told to quit but may not have finished yet.
+#[derive(Debug)]
+pub(super) struct Leftover {
+    name: &'static str,
+    pid: i32,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+/// How long a quitting server gets before SIGKILL, and how long SIGKILL gets to work.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+impl Leftover {
+    /// The exit watch is authoritative while the runtime still reaps; /proc covers a runtime
+    /// that has gone away (an unreaped zombie keeps its pid, so the pid is not reused).
+    fn gone(&self) -> bool {
+        self.exit.borrow().is_some() || !process_alive(self.pid)
+    }
+
+    /// Blocks until the process is gone, SIGKILLing it after [`QUIT_GRACE`]. For a plain
+    /// thread only, never a runtime worker.
+    fn wait_blocking(&self) {
+        if self.gone_within(QUIT_GRACE) {
             return;
         }
-        self.signal(libc::SIGQUIT);
-        for _ in 0..250 {
-            if !process_alive(self.pid) {
-                return;
+        tracing::warn!(node = self.name, "postmaster ignored SIGQUIT; killing it");
+        // SAFETY: kill has no memory-safety preconditions; `gone_within` has just seen the
+        // pid still belong to our server.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        if !self.gone_within(QUIT_GRACE) {
+            tracing::error!(
+                node = self.name,
+                pid = self.pid,
+                "postmaster survived SIGKILL"
+            );
+        }
+    }
+
+    fn gone_within(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        while !self.gone() {
+            if Instant::now() >= deadline {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.signal(libc::SIGKILL);
+        true
+    }
+}
+
+/// Waits for `leftovers` to end on a thread of its own, then runs `then` there: the lab
+/// removes its directory in `then`, once no server can still write into it.
+pub(super) fn reap_in_background(leftovers: Vec<Leftover>, then: impl FnOnce() + Send + 'static) {
+    let work = move || {
+        for leftover in &leftovers {
+            leftover.wait_blocking();
+        }
+        then();
+    };
+    // Shared so that if no thread can be started the work still runs here: blocking this
+    // thread is better than leaving a server running.
+    let slot = Arc::new(Mutex::new(Some(work)));
+    let for_thread = Arc::clone(&slot);
+    let spawned = std::thread::Builder::new()
+        .name("lab-reaper".into())
+        .spawn(move || take_and_run(&for_thread));
+    if spawned.is_err() {
+        take_and_run(&slot);
+    }
+}
+
+fn take_and_run(slot: &Mutex<Option<impl FnOnce()>>) {
+    let work = slot
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    if let Some(work) = work {
+        work();
     }
 }
 
@@ -271,16 +401,16 @@ fn failed_status() -> ExitStatus {
 }
 
 /// The last `max_bytes` of a file, starting at a line boundary.
-pub fn tail_of_file(path: &Path, max_bytes: u64) -> String {
-    let Ok(mut file) = File::open(path) else {
+async fn tail_of_file(path: &Path, max_bytes: u64) -> String {
+    let Ok(mut file) = tokio::fs::File::open(path).await else {
         return format!("(no log at {})", path.display());
     };
-    let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let length = file.metadata().await.map(|m| m.len()).unwrap_or(0);
     let start = length.saturating_sub(max_bytes);
     let mut text = String::new();
-    if file.seek(SeekFrom::Start(start)).is_ok() {
+    if file.seek(std::io::SeekFrom::Start(start)).await.is_ok() {
         let mut bytes = Vec::new();
-        let _ = file.read_to_end(&mut bytes);
+        let _ = file.read_to_end(&mut bytes).await;
         text = String::from_utf8_lossy(&bytes).into_owned();
     }
     if start > 0

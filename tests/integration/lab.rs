@@ -56,7 +56,30 @@ async fn dropping_the_lab_without_shutdown_still_stops_the_servers() {
     let primary = postmaster_pid(&dir.join("primary"));
     let replica = postmaster_pid(&dir.join("replica1"));
     drop(app);
-    assert!(!alive(primary) && !alive(replica));
+    // Dropping does not wait (it must not block a runtime worker): the servers end, and then
+    // the directory goes, shortly after.
+    let gone = |pid| !alive(pid);
+    assert!(
+        eventually(|| gone(primary) && gone(replica)).await,
+        "postmasters still running"
+    );
+    assert!(
+        eventually(|| !dir.exists()).await,
+        "{} left behind",
+        dir.display()
+    );
+}
+
+/// Whether `condition` holds within 10 s.
+async fn eventually(condition: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
