@@ -830,4 +830,26 @@ mod tests {
     fn the_created_database_is_the_one_urls_name() {
         assert!(sql::CREATE_LAB_DATABASE.ends_with(&format!(" {LAB_DATABASE}")));
     }
+
+    #[tokio::test]
+    async fn a_bad_replica_count_fails_before_anything_is_built() {
+        let kept = tempfile::tempdir().unwrap();
+        for replicas in [0, MAX_REPLICAS + 1] {
+            let options = LabOptions {
+                // Nothing may be created here, and no binaries are looked for.
+                data_dir: Some(kept.path().join("lab")),
+                pg_bindir: Some(kept.path().join("no-binaries")),
+                replicas,
+                ..LabOptions::default()
+            };
+            let error = Lab::start(&options, async |_| Ok::<(), std::convert::Infallible>(()))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(error, LabError::InvalidReplicas(n) if n == replicas),
+                "{error}"
+            );
+            assert!(!kept.path().join("lab").exists());
+        }
+    }
 }
