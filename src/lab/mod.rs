@@ -835,12 +835,12 @@ mod tests {
     async fn a_bad_replica_count_fails_before_anything_is_built() {
         let kept = tempfile::tempdir().unwrap();
         for replicas in [0, MAX_REPLICAS + 1] {
-            let options = LabOptions {
+            let options = LabSettings {
                 // Nothing may be created here, and no binaries are looked for.
                 data_dir: Some(kept.path().join("lab")),
                 pg_bindir: Some(kept.path().join("no-binaries")),
                 replicas,
-                ..LabOptions::default()
+                ..LabSettings::default()
             };
             let error = Lab::start(&options, async |_| Ok::<(), std::convert::Infallible>(()))
                 .await
