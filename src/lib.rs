@@ -1,36 +1,42 @@
 //! lagprobe makes read-after-write anomalies between a PostgreSQL primary and its streaming
 //! replicas visible, measurable and fixable.
 //!
-//! Data flows one way through the modules, and each imports only modules before it in this
-//! list (checked by `.ci/check-layers.sh`):
+//! Data flows one way through the modules, and each imports only modules above it in this
+//! list (`.ci/check-layers.sh` checks it on every CI run):
 //!
-//! - [`settings`]: every default and bound, the strategy names, and the settings the
-//!   library starts from, validated once.
-//! - [`lab`] (optional): an embedded primary and streaming replicas started from the local
-//!   PostgreSQL binaries, with a delay link holding the WAL stream back.
-//! - [`db`]: the primary and replica pools, and every SQL statement a probe sends.
-//! - [`error`]: the crate's error type (each layer's own errors wrapped) and the one
-//!   classification the transports map to their status codes.
-//! - [`probe`]: one probe (write, commit, read back where a strategy says, wait for
-//!   visibility), runs, comparisons and streams of them, their statistics, the strategies.
-//! - [`service`]: what every transport calls, with one request type per kind of request.
-//! - transports: gRPC (`lagprobe.v1.ConsistencyProbe`, reflection, health; [`grpc::pb`] is
-//!   its generated code) and HTTP (the `/test/` page, JSON, health, metrics).
-//! - [`server`]: builds the whole app from [`settings::Settings`] and starts the
-//!   transports; the only module that imports them.
-//! - the CLI, the benchmark and the container health check live in the binary.
+//! | module | what it is for |
+//! |---|---|
+//! | [`settings`] | every default and bound, the strategy names, and the [`Settings`](settings::Settings) the library starts from, validated once |
+//! | `lab` (optional) | an embedded primary and streaming replicas from the local PostgreSQL binaries, with a [`DelayLink`] holding the WAL stream back; [`Lab`] |
+//! | `db` | the pools and every SQL statement a probe sends: [`Databases`] |
+//! | `error` | the crate's [`Error`] (each layer's own error wrapped) and the one [`ErrorKind`] the transports map to their codes |
+//! | `probe` | one probe (write, commit, read back where a strategy says, wait for visibility), runs, comparisons, streams, statistics, the strategies: [`ProbeEngine`] |
+//! | [`service`] | what every transport calls, with one request type per kind of request |
+//! | `grpc`, `http` | the transports: `lagprobe.v1.ConsistencyProbe` with reflection and health ([`pb`] is its generated code), and the `/test/` page, JSON API, health and metrics |
+//! | [`server`] | builds the whole app from settings and starts the transports; the only module that imports them |
 //!
-//! [`lsn`] (WAL positions) is a leaf that any layer may use.
+//! The CLI, the benchmark and the container health check are the binary's (`src/cli/`).
+//! `lsn` ([`Lsn`], WAL positions) is a leaf any layer may use. Modules are private; what a
+//! caller needs is re-exported here, so the compiler reports anything nothing uses.
 
-pub mod db;
-pub mod error;
-pub mod grpc;
+mod db;
+mod error;
+mod grpc;
 mod http;
-pub mod lab;
-pub mod lsn;
-pub mod probe;
+mod lab;
+mod lsn;
+mod probe;
 pub mod server;
 pub mod service;
 pub mod settings;
 
-pub use error::{Error, Result};
+pub use db::{Databases, DbError, Replica, Role, migrate, redact_url};
+pub use error::{Error, ErrorKind, Result};
+pub use grpc::pb;
+pub use lab::{DelayControl, DelayLink, DelaySettings, Lab, LabError, PgBinaries};
+pub use lsn::{Lsn, LsnParseError};
+pub use probe::{
+    CompareReport, LagMeasures, LagReport, Percentiles, ProbeEngine, ProbeOptions, ProbeResult,
+    ReadOutcome, ReplicaLag, ReplicaSummary, RunReport, RunSummary, ServedBy, StrategyReport,
+    Verdict, VisibilityPoint, WriteOutcome, markdown_table,
+};

@@ -10,9 +10,7 @@ use std::{
 };
 
 use lagprobe::{
-    error::{Error, Result},
-    lab::DelayLink,
-    probe::{ProbeOptions, RunSummary, markdown_table},
+    DelayLink, Error, ProbeOptions, Result, RunSummary, markdown_table,
     server::{self, App},
     service::{CompareRequest, RunRequest, Schedule},
     settings::{DatabaseSettings, LabSettings, PoolSettings, Settings, Strategy},
@@ -54,7 +52,7 @@ async fn lab_app(options: &BenchOptions, delay_ms: u64, lab: LabSettings) -> Res
 }
 
 /// The lab of a running app (every app here starts one).
-fn lab_of(app: &App) -> &lagprobe::lab::Lab {
+fn lab_of(app: &App) -> &lagprobe::Lab {
     app.lab().expect("bench apps run a lab")
 }
 

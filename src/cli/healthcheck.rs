@@ -8,7 +8,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use lagprobe::error::{Error, Result};
+use lagprobe::{Error, Result};
 
 /// GETs `url` and returns the HTTP status code.
 pub async fn http_get_status(url: &str, timeout: Duration) -> Result<u16> {

@@ -15,9 +15,7 @@ use args::{
 };
 use clap::{Parser, Subcommand};
 use lagprobe::{
-    db,
-    lab::DelayLink,
-    probe::markdown_table,
+    DelayLink, markdown_table,
     server::{self, App},
     service::Service,
     settings::DatabaseSettings,
@@ -118,8 +116,11 @@ pub async fn main() -> anyhow::Result<()> {
             serve(&databases, service.settings(databases.settings())).await
         }
         Command::Migrate { primary_url, pool } => {
-            db::migrate(&primary_url, &pool.settings()).await?;
-            println!("migrations applied to {}", db::redact_url(&primary_url));
+            lagprobe::migrate(&primary_url, &pool.settings()).await?;
+            println!(
+                "migrations applied to {}",
+                lagprobe::redact_url(&primary_url)
+            );
             Ok(())
         }
         Command::Run {
@@ -219,8 +220,8 @@ async fn serve(
     settings: lagprobe::settings::Settings,
 ) -> anyhow::Result<()> {
     tracing::info!(
-        primary = %db::redact_url(&databases.primary_url),
-        replicas = ?databases.replica_url.iter().map(|url| db::redact_url(url)).collect::<Vec<_>>(),
+        primary = %lagprobe::redact_url(&databases.primary_url),
+        replicas = ?databases.replica_url.iter().map(|url| lagprobe::redact_url(url)).collect::<Vec<_>>(),
         "serving against external databases"
     );
     let mut app = server::build(settings)

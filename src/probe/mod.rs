@@ -14,7 +14,7 @@ mod stats;
 mod strategy;
 
 pub use lag::{LagMeasures, LagReport, ReplicaLag};
-pub use metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot, ProbeMetrics};
+pub use metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot};
 pub use run::{CompareReport, CompareSpec, RunReport, RunSpec, StrategyReport, WatchSpec};
 pub use stats::{Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table};
 pub use strategy::{ReadContext, ServedBy, StrategySettings};

@@ -1,6 +1,6 @@
 //! The service: what every transport calls. It holds the probe engine, the server's
 //! default strategy, the pin-window memory of the Write API and, in a lab, the delay link's
-//! control; each operation takes one [request](request) type and validates it once, so
+//! control; each operation takes one request type ([`RunRequest`] and its kin) and validates it once, so
 //! HTTP, gRPC and the CLI behave the same. Starting servers is [`crate::server`]'s job.
 
 mod request;

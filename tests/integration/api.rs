@@ -132,12 +132,12 @@ async fn delay_calls_without_a_lab_are_failed_precondition() {
     let servers = spawn_service(app.lab().primary_url(), app.replica_urls(), true).await;
     let mut client = crate::harness::grpc_client_at(servers.grpc_addr).await;
     let status = client
-        .get_delay(lagprobe::grpc::pb::GetDelayRequest {})
+        .get_delay(lagprobe::pb::GetDelayRequest {})
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     let status = client
-        .set_delay(lagprobe::grpc::pb::DelaySettings::default())
+        .set_delay(lagprobe::pb::DelaySettings::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -167,7 +167,7 @@ async fn an_unreachable_primary_is_unavailable_with_the_cause() {
 
     let mut client = crate::harness::grpc_client_at(servers.grpc_addr).await;
     let status = client
-        .run(lagprobe::grpc::pb::RunRequest::default())
+        .run(lagprobe::pb::RunRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");

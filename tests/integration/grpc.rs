@@ -1,8 +1,8 @@
 //! The gRPC transport through real tonic clients: Run, its summary, validation, reflection.
 
 use lagprobe::{
-    grpc::pb::{ProbeOptions, RunRequest, Schedule, Verdict},
-    lsn::Lsn,
+    Lsn,
+    pb::{ProbeOptions, RunRequest, Schedule, Verdict},
 };
 use tokio_stream::StreamExt;
 use tonic::Code;

@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use lagprobe::{
-    grpc::pb::consistency_probe_client::ConsistencyProbeClient,
-    lab::Lab,
+    Lab,
+    pb::consistency_probe_client::ConsistencyProbeClient,
     server::{self, App},
     service::Service,
     settings::{DatabaseSettings, LabSettings, PoolSettings, Settings},

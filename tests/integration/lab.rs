@@ -4,7 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use lagprobe::{
-    probe::Verdict,
+    Verdict,
     service::{ProbeRequest, RunRequest, Schedule},
 };
 use reqwest::StatusCode;

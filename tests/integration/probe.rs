@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lagprobe::{
-    probe::Verdict,
+    Verdict,
     service::{ProbeParams, ProbeRequest, RunRequest, Schedule},
 };
 

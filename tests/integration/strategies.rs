@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use lagprobe::{
-    grpc::pb::{
+    pb::{
         CompareRequest, DelaySettings, GetDelayRequest, ProbeOptions, RunRequest, Schedule,
         ServedBy, Strategy, StrategyOptions, Verdict,
     },
@@ -202,9 +202,8 @@ async fn lsn_wait_falls_back_to_the_primary_when_the_link_is_cut_and_counts_it()
 async fn set_delay_changes_commit_to_visible_live() {
     let app = spawn_app(0).await;
     let mut client = app.grpc().await;
-    let visible_p50 = |report: lagprobe::grpc::pb::RunReport| {
-        report.summary.unwrap().visible_after.unwrap().p50_ms
-    };
+    let visible_p50 =
+        |report: lagprobe::pb::RunReport| report.summary.unwrap().visible_after.unwrap().p50_ms;
     let run = RunRequest {
         schedule: Some(Schedule {
             count: Some(3),
@@ -285,7 +284,7 @@ async fn several_replicas_are_named_and_broken_down() {
     assert_eq!(per_replica, [("replica1", 2), ("replica2", 2)]);
 
     let lag = client
-        .lag(lagprobe::grpc::pb::LagRequest {})
+        .lag(lagprobe::pb::LagRequest {})
         .await
         .unwrap()
         .into_inner();

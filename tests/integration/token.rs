@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use lagprobe::grpc::pb::{ReadRequest, ServedBy, Strategy, WatchRequest, WriteRequest};
+use lagprobe::pb::{ReadRequest, ServedBy, Strategy, WatchRequest, WriteRequest};
 use reqwest::StatusCode;
 use tokio_stream::StreamExt;
 
