@@ -83,6 +83,22 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
         "{body}"
     );
 
+    // A single probe has no schedule: a run's parameter is refused, not ignored.
+    let (status, body) = app.get_json("/api/probe?count=3").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["error"].as_str().unwrap().contains("count"), "{body}");
+    // The same fields work as a JSON body, numbers or text alike.
+    let response = app
+        .http
+        .post(app.http_url("/api/run"))
+        .json(&serde_json::json!({"count": 2, "poll_interval_ms": "5"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let report: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(report["probes"].as_array().unwrap().len(), 2, "{report}");
+
     let page = app
         .http
         .get(app.http_url("/test/?visibility_timeout_ms=-1"))
