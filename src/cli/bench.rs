@@ -165,7 +165,7 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_kib = resident_kib(pid);
+    let rss_kib = resident_kib(pid).await;
     let _ = child.kill().await;
     lab.shutdown().await;
 
@@ -180,8 +180,10 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
 }
 
 /// VmRSS of a process, in KiB.
-fn resident_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+async fn resident_kib(pid: u32) -> Option<u64> {
+    let status = tokio::fs::read_to_string(format!("/proc/{pid}/status"))
+        .await
+        .ok()?;
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::probe::{BUCKETS_SECONDS, Histogram, LagReport, MetricsSnapshot};
+use crate::probe::{BUCKETS_SECONDS, Histogram, LagMeasures, LagReport, MetricsSnapshot};
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(value: &str) -> String {
@@ -210,42 +210,43 @@ fn scrape_ok_sample<'a>(
     }
 }
 
+/// `(replica, by_method(its lag))` for every replica the report measured.
+fn per_replica<'a, T>(
+    report: Option<&'a LagReport>,
+    by_method: impl Fn(&LagMeasures) -> T + 'a,
+) -> impl Iterator<Item = (&'a str, T)> + 'a {
+    report
+        .into_iter()
+        .flat_map(|report| &report.replicas)
+        .map(move |replica| (replica.replica.as_str(), by_method(&replica.lag)))
+}
+
 /// Each replica's lag in bytes, by method.
 fn lag_bytes(
     report: Option<&LagReport>,
 ) -> impl Iterator<Item = (&str, [(&'static str, Option<u64>); 2])> {
-    report
-        .into_iter()
-        .flat_map(|report| &report.replicas)
-        .map(|replica| {
-            let lag = &replica.lag;
-            let by_method = [
-                ("lsn_gap", lag.lsn_gap_bytes),
-                ("receive_replay_gap", lag.receive_replay_gap_bytes),
-            ];
-            (replica.replica.as_str(), by_method)
-        })
+    per_replica(report, |lag| {
+        [
+            ("lsn_gap", lag.lsn_gap_bytes),
+            ("receive_replay_gap", lag.receive_replay_gap_bytes),
+        ]
+    })
 }
 
 /// Each replica's lag in seconds, by method.
 fn lag_seconds(
     report: Option<&LagReport>,
 ) -> impl Iterator<Item = (&str, [(&'static str, Option<f64>); 5])> {
-    report
-        .into_iter()
-        .flat_map(|report| &report.replicas)
-        .map(|replica| {
-            let lag = &replica.lag;
-            let by_method = [
-                ("heartbeat", lag.heartbeat_lag_ms),
-                ("replay_timestamp", lag.replay_timestamp_lag_ms),
-                ("stat_write", lag.stat_write_lag_ms),
-                ("stat_flush", lag.stat_flush_lag_ms),
-                ("stat_replay", lag.stat_replay_lag_ms),
-            ]
-            .map(|(method, ms)| (method, ms.map(|ms| ms / 1000.0)));
-            (replica.replica.as_str(), by_method)
-        })
+    per_replica(report, |lag| {
+        [
+            ("heartbeat", lag.heartbeat_lag_ms),
+            ("replay_timestamp", lag.replay_timestamp_lag_ms),
+            ("stat_write", lag.stat_write_lag_ms),
+            ("stat_flush", lag.stat_flush_lag_ms),
+            ("stat_replay", lag.stat_replay_lag_ms),
+        ]
+        .map(|(method, ms)| (method, ms.map(|ms| ms / 1000.0)))
+    })
 }
 
 /// The lab's delay link settings, when running a lab: one unlabelled gauge each.
