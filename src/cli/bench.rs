@@ -12,7 +12,7 @@ use std::{
 use lagprobe::{
     DelayLink, Error, ProbeOptions, Result, RunSummary, markdown_table,
     server::{self, App},
-    service::{CompareRequest, RunRequest, Schedule},
+    service::{CompareRequest, RunRequest, Schedule, Service},
     settings::{DatabaseSettings, LabSettings, PoolSettings, Settings, Strategy},
 };
 
@@ -437,15 +437,20 @@ async fn probe_rate(options: &BenchOptions) -> Result<String> {
         );
     }
 
-    // Overhead: the engine's probe against the same statements, in the same order, on the
-    // same pools, without the engine (alternating, so drift hits both alike).
+    table.push_str(&probe_overhead(service, options.rate_probes.max(50)).await?);
+    app.shutdown().await;
+    Ok(table)
+}
+
+/// What the engine adds over the same statements sent directly, in the same order on the
+/// same pools, alternating so drift hits both alike.
+async fn probe_overhead(service: &Service, rounds: u32) -> Result<String> {
     let engine = service.engine();
     let databases = engine.databases();
     let replica = &databases.replicas()[0];
     let probe_options = ProbeOptions::default();
     let mut engine_time = Duration::ZERO;
     let mut direct_time = Duration::ZERO;
-    let rounds = options.rate_probes.max(50);
     for round in 0..rounds {
         let token = format!("bench-{round}");
         let started = Instant::now();
@@ -474,15 +479,12 @@ async fn probe_rate(options: &BenchOptions) -> Result<String> {
     }
     let engine_ms = engine_time.as_secs_f64() * 1000.0 / f64::from(rounds);
     let direct_ms = direct_time.as_secs_f64() * 1000.0 / f64::from(rounds);
-    let _ = write!(
-        table,
+    Ok(format!(
         "\n| probe overhead ({rounds} alternating rounds) | mean ms |\n|---|---:|\n\
          | same statements sent directly | {direct_ms:.3} |\n| engine probe | {engine_ms:.3} |\n\
          | overhead | {:+.1}% (target <= 10%) |\n\n",
         100.0 * (engine_ms - direct_ms) / direct_ms
-    );
-    app.shutdown().await;
-    Ok(table)
+    ))
 }
 
 /// A loopback port nothing listens on right now.
