@@ -189,6 +189,22 @@ pub fn redact_url(url: &str) -> String {
             if parsed.password().is_some() {
                 let _ = parsed.set_password(Some("***"));
             }
+            // libpq takes the password as a query parameter too.
+            let pairs: Vec<(String, String)> = parsed
+                .query_pairs()
+                .map(|(name, value)| {
+                    let secret = name == "password" || name == "sslpassword";
+                    let value = if secret {
+                        "***".into()
+                    } else {
+                        value.into_owned()
+                    };
+                    (name.into_owned(), value)
+                })
+                .collect();
+            if !pairs.is_empty() {
+                parsed.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             parsed.to_string()
         }
         Err(_) => "<unparsable URL>".to_owned(),
@@ -579,6 +595,11 @@ mod tests {
         let url = "postgres://app:s3cret@db.example:6543/app";
         assert_eq!(redact_url(url), "postgres://app:***@db.example:6543/app");
         assert!(!redact_url(url).contains("s3cret"));
+        let in_query = "postgres://app@db/app?sslmode=disable&password=s3cret";
+        assert_eq!(
+            redact_url(in_query),
+            "postgres://app@db/app?sslmode=disable&password=***"
+        );
         assert_eq!(replica_name_from_url(url), "db.example:6543");
         assert_eq!(replica_name_from_url("postgres://h/db"), "h");
         let named = name_replicas(&["postgres://h/a".into(), "postgres://h/b".into()]);

@@ -16,8 +16,8 @@ use crate::{
         self, LagMeasures, Percentiles, ProbeResult, ReplicaSummary, RunSummary, ServedBy, Verdict,
     },
     service::{
-        CompareRequest, ProbeParams, ReadRequest, RunRequest, Schedule, Service, StrategyParams,
-        WatchRequest, WriteRequest,
+        CompareRequest, DelayRequest, ProbeParams, ReadRequest, RunRequest, Schedule, Service,
+        StrategyParams, WatchRequest, WriteRequest,
     },
     settings::Strategy,
 };
@@ -395,17 +395,15 @@ impl ConsistencyProbe for Transport {
 
     async fn set_delay(
         &self,
-        request: Request<pb::DelaySettings>,
+        request: Request<pb::DelayChange>,
     ) -> Result<Response<pb::DelaySettings>, Status> {
         let request = request.into_inner();
-        let settings = self
-            .service
-            .set_delay(DelaySettings {
-                delay: Duration::from_millis(u64::from(request.delay_ms)),
-                jitter: Duration::from_millis(u64::from(request.jitter_ms)),
-                link_down: request.link_down,
-            })
-            .map_err(status_of)?;
+        let request = DelayRequest {
+            delay_ms: request.delay_ms.map(u64::from),
+            jitter_ms: request.jitter_ms.map(u64::from),
+            link_down: request.link_down,
+        };
+        let settings = self.service.set_delay(&request).map_err(status_of)?;
         Ok(Response::new(delay_message(settings)))
     }
 }

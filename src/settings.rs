@@ -133,8 +133,16 @@ pub const KEY_CHARS: Bound = Bound::new("key", 1, 64, 1);
 /// Clients remembered for pin-window at most; all are forgotten when it fills.
 pub const PINNED_CLIENTS: usize = 100_000;
 
-/// Checks that `text` has at most `bound.max` characters (and at least `bound.min`).
+/// Checks that `text` has at most `bound.max` characters (and at least `bound.min`), and no
+/// NUL: PostgreSQL's text cannot hold one, and the database's refusal would read as an
+/// outage (UNAVAILABLE, which gRPC clients retry) instead of the caller's mistake.
 pub fn check_text(bound: &Bound, text: &str) -> Result<(), Invalid> {
+    if text.contains('\0') {
+        return Err(Invalid::new(
+            bound.field,
+            "contains a NUL byte, which PostgreSQL text cannot hold",
+        ));
+    }
     let chars = text.chars().count() as u64;
     if chars < bound.min {
         return Err(Invalid::new(bound.field, "must not be empty"));
@@ -389,6 +397,7 @@ mod tests {
         );
         assert!(check_text(&CLIENT_ID_CHARS, &"x".repeat(201)).is_err());
         assert!(check_text(&KEY_CHARS, "").is_err());
+        assert_eq!(check_text(&VALUE_CHARS, "a\0b").unwrap_err().field, "value");
     }
 
     #[test]

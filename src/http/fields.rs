@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::{
     error::{Error, Result},
     service::{
-        CompareRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule,
+        CompareRequest, DelayRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule,
         StrategyParams, WriteRequest,
     },
     settings::Strategy,
@@ -64,6 +64,20 @@ impl Fields {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(text)) => Ok(Some(text)),
             Some(other) => Err(Error::invalid(name, format!("{other} is not a string"))),
+        }
+    }
+
+    fn bool(&mut self, name: &'static str) -> Result<Option<bool>> {
+        match self.0.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(value)) => Ok(Some(value)),
+            Some(Value::String(text)) if matches!(text.as_str(), "true" | "false") => {
+                Ok(Some(text == "true"))
+            }
+            Some(other) => Err(Error::invalid(
+                name,
+                format!("{other} is not true or false"),
+            )),
         }
     }
 
@@ -167,6 +181,15 @@ impl Fields {
         self.finish().map(|()| request)
     }
 
+    pub(super) fn delay_request(mut self) -> Result<DelayRequest> {
+        let request = DelayRequest {
+            delay_ms: self.u64("delay_ms")?,
+            jitter_ms: self.u64("jitter_ms")?,
+            link_down: self.bool("link_down")?,
+        };
+        self.finish().map(|()| request)
+    }
+
     pub(super) fn read_request(mut self) -> Result<ReadRequest> {
         let request = ReadRequest {
             key: self.text("key")?.unwrap_or_default(),
@@ -205,6 +228,22 @@ mod tests {
         assert_eq!(error.field(), Some("poll_interval_ms"));
         let error = Fields::from_query(Some("count=1&count=2")).err().unwrap();
         assert_eq!(error.field(), Some("query"));
+    }
+
+    #[test]
+    fn delay_changes_reject_typos_and_non_objects() {
+        let change = Fields::from_json(br#"{"link_down": true}"#).unwrap();
+        let change = change.delay_request().unwrap();
+        assert_eq!(change.link_down, Some(true));
+        assert_eq!(change.delay_ms, None);
+        let typo = Fields::from_json(br#"{"jiter_ms": 5}"#)
+            .unwrap()
+            .delay_request();
+        assert!(typo.unwrap_err().to_string().contains("jiter_ms"));
+        assert_eq!(
+            Fields::from_json(b"[1, 2]").err().unwrap().field(),
+            Some("body")
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::future::Future;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{RawQuery, State, rejection::JsonRejection},
+    extract::{RawQuery, State},
     http::{StatusCode, header},
     response::{Html, IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -22,7 +22,6 @@ use tokio::net::TcpListener;
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    lab::DelaySettings,
     probe::{ProbeResult, Verdict},
     service::Service,
 };
@@ -63,18 +62,6 @@ impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
         ApiError(error)
     }
-}
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T> {
-    body.map(|Json(body)| body).map_err(|rejection| {
-        Error::invalid(
-            "body",
-            rejection.body_text().replace(
-                "Failed to deserialize the JSON body into the target type: ",
-                "",
-            ),
-        )
-    })
 }
 
 /// A probe result with the lab context the page and API show beside it.
@@ -170,11 +157,9 @@ async fn api_delay_get(State(service): State<Service>) -> Result<Response, ApiEr
     Ok(Json(service.delay()?).into_response())
 }
 
-async fn api_delay_put(
-    State(service): State<Service>,
-    body: Result<Json<DelaySettings>, JsonRejection>,
-) -> Result<Response, ApiError> {
-    Ok(Json(service.set_delay(json_body(body)?)?).into_response())
+async fn api_delay_put(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {
+    let request = Fields::from_json(&body)?.delay_request()?;
+    Ok(Json(service.set_delay(&request)?).into_response())
 }
 
 async fn api_write(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {

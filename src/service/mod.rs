@@ -6,8 +6,8 @@
 mod request;
 
 pub use request::{
-    CompareRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule, StrategyParams,
-    WatchRequest, WriteRequest,
+    CompareRequest, DelayRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule,
+    StrategyParams, WatchRequest, WriteRequest,
 };
 
 use std::{
@@ -172,11 +172,10 @@ impl Service {
         Ok(self.lab()?.settings())
     }
 
-    /// Changes the lab's delay link live.
-    pub fn set_delay(&self, settings: DelaySettings) -> Result<DelaySettings> {
+    /// Changes the lab's delay link live: the fields the request gives, nothing else.
+    pub fn set_delay(&self, request: &DelayRequest) -> Result<DelaySettings> {
         let control = self.lab()?;
-        settings::DELAY_MS.check_duration(settings.delay)?;
-        settings::JITTER_MS.check_duration(settings.jitter)?;
+        let settings = request.applied_to(control.settings())?;
         control.apply(settings);
         tracing::info!(
             delay_ms = settings.delay.as_millis() as u64,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::{
     error::{Error, Result},
+    lab::DelaySettings,
     lsn::Lsn,
     probe::{CompareSpec, ProbeOptions, RunSpec, StrategySettings, WatchSpec},
     settings::{self, Bound, Strategy, StrategyDefaults},
@@ -99,6 +100,34 @@ pub struct ReadRequest {
     pub client_id: String,
     pub strategy: Option<Strategy>,
     pub strategy_options: StrategyParams,
+}
+
+/// A change of the lab's delay link: only the fields given change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DelayRequest {
+    /// [`settings::DELAY_MS`].
+    pub delay_ms: Option<u64>,
+    /// [`settings::JITTER_MS`].
+    pub jitter_ms: Option<u64>,
+    /// Cut (`true`) or heal (`false`) the link.
+    pub link_down: Option<bool>,
+}
+
+impl DelayRequest {
+    /// `current` with the given fields changed, every one in range.
+    pub(super) fn applied_to(&self, current: DelaySettings) -> Result<DelaySettings> {
+        let change = |bound: &Bound, value: Option<u64>, now: Duration| -> Result<Duration> {
+            Ok(match value {
+                Some(_) => bound.millis(value)?,
+                None => now,
+            })
+        };
+        Ok(DelaySettings {
+            delay: change(&settings::DELAY_MS, self.delay_ms, current.delay)?,
+            jitter: change(&settings::JITTER_MS, self.jitter_ms, current.jitter)?,
+            link_down: self.link_down.unwrap_or(current.link_down),
+        })
+    }
 }
 
 impl StrategyParams {
@@ -328,6 +357,31 @@ mod tests {
         };
         let error = request.spec(&defaults()).unwrap_err();
         assert_eq!(error.field(), Some("interval_ms"));
+    }
+
+    #[test]
+    fn a_delay_change_changes_only_the_fields_given() {
+        let current = DelaySettings {
+            delay: Duration::from_millis(300),
+            jitter: Duration::from_millis(20),
+            link_down: false,
+        };
+        let cut = DelayRequest {
+            link_down: Some(true),
+            ..Default::default()
+        };
+        let changed = cut.applied_to(current).unwrap();
+        assert_eq!(changed.delay, current.delay);
+        assert_eq!(changed.jitter, current.jitter);
+        assert!(changed.link_down);
+        let too_long = DelayRequest {
+            jitter_ms: Some(600_001),
+            ..Default::default()
+        };
+        assert_eq!(
+            too_long.applied_to(current).unwrap_err().field(),
+            Some("jitter_ms")
+        );
     }
 
     #[test]

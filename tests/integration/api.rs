@@ -112,6 +112,59 @@ async fn bad_api_input_names_the_field() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
+    // A partial change keeps what it does not name; a misspelt field is refused.
+    let put_delay =
+        |body: serde_json::Value| app.http.put(app.http_url("/api/delay")).json(&body).send();
+    let response = put_delay(serde_json::json!({"delay_ms": 300, "jitter_ms": 7}))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let cut: serde_json::Value = put_delay(serde_json::json!({"link_down": true}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        cut,
+        serde_json::json!({"delay_ms": 300, "jitter_ms": 7, "link_down": true})
+    );
+    let response = put_delay(serde_json::json!({"jiter_ms": 5})).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("jiter_ms"),
+        "{body}"
+    );
+    let response = put_delay(serde_json::json!([300])).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    // A NUL byte is the caller's mistake (400 naming the field), not an outage.
+    let response = app
+        .http
+        .post(app.http_url("/api/write"))
+        .json(&serde_json::json!({"value": "a\u{0}b"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["field"], "value", "{body}");
+    let (status, body) = app.get_json("/api/read?key=a%00b").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "key", "{body}");
+    let status = app
+        .grpc()
+        .await
+        .write(lagprobe::pb::WriteRequest {
+            value: "a\0b".into(),
+            client_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("value"), "{}", status.message());
+
     let response = app
         .http
         .post(app.http_url("/api/write"))
@@ -137,7 +190,7 @@ async fn delay_calls_without_a_lab_are_failed_precondition() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     let status = client
-        .set_delay(lagprobe::pb::DelaySettings::default())
+        .set_delay(lagprobe::pb::DelayChange::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use lagprobe::{
     pb::{
-        CompareRequest, DelaySettings, GetDelayRequest, ProbeOptions, RunRequest, Schedule,
-        ServedBy, Strategy, StrategyOptions, Verdict,
+        CompareRequest, DelayChange, GetDelayRequest, ProbeOptions, RunRequest, Schedule, ServedBy,
+        Strategy, StrategyOptions, Verdict,
     },
     settings::LabSettings,
 };
@@ -149,14 +149,17 @@ async fn remote_apply_without_a_synchronous_standby_is_reported_ineffective() {
 async fn lsn_wait_falls_back_to_the_primary_when_the_link_is_cut_and_counts_it() {
     let app = spawn_app(0).await;
     let mut client = app.grpc().await;
-    client
-        .set_delay(DelaySettings {
-            delay_ms: 0,
-            jitter_ms: 0,
-            link_down: true,
+    let cut = client
+        .set_delay(DelayChange {
+            link_down: Some(true),
+            ..DelayChange::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    // Only the field given changed.
+    assert!(cut.link_down);
+    assert_eq!((cut.delay_ms, cut.jitter_ms), (0, 0));
     let lsn_wait = |count| RunRequest {
         schedule: Some(Schedule {
             count: Some(count),
@@ -184,7 +187,13 @@ async fn lsn_wait_falls_back_to_the_primary_when_the_link_is_cut_and_counts_it()
     assert_eq!(summary.primary_share, 1.0);
 
     // Restore the link: the replica reconnects and lsn-wait reads it again.
-    client.set_delay(DelaySettings::default()).await.unwrap();
+    client
+        .set_delay(DelayChange {
+            link_down: Some(false),
+            ..DelayChange::default()
+        })
+        .await
+        .unwrap();
     let mut served_by_replica = false;
     for _ in 0..50 {
         let report = client.run(lsn_wait(1)).await.unwrap().into_inner();
@@ -216,10 +225,9 @@ async fn set_delay_changes_commit_to_visible_live() {
     assert!(fast < 300.0, "{fast}");
 
     let applied = client
-        .set_delay(DelaySettings {
-            delay_ms: 600,
-            jitter_ms: 0,
-            link_down: false,
+        .set_delay(DelayChange {
+            delay_ms: Some(600),
+            ..DelayChange::default()
         })
         .await
         .unwrap()
@@ -236,10 +244,9 @@ async fn set_delay_changes_commit_to_visible_live() {
     assert!(slow < 1500.0, "{slow}");
 
     let status = client
-        .set_delay(DelaySettings {
-            delay_ms: 600_001,
-            jitter_ms: 0,
-            link_down: false,
+        .set_delay(DelayChange {
+            delay_ms: Some(600_001),
+            ..DelayChange::default()
         })
         .await
         .unwrap_err();
