@@ -168,12 +168,8 @@ fn lag_samples<'a, V: std::fmt::Display, const N: usize>(
 fn lag_families(out: &mut String, lag: Result<&LagReport, String>) {
     const BYTES: &str = "lagprobe_lag_bytes";
     const SECONDS: &str = "lagprobe_lag_seconds";
-    header(
-        out,
-        BYTES,
-        "gauge",
-        "Replication lag in bytes, by method (see the API's LagReport.methods).",
-    );
+    // Each family's samples directly under its own HELP and TYPE: parsers file a sample
+    // under the last header they read.
     header(
         out,
         "lagprobe_lag_scrape_ok",
@@ -181,6 +177,12 @@ fn lag_families(out: &mut String, lag: Result<&LagReport, String>) {
         "1 if lag could be measured at this scrape.",
     );
     let report = scrape_ok_sample(out, lag);
+    header(
+        out,
+        BYTES,
+        "gauge",
+        "Replication lag in bytes, by method (see the API's LagReport.methods).",
+    );
     lag_samples(out, BYTES, lag_bytes(report));
     header(
         out,

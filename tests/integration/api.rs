@@ -75,7 +75,67 @@ async fn run_compare_lag_delay_and_metrics_over_http() {
         text.contains("lagprobe_lag_seconds{replica=\"replica1\",method=\"heartbeat\"}"),
         "{text}"
     );
+
+    // A real Prometheus text parser files every sample under its own family.
+    let families = parsed_by_prometheus_client(&text);
+    let family = |name: &str| {
+        families
+            .iter()
+            .find(|family| family["name"] == name)
+            .unwrap_or_else(|| panic!("no family {name} in {families:?}"))
+    };
+    let scrape_ok = family("lagprobe_lag_scrape_ok");
+    assert_eq!(scrape_ok["type"], "gauge");
+    let samples = scrape_ok["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 1, "{scrape_ok}");
+    assert_eq!(samples[0][0], "lagprobe_lag_scrape_ok");
+    assert_eq!(samples[0][1].as_f64(), Some(1.0), "{scrape_ok}");
+    let lag_bytes = family("lagprobe_lag_bytes");
+    assert_eq!(lag_bytes["type"], "gauge");
+    assert_eq!(
+        lag_bytes["samples"].as_array().unwrap().len(),
+        2,
+        "{lag_bytes}"
+    );
+    assert_eq!(family("lagprobe_probes")["type"], "counter");
+    assert_eq!(
+        family("lagprobe_commit_to_visible_seconds")["type"],
+        "histogram"
+    );
+    assert!(
+        families.iter().all(|family| family["type"] != "unknown"),
+        "{families:?}"
+    );
     app.shutdown().await;
+}
+
+/// `/metrics` text as Python's prometheus_client reads it: `[{name, type, samples}]`.
+fn parsed_by_prometheus_client(text: &str) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    const SCRIPT: &str = "import json, sys\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        print(json.dumps([{'name': f.name, 'type': f.type, \
+        'samples': [[s.name, s.value] for s in f.samples]} for f in parse(sys.stdin.read())]))";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (Debian: apt-get install python3)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "prometheus_client could not parse /metrics (install it: pip install prometheus-client): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
