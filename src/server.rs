@@ -33,16 +33,17 @@ pub struct App {
 /// Validates `settings`, starts the lab if they ask for one, migrates, and serves.
 pub async fn build(settings: Settings) -> Result<App> {
     settings.validate()?;
+    // Before the lab: a taken address fails at once, not after building a cluster.
+    let http = bind(settings.http_addr, "http_addr").await?;
+    let grpc = bind(settings.grpc_addr, "grpc_addr").await?;
+    let http_addr = local_addr(&http, "HTTP")?;
+    let grpc_addr = local_addr(&grpc, "gRPC")?;
     let (lab, databases) = connect(&settings).await?;
     let service = Service::new(
         databases,
         lab.as_ref().map(Lab::delay_control),
         settings.defaults,
     );
-    let http = bind(settings.http_addr, "HTTP").await?;
-    let grpc = bind(settings.grpc_addr, "gRPC").await?;
-    let http_addr = local_addr(&http, "HTTP")?;
-    let grpc_addr = local_addr(&grpc, "gRPC")?;
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -112,10 +113,12 @@ pub async fn start_lab(lab: &LabSettings, migrate: bool, pool: &PoolSettings) ->
     Ok(lab)
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+/// Binds `addr`; a failure names the setting (`http_addr`, `grpc_addr`: the flags
+/// `--http-addr`, `--grpc-addr`).
+async fn bind(addr: SocketAddr, setting: &'static str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(Error::io(format!("binding the {what} address {addr}")))
+        .map_err(|error| Error::invalid(setting, format!("cannot listen on {addr}: {error}")))
 }
 
 fn local_addr(listener: &TcpListener, what: &str) -> Result<SocketAddr> {

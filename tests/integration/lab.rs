@@ -6,6 +6,7 @@ use std::{path::Path, time::Duration};
 use lagprobe::{
     Verdict,
     service::{ProbeRequest, RunRequest, Schedule},
+    settings::{DatabaseSettings, LabSettings},
 };
 use reqwest::StatusCode;
 
@@ -159,4 +160,23 @@ async fn a_server_that_dies_is_reported_with_its_log_tail() {
         "{text}"
     );
     app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_http_address_fails_before_any_cluster_is_built() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let lab = LabSettings {
+        data_dir: Some(data_dir.path().join("cluster")),
+        ..LabSettings::with_delay(Duration::ZERO)
+    };
+    let mut settings = crate::harness::settings(DatabaseSettings::Lab(lab));
+    settings.http_addr = taken.local_addr().unwrap();
+    let error = lagprobe::server::build(settings).await.unwrap_err();
+    assert_eq!(error.field(), Some("http_addr"), "{error}");
+    assert!(error.to_string().contains("cannot listen"), "{error}");
+    assert!(
+        !data_dir.path().join("cluster").exists(),
+        "a cluster was built although the service could not listen"
+    );
 }
