@@ -324,9 +324,16 @@ impl ConsistencyProbe for Transport {
         let mut index = 0u32;
         let stream = ReceiverStream::new(receiver).map(move |outcome| {
             index += 1;
-            outcome
-                .map(|probe| probe_message(index - 1, &probe))
-                .map_err(status_of)
+            Ok(match outcome {
+                Ok(probe) => probe_message(index - 1, &probe),
+                // An error item would end the stream; an outage should not.
+                Err(error) => pb::ProbeResult {
+                    index: index - 1,
+                    verdict: pb::Verdict::PrimaryError.into(),
+                    error: Some(error.to_string()),
+                    ..pb::ProbeResult::default()
+                },
+            })
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use lagprobe::pb::{ReadRequest, ServedBy, Strategy, WatchRequest, WriteRequest};
+use lagprobe::pb::{ReadRequest, ServedBy, Strategy, Verdict, WatchRequest, WriteRequest};
 use reqwest::StatusCode;
 use tokio_stream::StreamExt;
 
-use crate::harness::spawn_app;
+use crate::harness::{grpc_client_at, spawn_app, spawn_service};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_from_one_grpc_call_gives_read_your_writes_in_another() {
@@ -159,5 +159,70 @@ async fn watch_streams_probes_and_stops_when_cancelled() {
         after_cancel,
         "probing went on after the client cancelled"
     );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_a_primary_outage_per_probe_and_carries_on_after_it() {
+    let app = spawn_app(0).await;
+    // A second service whose primary sits behind a link this test can cut.
+    let primary = url::Url::parse(&app.lab().primary_url()).unwrap();
+    let upstream = format!("127.0.0.1:{}", primary.port().unwrap());
+    let link = lagprobe::DelayLink::bind("127.0.0.1:0", upstream, Duration::ZERO)
+        .await
+        .unwrap();
+    let mut through_link = primary.clone();
+    through_link
+        .set_port(Some(link.local_addr().port()))
+        .unwrap();
+    let service = spawn_service(through_link.to_string(), app.replica_urls(), true).await;
+    let mut stream = grpc_client_at(service.grpc_addr)
+        .await
+        .watch(WatchRequest {
+            interval_ms: Some(100),
+            ..WatchRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let next_verdict = async |stream: &mut tonic::Streaming<lagprobe::pb::ProbeResult>| {
+        let probe = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the stream keeps sending")
+            .expect("the stream is still open")
+            .expect("an outage is an item, not the stream's end");
+        (probe.verdict(), probe.error)
+    };
+    assert_eq!(next_verdict(&mut stream).await.0, Verdict::Fresh);
+
+    let cut = |link_down| lagprobe::DelaySettings {
+        link_down,
+        ..lagprobe::DelaySettings::default()
+    };
+    link.control().apply(cut(true));
+    let mut outage = None;
+    for _ in 0..20 {
+        let (verdict, error) = next_verdict(&mut stream).await;
+        if verdict == Verdict::PrimaryError {
+            outage = error;
+            break;
+        }
+    }
+    let outage = outage.expect("a probe reported the primary down");
+    assert!(outage.contains("primary"), "{outage}");
+    // Still reporting the outage, probe after probe.
+    assert_eq!(next_verdict(&mut stream).await.0, Verdict::PrimaryError);
+
+    link.control().apply(cut(false));
+    let mut recovered = false;
+    for _ in 0..30 {
+        if next_verdict(&mut stream).await.0 == Verdict::Fresh {
+            recovered = true;
+            break;
+        }
+    }
+    assert!(recovered, "probes succeed again once the primary is back");
+    drop(stream);
+    service.shutdown().await;
     app.shutdown().await;
 }
