@@ -87,16 +87,16 @@ fn served_by_message(served_by: Option<ServedBy>) -> pb::ServedBy {
 fn strategy_params(message: Option<pb::StrategyOptions>) -> StrategyParams {
     let message = message.unwrap_or_default();
     StrategyParams {
-        pin_window_ms: message.pin_window_ms.map(u64::from),
-        lsn_wait_timeout_ms: message.lsn_wait_timeout_ms.map(u64::from),
+        pin_window_ms: message.pin_window_ms,
+        lsn_wait_timeout_ms: message.lsn_wait_timeout_ms,
     }
 }
 
 fn probe_params(message: Option<pb::ProbeOptions>) -> ProbeParams {
     let message = message.unwrap_or_default();
     ProbeParams {
-        visibility_timeout_ms: message.visibility_timeout_ms.map(u64::from),
-        poll_interval_ms: message.poll_interval_ms.map(u64::from),
+        visibility_timeout_ms: message.visibility_timeout_ms,
+        poll_interval_ms: message.poll_interval_ms,
         strategy_options: strategy_params(message.strategy_options),
     }
 }
@@ -104,9 +104,9 @@ fn probe_params(message: Option<pb::ProbeOptions>) -> ProbeParams {
 fn schedule(message: Option<pb::Schedule>) -> Schedule {
     let message = message.unwrap_or_default();
     Schedule {
-        count: message.count.map(u64::from),
-        interval_ms: message.interval_ms.map(u64::from),
-        concurrency: message.concurrency.map(u64::from),
+        count: message.count,
+        interval_ms: message.interval_ms,
+        concurrency: message.concurrency,
     }
 }
 
@@ -139,7 +139,7 @@ fn watch_request(message: pb::WatchRequest) -> Result<WatchRequest> {
     Ok(WatchRequest {
         strategy: strategy_of(message.strategy, "strategy")?,
         probe: probe_params(message.probe),
-        interval_ms: message.interval_ms.map(u64::from),
+        interval_ms: message.interval_ms,
     })
 }
 
@@ -406,8 +406,8 @@ impl ConsistencyProbe for Transport {
     ) -> Result<Response<pb::DelaySettings>, Status> {
         let request = request.into_inner();
         let request = DelayRequest {
-            delay_ms: request.delay_ms.map(u64::from),
-            jitter_ms: request.jitter_ms.map(u64::from),
+            delay_ms: request.delay_ms,
+            jitter_ms: request.jitter_ms,
             link_down: request.link_down,
         };
         let settings = self.service.set_delay(&request).map_err(status_of)?;

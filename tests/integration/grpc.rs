@@ -116,6 +116,17 @@ async fn out_of_range_input_is_invalid_argument_naming_the_field() {
             "count",
         ),
         (
+            // 2^32 + 1: refused, not wrapped around to 1.
+            RunRequest {
+                schedule: Some(Schedule {
+                    count: Some((1 << 32) + 1),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "count",
+        ),
+        (
             RunRequest {
                 schedule: Some(Schedule {
                     interval_ms: Some(60_001),

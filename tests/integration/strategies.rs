@@ -256,6 +256,21 @@ async fn set_delay_changes_commit_to_visible_live() {
         "{}",
         status.message()
     );
+    // 2^32 + 5 is refused, not wrapped around to a 5 ms delay.
+    let status = client
+        .set_delay(DelayChange {
+            delay_ms: Some((1 << 32) + 5),
+            ..DelayChange::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let current = client
+        .get_delay(GetDelayRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(current.delay_ms, 600);
     app.shutdown().await;
 }
 
