@@ -108,6 +108,21 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
     assert_eq!(page.status(), StatusCode::BAD_REQUEST);
     assert!(page.text().await.unwrap().contains("NO PROBE"));
 
+    // Fields that do not apply to a kind of request are refused, not ignored.
+    for path in [
+        "/test/?strategies=primary",
+        "/api/probe?concurrency=2",
+        "/api/probe?interval_ms=5",
+        "/api/run?strategies=primary",
+        "/api/compare?strategy=primary",
+    ] {
+        let response = app.http.get(app.http_url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        let field = path.split(['?', '=']).nth(1).unwrap();
+        let text = response.text().await.unwrap();
+        assert!(text.contains(field), "{path}: {text}");
+    }
+
     let (status, _) = app.get_json("/no/such/page").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     app.shutdown().await;
