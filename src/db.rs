@@ -14,7 +14,8 @@ use std::{
 
 use serde::Serialize;
 use sqlx::{
-    ConnectOptions, Row,
+    ConnectOptions, Connection, Postgres, Row,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
 };
 
@@ -56,6 +57,15 @@ pub enum DbError {
     #[error("invalid {role} database URL: {reason}")]
     Url { role: Role, reason: String },
 
+    /// No pooled connection came in time; `cause` is what a direct connection attempt
+    /// said (so the error reads "connection refused", not "pool timed out").
+    #[error("{role} database at {addr} is unreachable: {cause}")]
+    Unreachable {
+        role: Role,
+        addr: String,
+        cause: String,
+    },
+
     /// Probes need somewhere to read.
     #[error("at least one replica is needed")]
     NoReplica,
@@ -69,8 +79,16 @@ impl DbError {
             DbError::Query {
                 role: Role::Primary,
                 ..
+            } | DbError::Unreachable {
+                role: Role::Primary,
+                ..
             }
         )
+    }
+
+    /// Whether the database could not be reached or failed a query (not a setup error).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, DbError::Query { .. } | DbError::Unreachable { .. })
     }
 }
 
@@ -258,6 +276,31 @@ fn decode_lsn(text: Option<String>) -> Result<Option<Lsn>, sqlx::Error> {
         .map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
+/// A connection from `pool`. When none comes within the acquire timeout, the reason is
+/// learnt by connecting directly, once, so the error names it.
+async fn acquire(pool: &PgPool, role: Role) -> Result<PoolConnection<Postgres>> {
+    match pool.acquire().await {
+        Ok(connection) => Ok(connection),
+        Err(sqlx::Error::PoolTimedOut) => Err(unreachable(pool, role).await),
+        Err(source) => Err(DbError::Query { role, source }),
+    }
+}
+
+async fn unreachable(pool: &PgPool, role: Role) -> DbError {
+    let options = pool.connect_options();
+    let addr = format!("{}:{}", options.get_host(), options.get_port());
+    let timeout = pool.options().get_acquire_timeout();
+    let cause = match tokio::time::timeout(timeout, options.connect()).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            "it answers, but every pooled connection stayed busy (raise --pool-size)".to_owned()
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no answer within {timeout:?}"),
+    };
+    DbError::Unreachable { role, addr, cause }
+}
+
 fn primary_error(source: sqlx::Error) -> DbError {
     DbError::Query {
         role: Role::Primary,
@@ -302,6 +345,14 @@ impl Databases {
         &self.replicas
     }
 
+    async fn on_primary(&self) -> Result<PoolConnection<Postgres>> {
+        acquire(&self.primary, Role::Primary).await
+    }
+
+    async fn on_replica(&self, replica: &Replica) -> Result<PoolConnection<Postgres>> {
+        acquire(&replica.pool, Role::Replica).await
+    }
+
     /// Applies `migrations/` to the primary.
     pub async fn migrate(&self) -> Result<()> {
         migrate_primary(&self.primary).await
@@ -323,7 +374,7 @@ impl Databases {
             let row = sqlx::query(INSERT)
                 .bind(token)
                 .bind(value)
-                .fetch_one(&self.primary)
+                .fetch_one(&mut *self.on_primary().await?)
                 .await
                 .map_err(primary_error)?;
             return Ok(WrittenRow {
@@ -333,7 +384,8 @@ impl Databases {
                 remote_apply_effective: None,
             });
         };
-        let mut transaction = self.primary.begin().await.map_err(primary_error)?;
+        let mut connection = self.on_primary().await?;
+        let mut transaction = connection.begin().await.map_err(primary_error)?;
         sqlx::query("SET LOCAL synchronous_commit = remote_apply")
             .execute(&mut *transaction)
             .await
@@ -376,7 +428,7 @@ impl Databases {
                  WHERE application_name = $1 LIMIT 1) AS s ON true",
         )
         .bind(standby)
-        .fetch_one(&self.primary)
+        .fetch_one(&mut *self.on_primary().await?)
         .await
         .map_err(primary_error)?;
         Ok(CommitPosition {
@@ -402,7 +454,7 @@ impl Databases {
              LEFT JOIN lagprobe.probe_write p ON p.token = $1",
         )
         .bind(token)
-        .fetch_one(&replica.pool)
+        .fetch_one(&mut *self.on_replica(replica).await?)
         .await
         .map_err(replica_error)?;
         let written_at: Option<String> = row.get(0);
@@ -424,7 +476,7 @@ impl Databases {
             "SELECT written_at::text, value FROM lagprobe.probe_write WHERE token = $1",
         )
         .bind(token)
-        .fetch_optional(&self.primary)
+        .fetch_optional(&mut *self.on_primary().await?)
         .await
         .map_err(primary_error)?;
         Ok(row.map(|row| RowSeen {
@@ -436,7 +488,7 @@ impl Databases {
     /// The replica's replay position.
     pub async fn replay_lsn(&self, replica: &Replica) -> Result<Option<Lsn>> {
         let text: Option<String> = sqlx::query_scalar("SELECT pg_last_wal_replay_lsn()::text")
-            .fetch_one(&replica.pool)
+            .fetch_one(&mut *self.on_replica(replica).await?)
             .await
             .map_err(replica_error)?;
         decode_lsn(text).map_err(replica_error)
@@ -450,7 +502,7 @@ impl Databases {
              WHERE id = $1 OR written_at < clock_timestamp() - interval '10 minutes'",
         )
         .bind(id)
-        .execute(&self.primary)
+        .execute(&mut *self.on_primary().await?)
         .await
         .map_err(primary_error)?;
         Ok(())
@@ -459,7 +511,7 @@ impl Databases {
     /// Moves the heartbeat on the primary to now.
     pub async fn beat(&self) -> Result<()> {
         sqlx::query("UPDATE lagprobe.heartbeat SET beat_at = clock_timestamp() WHERE id = 1")
-            .execute(&self.primary)
+            .execute(&mut *self.on_primary().await?)
             .await
             .map_err(primary_error)?;
         Ok(())
@@ -471,7 +523,7 @@ impl Databases {
             "SELECT pg_current_wal_lsn()::text, \
                     (extract(epoch FROM clock_timestamp()) * 1000)::float8",
         )
-        .fetch_one(&self.primary)
+        .fetch_one(&mut *self.on_primary().await?)
         .await
         .map_err(primary_error)?;
         let lsn = decode_lsn(row.get(0))
@@ -489,7 +541,7 @@ impl Databases {
                     (extract(epoch FROM replay_lag) * 1000)::float8 \
              FROM pg_stat_replication ORDER BY application_name",
         )
-        .fetch_all(&self.primary)
+        .fetch_all(&mut *self.on_primary().await?)
         .await
         .map_err(primary_error)?;
         Ok(rows
@@ -519,7 +571,7 @@ impl Databases {
             "SELECT (SELECT conninfo FROM pg_stat_wal_receiver LIMIT 1), \
                     current_setting('cluster_name')",
         )
-        .fetch_one(&replica.pool)
+        .fetch_one(&mut *self.on_replica(replica).await?)
         .await
         .map_err(replica_error)?;
         let conninfo: Option<String> = row.get(0);
@@ -548,7 +600,7 @@ impl Databases {
     /// Succeeds when the primary answers a query.
     pub async fn primary_ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
-            .execute(&self.primary)
+            .execute(&mut *self.on_primary().await?)
             .await
             .map_err(primary_error)?;
         Ok(())
@@ -560,7 +612,7 @@ impl Databases {
             "SELECT pg_is_in_recovery(), (SELECT status FROM pg_stat_wal_receiver LIMIT 1), \
                     to_regclass('lagprobe.heartbeat') IS NOT NULL",
         )
-        .fetch_one(&replica.pool)
+        .fetch_one(&mut *self.on_replica(replica).await?)
         .await
         .map_err(replica_error)?;
         Ok(ReplicaState {

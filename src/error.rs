@@ -59,7 +59,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
-            Error::Database(DbError::Query { .. }) => ErrorKind::Unavailable,
+            Error::Database(error) if error.is_unavailable() => ErrorKind::Unavailable,
             Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Error::NotFound => ErrorKind::NotFound,
             Error::Database(_) | Error::Lab(_) | Error::Io { .. } => ErrorKind::Internal,

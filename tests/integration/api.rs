@@ -289,6 +289,13 @@ async fn an_unreachable_primary_is_unavailable_with_the_cause() {
         "{}",
         status.message()
     );
+    // Why, not "pool timed out": the address and the refusal.
+    let address = format!("127.0.0.1:{closed_port}");
+    assert!(
+        status.message().contains(&address) && status.message().contains("refused"),
+        "{}",
+        status.message()
+    );
 
     let base = format!("http://{}", servers.http_addr);
     let response = app
