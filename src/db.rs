@@ -42,7 +42,7 @@ impl std::fmt::Display for Role {
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     /// A database could not be reached or failed a query.
-    #[error("{role} database: {source}")]
+    #[error("{role} database: {}", describe(.source))]
     Query {
         role: Role,
         #[source]
@@ -69,6 +69,18 @@ pub enum DbError {
     /// Probes need somewhere to read.
     #[error("at least one replica is needed")]
     NoReplica,
+}
+
+/// PostgreSQL's message and SQLSTATE, without the "at line N" sqlx appends (a line of
+/// PostgreSQL's own source code, which reads as if it were the caller's).
+fn describe(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database) => match database.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", database.message()),
+            None => database.message().to_owned(),
+        },
+        other => other.to_string(),
+    }
 }
 
 impl DbError {

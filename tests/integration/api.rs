@@ -325,3 +325,29 @@ async fn an_unreachable_primary_is_unavailable_with_the_cause() {
     servers.shutdown().await;
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_shows_postgresql_s_message_and_sqlstate_only() {
+    let app = spawn_app(0).await;
+    // The lab's `postgres` database has no lagprobe schema, and this service migrates none.
+    let bare = app.lab().primary_url().replace("/lagprobe?", "/postgres?");
+    let replicas = app
+        .replica_urls()
+        .iter()
+        .map(|url| url.replace("/lagprobe?", "/postgres?"))
+        .collect();
+    let service = spawn_service(bare, replicas, false).await;
+    let response = app
+        .http
+        .get(format!("http://{}/api/probe", service.http_addr))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("does not exist"), "{error}");
+    assert!(error.contains("SQLSTATE 42P01"), "{error}");
+    assert!(!error.contains(" at line "), "{error}");
+    service.shutdown().await;
+    app.shutdown().await;
+}
