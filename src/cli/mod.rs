@@ -156,22 +156,28 @@ pub async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn stop_requested() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
-        _ = terminate.recv() => {}
-    }
-    Ok(())
+/// A future that resolves on Ctrl-C or SIGTERM. The handlers are installed here, at once,
+/// so that a signal arriving while the lab is still starting (or right after its banner) is
+/// caught and leads to a clean stop instead of killing the process.
+fn stop_requested() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 async fn run_lab(lab_args: &LabArgs, settings: lagprobe::settings::Settings) -> anyhow::Result<()> {
+    let stop = stop_requested()?;
     let mut app = server::build(settings).await.context("starting the lab")?;
     print_lab_banner(&app, lab_args);
     let outcome = tokio::select! {
-        stop = stop_requested() => stop,
+        () = stop => Ok(()),
         error = app.failed() => Err(anyhow::Error::new(error)),
     };
     tracing::info!("stopping");
@@ -224,6 +230,7 @@ async fn serve(
         replicas = ?databases.replica_url.iter().map(|url| lagprobe::redact_url(url)).collect::<Vec<_>>(),
         "serving against external databases"
     );
+    let stop = stop_requested()?;
     let mut app = server::build(settings)
         .await
         .context("starting the service")?;
@@ -232,7 +239,7 @@ async fn serve(
         app.http_addr, app.grpc_addr
     );
     let outcome = tokio::select! {
-        stop = stop_requested() => stop,
+        () = stop => Ok(()),
         error = app.failed() => Err(anyhow::Error::new(error)),
     };
     app.shutdown().await;
@@ -279,6 +286,7 @@ async fn run_probes(
 }
 
 async fn delay_link(args: &DelayLinkArgs) -> anyhow::Result<()> {
+    let stop = stop_requested()?;
     let link = DelayLink::bind(
         args.listen.as_str(),
         args.upstream.clone(),
@@ -292,7 +300,7 @@ async fn delay_link(args: &DelayLinkArgs) -> anyhow::Result<()> {
         args.upstream,
         args.delay_ms
     );
-    stop_requested().await?;
+    stop.await;
     drop(link);
     Ok(())
 }

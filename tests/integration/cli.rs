@@ -54,14 +54,35 @@ fn terminate_and_wait(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
+/// Postmasters whose command line names `dir`. A backend the postmaster has just forked
+/// still shows the postmaster's command line until it renames itself, so processes whose
+/// parent also matches are not counted: they are that postmaster's children.
 fn postgres_processes_under(dir: &str) -> usize {
-    std::fs::read_dir("/proc")
+    let matching: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .unwrap()
-        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
-        .filter(|cmdline| {
-            let text = String::from_utf8_lossy(cmdline);
-            text.contains("postgres") && text.contains(dir)
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let pid: u32 = path.file_name()?.to_str()?.parse().ok()?;
+            let cmdline =
+                String::from_utf8_lossy(&std::fs::read(path.join("cmdline")).ok()?).into_owned();
+            if !(cmdline.contains("postgres") && cmdline.contains(dir)) {
+                return None;
+            }
+            // The parent pid is the second field after the parenthesised command name.
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            let parent = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, parent))
         })
+        .collect();
+    matching
+        .iter()
+        .filter(|(_, parent)| !matching.iter().any(|(pid, _)| pid == parent))
         .count()
 }
 
