@@ -66,6 +66,18 @@ impl Error {
         }
     }
 
+    /// Logs a failed request once, where a transport maps it to its status: the caller's
+    /// mistakes and outages at warn with the field, lagprobe's own failures at error.
+    /// Messages never hold a password: URLs are redacted before they reach an error.
+    pub fn log_request_failure(&self, transport: &'static str) {
+        let field = self.field().unwrap_or("");
+        match self.kind() {
+            ErrorKind::Internal => tracing::error!(transport, error = %self, "request failed"),
+            ErrorKind::NotFound => tracing::debug!(transport, error = %self, "not found"),
+            _ => tracing::warn!(transport, field, error = %self, "request refused"),
+        }
+    }
+
     /// The field an [`ErrorKind::InvalidArgument`] error is about.
     pub fn field(&self) -> Option<&'static str> {
         match self {

@@ -35,6 +35,7 @@ use pb::consistency_probe_server::{ConsistencyProbe, ConsistencyProbeServer};
 
 /// The one place library errors become gRPC statuses.
 fn status_of(error: Error) -> Status {
+    error.log_request_failure("grpc");
     let message = error.to_string();
     match error.kind() {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),

@@ -29,6 +29,7 @@ use fields::Fields;
 
 /// The one place library errors become HTTP statuses.
 fn status_of(error: &Error) -> StatusCode {
+    error.log_request_failure("http");
     match error.kind() {
         ErrorKind::InvalidArgument => StatusCode::BAD_REQUEST,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,

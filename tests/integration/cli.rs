@@ -151,3 +151,47 @@ fn delay_link_command_delays_the_upstream_direction_and_stops_on_sigterm() {
     let status = terminate_and_wait(&mut child);
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn request_errors_are_logged_at_warn_with_the_field_in_plain_text() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lagprobe"))
+        .args(["lab", "--delay-ms", "0", "--http-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log.reopen().unwrap()))
+        .spawn()
+        .expect("the lagprobe binary starts");
+    let banner = read_until(&mut child, "Ctrl-C stops everything");
+    let http = banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("test page  http://"))
+        .and_then(|rest| rest.strip_suffix("/test/"))
+        .expect("the banner names the test page")
+        .to_owned();
+    let mut socket = TcpStream::connect(&http).unwrap();
+    socket
+        .write_all(
+            b"GET /api/probe?visibility_timeout_ms=0 HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let status = terminate_and_wait(&mut child);
+    assert!(status.success(), "{status:?}");
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    let line = logged
+        .lines()
+        .find(|line| line.contains("request refused"))
+        .unwrap_or_else(|| panic!("no warning for the refused request in:\n{logged}"));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("field=\"visibility_timeout_ms\""), "{line}");
+    // stderr is a file here, not a terminal: no colour codes.
+    assert!(
+        !logged.contains('\u{1b}'),
+        "ANSI codes in a log file:\n{logged}"
+    );
+}
