@@ -38,12 +38,7 @@ pub async fn build(settings: Settings) -> Result<App> {
     let grpc = bind(settings.grpc_addr, "grpc_addr").await?;
     let http_addr = local_addr(&http, "HTTP")?;
     let grpc_addr = local_addr(&grpc, "gRPC")?;
-    let (lab, databases) = connect(&settings).await?;
-    let service = Service::new(
-        databases,
-        lab.as_ref().map(Lab::delay_control),
-        settings.defaults,
-    );
+    let (lab, service) = connect(&settings).await?;
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -75,26 +70,27 @@ pub async fn build(settings: Settings) -> Result<App> {
     })
 }
 
-/// The pools, on the lab's servers or on the ones the settings name; migrated if asked.
-async fn connect(settings: &Settings) -> Result<(Option<Lab>, Databases)> {
+/// The service, on the lab's servers or on the ones the settings name; migrated if asked.
+async fn connect(settings: &Settings) -> Result<(Option<Lab>, Service)> {
     match &settings.databases {
         DatabaseSettings::External {
             primary_url,
             replica_urls,
         } => {
-            let replicas = db::name_replicas(replica_urls);
-            let databases = Databases::connect_lazy(primary_url, &replicas, &settings.pool)?;
+            let service =
+                Service::connect(primary_url, replica_urls, &settings.pool, settings.defaults)?;
             if settings.migrate {
-                databases.migrate().await?;
+                service.engine().databases().migrate().await?;
                 tracing::info!("migrations applied on the primary");
             }
-            Ok((None, databases))
+            Ok((None, service))
         }
         DatabaseSettings::Lab(lab_settings) => {
             let lab = start_lab(lab_settings, settings.migrate, &settings.pool).await?;
             let databases =
                 Databases::connect_lazy(&lab.primary_url(), &lab.replica_urls(), &settings.pool)?;
-            Ok((Some(lab), databases))
+            let service = Service::new(databases, Some(lab.delay_control()), settings.defaults);
+            Ok((Some(lab), service))
         }
     }
 }
