@@ -151,11 +151,9 @@ async fn bad_api_input_names_the_field() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "strategies", "{body}");
 
-    let response = app
-        .http
-        .put(app.http_url("/api/delay"))
-        .json(&serde_json::json!({"delay_ms": 700000}))
-        .send()
+    let put_delay =
+        |body: serde_json::Value| app.http.put(app.http_url("/api/delay")).json(&body).send();
+    let response = put_delay(serde_json::json!({"delay_ms": 700000}))
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
@@ -173,8 +171,6 @@ async fn bad_api_input_names_the_field() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 
     // A partial change keeps what it does not name; a misspelt field is refused.
-    let put_delay =
-        |body: serde_json::Value| app.http.put(app.http_url("/api/delay")).json(&body).send();
     let response = put_delay(serde_json::json!({"delay_ms": 300, "jitter_ms": 7}))
         .await
         .unwrap();
