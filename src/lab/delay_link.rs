@@ -152,6 +152,9 @@ impl DelayControl {
 pub struct DelayLink {
     local_addr: SocketAddr,
     control: DelayControl,
+    /// Where connections are relayed to; `None` refuses them (between a primary's death
+    /// and the promotion of its successor).
+    upstream: watch::Sender<Option<String>>,
     accept_loop: tokio::task::JoinHandle<()>,
 }
 
@@ -166,12 +169,21 @@ impl DelayLink {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
         let control = DelayControl::new(delay);
-        let accept_loop = tokio::spawn(accept_loop(listener, upstream, control.clone()));
+        let (upstream, upstream_changes) = watch::channel(Some(upstream));
+        let accept_loop = tokio::spawn(accept_loop(listener, upstream_changes, control.clone()));
         Ok(DelayLink {
             local_addr,
             control,
+            upstream,
             accept_loop,
         })
+    }
+
+    /// Relays to `upstream` from now on (`None`: refuses connections). Every relayed
+    /// connection is dropped with the bytes it holds, as when the old upstream's machine
+    /// dies with its queue: a failover must not deliver the dead primary's last WAL late.
+    pub fn redirect(&self, upstream: Option<String>) {
+        self.upstream.send_replace(upstream);
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -189,7 +201,11 @@ impl Drop for DelayLink {
     }
 }
 
-async fn accept_loop(listener: TcpListener, upstream: String, control: DelayControl) {
+async fn accept_loop(
+    listener: TcpListener,
+    upstream: watch::Receiver<Option<String>>,
+    control: DelayControl,
+) {
     // Owning the connection tasks here means aborting this loop aborts them all.
     let mut connections = JoinSet::new();
     loop {
@@ -200,11 +216,23 @@ async fn accept_loop(listener: TcpListener, upstream: String, control: DelayCont
                     drop(inbound);
                 }
                 Ok((inbound, peer)) => {
-                    let upstream = upstream.clone();
+                    let mut redirected = upstream.clone();
+                    let Some(target) = redirected.borrow_and_update().clone() else {
+                        tracing::debug!(%peer, "delay link has no upstream: connection refused");
+                        continue;
+                    };
                     let control = control.clone();
                     connections.spawn(async move {
-                        tracing::debug!(%peer, %upstream, "delay link: connection opened");
-                        match relay(inbound, &upstream, control).await {
+                        tracing::debug!(%peer, upstream = %target, "delay link: connection opened");
+                        let upstream = target.as_str();
+                        let relayed = tokio::select! {
+                            relayed = relay(inbound, upstream, control) => relayed,
+                            _ = redirected.changed() => Err(std::io::Error::new(
+                                std::io::ErrorKind::ConnectionAborted,
+                                "delay link redirected",
+                            )),
+                        };
+                        match relayed {
                             Ok(()) => tracing::debug!(%peer, "delay link: connection closed"),
                             Err(error) => tracing::info!(%peer, %upstream, %error, "delay link: connection ended"),
                         }
@@ -435,6 +463,31 @@ mod tests {
             assert!(took < Duration::from_millis(50 + 200), "{took:?}");
         }
         assert_eq!(link.control().settings().jitter, Duration::from_millis(30));
+    }
+
+    #[tokio::test]
+    async fn redirecting_drops_held_bytes_and_relays_to_the_new_upstream() {
+        let old = echo_server().await;
+        let new = echo_server().await;
+        let link = DelayLink::bind("127.0.0.1:0", old.to_string(), Duration::from_millis(500))
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+        // Held in the link when the upstream changes: it must never arrive.
+        client.write_all(b"held").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        link.redirect(None);
+        let mut byte = [0u8; 4];
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+        let mut refused = TcpStream::connect(link.local_addr()).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut byte)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+
+        link.redirect(Some(new.to_string()));
+        link.control().set_delay(Duration::ZERO);
+        let mut again = TcpStream::connect(link.local_addr()).await.unwrap();
+        round_trip(&mut again, b"after").await;
     }
 
     #[tokio::test]
