@@ -7,8 +7,9 @@
 //! it sits below this module.)
 
 use std::{
+    collections::HashSet,
     str::FromStr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -116,9 +117,17 @@ pub struct Replica {
     application_name: Arc<OnceLock<String>>,
 }
 
-/// The primary and the replicas.
+/// The primary and the replicas. Clones share one topology, which a failover re-points
+/// ([`Databases::repoint`]) for every holder at once.
 #[derive(Debug, Clone)]
 pub struct Databases {
+    topology: Arc<RwLock<Arc<Topology>>>,
+    settings: PoolSettings,
+}
+
+/// The pools of one arrangement of servers.
+#[derive(Debug)]
+struct Topology {
     primary: PgPool,
     replicas: Arc<[Replica]>,
 }
@@ -327,16 +336,12 @@ fn replica_error(source: sqlx::Error) -> DbError {
     }
 }
 
-impl Databases {
-    /// Lazy pools for the primary and each `(name, url)` replica.
-    pub fn connect_lazy(
+impl Topology {
+    fn lazy(
         primary_url: &str,
         replicas: &[(String, String)],
         settings: &PoolSettings,
     ) -> Result<Self> {
-        if replicas.is_empty() {
-            return Err(DbError::NoReplica);
-        }
         let replicas = replicas
             .iter()
             .map(|(name, url)| {
@@ -347,18 +352,61 @@ impl Databases {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Databases {
+        Ok(Topology {
             primary: lazy_pool(primary_url, Role::Primary, settings)?,
             replicas: replicas.into(),
         })
     }
+}
 
-    pub fn replicas(&self) -> &[Replica] {
-        &self.replicas
+impl Databases {
+    /// Lazy pools for the primary and each `(name, url)` replica.
+    pub fn connect_lazy(
+        primary_url: &str,
+        replicas: &[(String, String)],
+        settings: &PoolSettings,
+    ) -> Result<Self> {
+        if replicas.is_empty() {
+            return Err(DbError::NoReplica);
+        }
+        Ok(Databases {
+            topology: Arc::new(RwLock::new(Arc::new(Topology::lazy(
+                primary_url,
+                replicas,
+                settings,
+            )?))),
+            settings: *settings,
+        })
+    }
+
+    fn topology(&self) -> Arc<Topology> {
+        Arc::clone(&self.topology.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The replicas now (none after a failover that left no standby).
+    pub fn replicas(&self) -> Arc<[Replica]> {
+        Arc::clone(&self.topology().replicas)
+    }
+
+    /// Points every holder of these pools at a new primary and replicas, as after a
+    /// failover. Operations already running finish on the old pools, which then close.
+    pub fn repoint(&self, primary_url: &str, replicas: &[(String, String)]) -> Result<()> {
+        let topology = Arc::new(Topology::lazy(primary_url, replicas, &self.settings)?);
+        let old = std::mem::replace(
+            &mut *self.topology.write().unwrap_or_else(|p| p.into_inner()),
+            topology,
+        );
+        tokio::spawn(async move {
+            old.primary.close().await;
+            for replica in old.replicas.iter() {
+                replica.pool.close().await;
+            }
+        });
+        Ok(())
     }
 
     async fn on_primary(&self) -> Result<PoolConnection<Postgres>> {
-        acquire(&self.primary, Role::Primary).await
+        acquire(&self.topology().primary, Role::Primary).await
     }
 
     async fn on_replica(&self, replica: &Replica) -> Result<PoolConnection<Postgres>> {
@@ -367,7 +415,7 @@ impl Databases {
 
     /// Applies `migrations/` to the primary.
     pub async fn migrate(&self) -> Result<()> {
-        migrate_primary(&self.primary).await
+        migrate_primary(&self.topology().primary).await
     }
 
     /// Inserts a row on the primary and commits. With `remote_apply` the transaction sets
@@ -506,18 +554,30 @@ impl Databases {
         decode_lsn(text).map_err(replica_error)
     }
 
-    /// Deletes a finished probe's row, and any row older than ten minutes (cancelled
+    /// Deletes the probe rows named by `tokens`, and any row older than `max_age` (cancelled
     /// probes, values written through the API), so the table never grows without bound.
-    pub async fn delete_probe_row(&self, id: i64) -> Result<()> {
+    pub async fn delete_probe_rows(&self, tokens: &[String], max_age: Duration) -> Result<()> {
         sqlx::query(
             "DELETE FROM lagprobe.probe_write \
-             WHERE id = $1 OR written_at < clock_timestamp() - interval '10 minutes'",
+             WHERE token = ANY($1) OR written_at < clock_timestamp() - make_interval(secs => $2)",
         )
-        .bind(id)
+        .bind(tokens)
+        .bind(max_age.as_secs_f64())
         .execute(&mut *self.on_primary().await?)
         .await
         .map_err(primary_error)?;
         Ok(())
+    }
+
+    /// Which of `tokens` the primary has a row for: lost writes are read back this way.
+    pub async fn tokens_present(&self, tokens: &[String]) -> Result<HashSet<String>> {
+        let present: Vec<String> =
+            sqlx::query_scalar("SELECT token FROM lagprobe.probe_write WHERE token = ANY($1)")
+                .bind(tokens)
+                .fetch_all(&mut *self.on_primary().await?)
+                .await
+                .map_err(primary_error)?;
+        Ok(present.into_iter().collect())
     }
 
     /// Moves the heartbeat on the primary to now.

@@ -60,7 +60,10 @@ impl Error {
         match self {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Database(error) if error.is_unavailable() => ErrorKind::Unavailable,
-            Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Error::FailedPrecondition(_)
+            | Error::Lab(LabError::WrongState(_))
+            | Error::Database(DbError::NoReplica) => ErrorKind::FailedPrecondition,
+            Error::Lab(LabError::NoSuchServer { .. }) => ErrorKind::NotFound,
             Error::NotFound => ErrorKind::NotFound,
             Error::Database(_) | Error::Lab(_) | Error::Io { .. } => ErrorKind::Internal,
         }
@@ -73,7 +76,9 @@ impl Error {
         let field = self.field().unwrap_or("");
         match self.kind() {
             ErrorKind::Internal => tracing::error!(transport, error = %self, "request failed"),
-            ErrorKind::NotFound => tracing::debug!(transport, error = %self, "not found"),
+            ErrorKind::NotFound if field.is_empty() => {
+                tracing::debug!(transport, error = %self, "not found")
+            }
             _ => tracing::warn!(transport, field, error = %self, "request refused"),
         }
     }
@@ -82,6 +87,7 @@ impl Error {
     pub fn field(&self) -> Option<&'static str> {
         match self {
             Error::InvalidArgument(invalid) => Some(invalid.field),
+            Error::Lab(LabError::NoSuchServer { field, .. }) => Some(field),
             _ => None,
         }
     }

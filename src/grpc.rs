@@ -11,13 +11,14 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     error::{Error, ErrorKind, Result},
-    lab::DelaySettings,
+    lab::{DelaySettings, NodeState, ServerRole, ServerStatus, StopMode},
     probe::{
         self, LagMeasures, Percentiles, ProbeResult, ReplicaSummary, RunSummary, ServedBy, Verdict,
     },
     service::{
-        CompareRequest, DelayRequest, ProbeParams, ReadRequest, RunRequest, Schedule, Service,
-        StrategyParams, WatchRequest, WriteRequest,
+        CompareRequest, DelayRequest, FailoverReport, FailoverRequest, ProbeParams, ReadRequest,
+        RunRequest, Schedule, ServerAction, ServerRequest, Service, StrategyParams, WatchRequest,
+        WriteRequest,
     },
     settings::Strategy,
 };
@@ -413,6 +414,144 @@ impl ConsistencyProbe for Transport {
         };
         let settings = self.service.set_delay(&request).map_err(status_of)?;
         Ok(Response::new(delay_message(settings)))
+    }
+
+    async fn lab_status(
+        &self,
+        _: Request<pb::LabStatusRequest>,
+    ) -> Result<Response<pb::LabStatusReport>, Status> {
+        let status = self.service.lab_status().await.map_err(status_of)?;
+        Ok(Response::new(pb::LabStatusReport {
+            servers: status.servers.into_iter().map(server_message).collect(),
+            link: Some(delay_message(status.link)),
+        }))
+    }
+
+    async fn stop_server(
+        &self,
+        request: Request<pb::StopServerRequest>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        let request = request.into_inner();
+        let mode = stop_mode_of(request.mode).map_err(status_of)?;
+        self.control(request.name, ServerAction::Stop(mode)).await
+    }
+
+    async fn start_server(
+        &self,
+        request: Request<pb::ServerName>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        self.control(request.into_inner().name, ServerAction::Start)
+            .await
+    }
+
+    async fn restart_server(
+        &self,
+        request: Request<pb::StopServerRequest>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        let request = request.into_inner();
+        let mode = stop_mode_of(request.mode).map_err(status_of)?;
+        self.control(request.name, ServerAction::Restart(mode))
+            .await
+    }
+
+    async fn kill_server(
+        &self,
+        request: Request<pb::ServerName>,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        self.control(request.into_inner().name, ServerAction::Kill)
+            .await
+    }
+
+    async fn failover(
+        &self,
+        request: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::FailoverReport>, Status> {
+        let request = request.into_inner();
+        let request = FailoverRequest {
+            promote: request.promote,
+            rejoin: request.rejoin,
+        };
+        let report = self.service.failover(&request).await.map_err(status_of)?;
+        Ok(Response::new(failover_message(report)))
+    }
+}
+
+impl Transport {
+    async fn control(
+        &self,
+        name: String,
+        action: ServerAction,
+    ) -> Result<Response<pb::ServerStatus>, Status> {
+        let request = ServerRequest { name, action };
+        let status = self
+            .service
+            .control_server(&request)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(server_message(status)))
+    }
+}
+
+fn stop_mode_of(value: i32) -> Result<StopMode> {
+    match pb::StopMode::try_from(value) {
+        Ok(pb::StopMode::Unspecified | pb::StopMode::Fast) => Ok(StopMode::Fast),
+        Ok(pb::StopMode::Immediate) => Ok(StopMode::Immediate),
+        Err(_) => Err(Error::invalid("mode", format!("{value} is not a StopMode"))),
+    }
+}
+
+fn server_message(status: ServerStatus) -> pb::ServerStatus {
+    let role = match status.role {
+        ServerRole::Primary => pb::ServerRole::Primary,
+        ServerRole::Replica => pb::ServerRole::Replica,
+        ServerRole::FormerPrimary => pb::ServerRole::FormerPrimary,
+    };
+    let state = match status.state {
+        NodeState::Running => pb::ServerState::Running,
+        NodeState::Stopping => pb::ServerState::Stopping,
+        NodeState::Stopped => pb::ServerState::Stopped,
+        NodeState::Killed => pb::ServerState::Killed,
+        NodeState::Exited => pb::ServerState::Exited,
+    };
+    pb::ServerStatus {
+        name: status.name,
+        role: role.into(),
+        port: u32::from(status.port),
+        state: state.into(),
+        pid: status.pid,
+        exit_status: status.exit_status.unwrap_or_default(),
+        log_tail: status.log_tail.unwrap_or_default(),
+        replay_lsn: lsn_text(status.replay_lsn),
+        wal_lsn: lsn_text(status.wal_lsn),
+        streaming: status.streaming,
+        error: status.error.unwrap_or_default(),
+    }
+}
+
+fn lsn_text(lsn: Option<crate::lsn::Lsn>) -> String {
+    lsn.map(|lsn| lsn.to_string()).unwrap_or_default()
+}
+
+fn failover_message(report: FailoverReport) -> pb::FailoverReport {
+    let FailoverReport { promotion, lost } = report;
+    pb::FailoverReport {
+        promoted: promotion.promoted,
+        former_primary: promotion.former_primary,
+        replay_lsn_at_promotion: lsn_text(promotion.replay_lsn_at_promotion),
+        rejoined: promotion.rejoined,
+        took_ms: promotion.took_ms,
+        acknowledged: lost.acknowledged as u64,
+        lost: lost.lost as u64,
+        lost_span_ms: lost.lost_span_ms,
+        lost_writes: lost
+            .lost_writes
+            .into_iter()
+            .map(|write| pb::AckedWrite {
+                token: write.token,
+                written_at_epoch_ms: write.written_at_epoch_ms,
+                commit_lsn: lsn_text(write.commit_lsn),
+            })
+            .collect(),
     }
 }
 

@@ -3,7 +3,7 @@
 //! transports on their listeners. The only module that imports the transports; tests and
 //! the benchmark build the app here exactly as `main` does (the zero2prod way: port 0).
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
@@ -27,7 +27,7 @@ pub struct App {
     grpc_task: JoinHandle<Result<()>>,
     heartbeat: Option<JoinHandle<()>>,
     // Last, so that on drop the servers stop before the lab's databases do.
-    lab: Option<Lab>,
+    lab: Option<Arc<Lab>>,
 }
 
 /// Validates `settings`, starts the lab if they ask for one, migrates, and serves.
@@ -71,7 +71,7 @@ pub async fn build(settings: Settings) -> Result<App> {
 }
 
 /// The service, on the lab's servers or on the ones the settings name; migrated if asked.
-async fn connect(settings: &Settings) -> Result<(Option<Lab>, Service)> {
+async fn connect(settings: &Settings) -> Result<(Option<Arc<Lab>>, Service)> {
     match &settings.databases {
         DatabaseSettings::External {
             primary_url,
@@ -86,10 +86,10 @@ async fn connect(settings: &Settings) -> Result<(Option<Lab>, Service)> {
             Ok((None, service))
         }
         DatabaseSettings::Lab(lab_settings) => {
-            let lab = start_lab(lab_settings, settings.migrate, &settings.pool).await?;
+            let lab = Arc::new(start_lab(lab_settings, settings.migrate, &settings.pool).await?);
             let databases =
                 Databases::connect_lazy(&lab.primary_url(), &lab.replica_urls(), &settings.pool)?;
-            let service = Service::new(databases, Some(lab.delay_control()), settings.defaults);
+            let service = Service::new(databases, Some(Arc::clone(&lab)), settings.defaults);
             Ok((Some(lab), service))
         }
     }
@@ -131,27 +131,15 @@ impl App {
 
     /// The lab, when this app started one.
     pub fn lab(&self) -> Option<&Lab> {
-        self.lab.as_ref()
+        self.lab.as_deref()
     }
 
-    /// The lab, to stop and start its servers (tests).
-    pub fn lab_mut(&mut self) -> Option<&mut Lab> {
-        self.lab.as_mut()
-    }
-
-    /// Resolves if a server stops on its own (an accept error) or a lab server exits, with
-    /// what stopped it.
+    /// Resolves if a transport stops on its own (an accept error), with what stopped it.
+    /// A lab server that exits is not a failure: the lab reports it and carries on.
     pub async fn failed(&mut self) -> Error {
-        let lab_exit = async {
-            match &self.lab {
-                Some(lab) => lab.unexpected_exit().await,
-                None => std::future::pending().await,
-            }
-        };
         let finished = tokio::select! {
             finished = &mut self.http_task => finished,
             finished = &mut self.grpc_task => finished,
-            error = lab_exit => return error.into(),
         };
         match finished {
             Ok(Err(error)) => error,
@@ -161,7 +149,8 @@ impl App {
     }
 
     /// Stops accepting, lets requests in flight finish, waits for both servers, then stops
-    /// the lab. Open streams (Watch) end with the servers.
+    /// every lab server (those started again through the fault API too) and only then
+    /// removes the lab's directory. Open streams (Watch) end with the servers.
     pub async fn shutdown(mut self) {
         const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
         if let Some(heartbeat) = self.heartbeat.take() {

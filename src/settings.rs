@@ -130,8 +130,17 @@ pub const VALUE_CHARS: Bound = Bound::new("value", 0, 1000, 0);
 pub const CLIENT_ID_CHARS: Bound = Bound::new("client_id", 0, 200, 0);
 /// Characters of a key returned by a write (32 hex digits; some room to spare).
 pub const KEY_CHARS: Bound = Bound::new("key", 1, 64, 1);
+/// Characters of a lab server's name in a fault operation (`primary`, `replica1`, ...).
+pub const SERVER_NAME_CHARS: Bound = Bound::new("name", 1, 64, 1);
+/// The same, for the replica a failover promotes.
+pub const PROMOTE_CHARS: Bound = Bound::new("promote", 1, 64, 1);
 /// Clients remembered for pin-window at most; all are forgotten when it fills.
 pub const PINNED_CLIENTS: usize = 100_000;
+/// Acknowledged writes the service remembers for counting lost writes after a failover:
+/// at most this many (the last 10 s at 1000 probes/s)...
+pub const ACKED_WRITES: usize = 10_000;
+/// ...and none older than this; rows older than this are swept from the probe table too.
+pub const ACKED_WRITES_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Checks that `text` has at most `bound.max` characters (and at least `bound.min`), and no
 /// NUL: PostgreSQL's text cannot hold one, and the database's refusal would read as an

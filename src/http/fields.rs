@@ -9,9 +9,10 @@ use serde_json::Value;
 
 use crate::{
     error::{Error, Result},
+    lab::StopMode,
     service::{
-        CompareRequest, DelayRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule,
-        StrategyParams, WriteRequest,
+        CompareRequest, DelayRequest, FailoverRequest, ProbeParams, ProbeRequest, ReadRequest,
+        RunRequest, Schedule, ServerAction, ServerRequest, StrategyParams, WriteRequest,
     },
     settings::Strategy,
 };
@@ -186,6 +187,39 @@ impl Fields {
             delay_ms: self.u64("delay_ms")?,
             jitter_ms: self.u64("jitter_ms")?,
             link_down: self.bool("link_down")?,
+        };
+        self.finish().map(|()| request)
+    }
+
+    /// `action` is the path's last segment; an unknown one is an unknown path (404).
+    pub(super) fn server_request(mut self, name: String, action: &str) -> Result<ServerRequest> {
+        let action = match action {
+            "stop" => ServerAction::Stop(self.stop_mode()?),
+            "restart" => ServerAction::Restart(self.stop_mode()?),
+            "start" => ServerAction::Start,
+            "kill" => ServerAction::Kill,
+            _ => return Err(Error::NotFound),
+        };
+        self.finish().map(|()| ServerRequest { name, action })
+    }
+
+    fn stop_mode(&mut self) -> Result<StopMode> {
+        match self.text("mode")?.as_deref() {
+            None | Some("fast") => Ok(StopMode::Fast),
+            Some("immediate") => Ok(StopMode::Immediate),
+            Some(other) => Err(Error::invalid(
+                "mode",
+                format!("{other:?} is not a stop mode: fast or immediate"),
+            )),
+        }
+    }
+
+    pub(super) fn failover_request(mut self) -> Result<FailoverRequest> {
+        let request = FailoverRequest {
+            promote: self
+                .text("promote")?
+                .ok_or_else(|| Error::invalid("promote", "the replica to promote is required"))?,
+            rejoin: self.bool("rejoin")?.unwrap_or(false),
         };
         self.finish().map(|()| request)
     }

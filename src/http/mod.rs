@@ -12,7 +12,7 @@ use std::future::Future;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{RawQuery, State},
+    extract::{Path, RawQuery, State},
     http::{StatusCode, header},
     response::{Html, IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -176,6 +176,26 @@ async fn api_read(
     Ok(Json(service.read(&request).await?).into_response())
 }
 
+async fn api_lab(State(service): State<Service>) -> Result<Response, ApiError> {
+    Ok(Json(service.lab_status().await?).into_response())
+}
+
+/// `POST /api/lab/servers/{name}/{stop|start|restart|kill}`; stop and restart take an
+/// optional `{"mode": "fast" | "immediate"}`.
+async fn api_lab_server(
+    State(service): State<Service>,
+    Path((name, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request = Fields::from_json(&body)?.server_request(name, &action)?;
+    Ok(Json(service.control_server(&request).await?).into_response())
+}
+
+async fn api_failover(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {
+    let request = Fields::from_json(&body)?.failover_request()?;
+    Ok(Json(service.failover(&request).await?).into_response())
+}
+
 async fn metrics_text(State(service): State<Service>) -> Response {
     let snapshot = service.metrics();
     let lag = service.lag().await.map_err(|error| error.to_string());
@@ -227,6 +247,9 @@ fn router(service: Service) -> Router {
         .route("/api/delay", get(api_delay_get).put(api_delay_put))
         .route("/api/write", post(api_write))
         .route("/api/read", get(api_read))
+        .route("/api/lab", get(api_lab))
+        .route("/api/lab/servers/{name}/{action}", post(api_lab_server))
+        .route("/api/lab/failover", post(api_failover))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

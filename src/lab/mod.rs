@@ -10,12 +10,14 @@
 
 mod binaries;
 mod delay_link;
+mod faults;
 mod node;
 mod sql;
 
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
@@ -25,6 +27,8 @@ use tokio::process::Command;
 use crate::settings::{self, LabSettings};
 pub use binaries::PgBinaries;
 pub use delay_link::{DelayControl, DelayLink, DelaySettings};
+pub use faults::{LabStatus, Promotion, ServerStatus};
+pub use node::{NodeState, StopMode};
 use node::{PgNode, RunAs, lab_command, reap_in_background, run_to_completion};
 
 /// The database the lab creates for lagprobe (and for the user to play in).
@@ -90,6 +94,18 @@ pub enum LabError {
         #[source]
         source: sqlx::Error,
     },
+
+    /// A fault operation named a server the lab does not have; `field` is the request's.
+    #[error("no lab server named {name:?} ({field}); the lab's servers are {known}")]
+    NoSuchServer {
+        field: &'static str,
+        name: String,
+        known: String,
+    },
+
+    /// A fault operation that does not fit the server's state (starting a running one).
+    #[error("{0}")]
+    WrongState(String),
 
     /// The caller's `before_delay` step of [`Lab::start`] failed.
     #[error("preparing the lab before engaging its delay: {0}")]
@@ -180,17 +196,47 @@ async fn off_runtime<T: Send + 'static>(
         })?
 }
 
-/// A running primary with its replicas. Call [`Lab::shutdown`] to stop it in order; dropping
-/// it stops the servers without waiting (a background thread removes a temporary directory
-/// once they are gone).
+/// A lab server's part in replication now. Names stay with the servers (`primary` is the
+/// first primary's name, whatever it became); roles change with failovers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerRole {
+    Primary,
+    Replica,
+    /// The primary before a failover, left down: its WAL has diverged from the new
+    /// primary's, so it can only come back as a fresh copy (a failover's `rejoin`).
+    FormerPrimary,
+}
+
+/// One of the lab's servers: its name, data directory and port stay; its process is
+/// replaced when it is started again.
+#[derive(Debug, Clone)]
+struct Server {
+    name: &'static str,
+    role: ServerRole,
+    port: u16,
+    node: Arc<PgNode>,
+}
+
+/// A running primary with its replicas, shared by the service (which stops, starts and
+/// fails over its servers on request) and the app (which stops it). A server that exits is
+/// reported and the lab carries on without it. Call [`Lab::shutdown`] to stop it in order;
+/// dropping it stops the servers without waiting (a background thread removes a temporary
+/// directory once they are gone).
 #[derive(Debug)]
 pub struct Lab {
     binaries: PgBinaries,
     run_as: Option<RunAs>,
-    replicas: Vec<PgNode>,
-    primary: PgNode,
+    root: PathBuf,
+    /// Held only to read or swap entries, never across an await.
+    servers: std::sync::Mutex<Vec<Server>>,
+    /// One fault operation (and the shutdown) at a time.
+    operation: tokio::sync::Mutex<()>,
+    /// Set by the shutdown: no server is started after it.
+    closed: AtomicBool,
     link: DelayLink,
-    dir: LabDir,
+    sync_replica: bool,
+    dir: std::sync::Mutex<Option<LabDir>>,
     /// How long `start` took until every replica streamed (the caller's `before_delay` and
     /// the catch-up after it not included).
     pub startup: Duration,
@@ -314,15 +360,24 @@ impl Lab {
                 return Err(error);
             }
         };
-        let mut lab = Lab {
+        let lab = Lab {
+            root: dir.path().to_path_buf(),
             binaries,
             run_as,
-            replicas: Vec::new(),
-            primary,
+            servers: std::sync::Mutex::new(vec![Server {
+                name: primary.name,
+                role: ServerRole::Primary,
+                port: primary.port,
+                node: primary,
+            }]),
+            operation: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
             link,
-            dir,
+            sync_replica: options.sync_replica,
+            dir: std::sync::Mutex::new(Some(dir)),
             startup: Duration::ZERO,
         };
+        let mut lab = lab;
         match lab.finish_start(options, started, before_delay).await {
             Ok(()) => Ok(lab),
             Err(error) => {
@@ -347,8 +402,8 @@ impl Lab {
             self.add_replica(index, options.replica_port).await?;
             tracing::debug!(elapsed = ?started.elapsed(), index, "replica accepting connections");
         }
-        for index in 0..self.replicas.len() {
-            self.wait_until_streaming(index).await?;
+        for replica in self.replicas() {
+            self.wait_until_streaming(&replica.node).await?;
         }
         if options.sync_replica {
             self.wait_until_synchronous().await?;
@@ -370,16 +425,18 @@ impl Lab {
         Programs {
             binaries: &self.binaries,
             run_as: self.run_as.as_ref(),
-            root: self.dir.path(),
+            root: &self.root,
         }
     }
 
     /// Builds replica `index` from the primary unless it exists, and starts it.
     async fn add_replica(&mut self, index: u8, base_port: u16) -> Result<(), LabError> {
-        let programs = self.programs();
-        let data_dir = programs.root.join(replica_node_name(index));
+        let name = replica_node_name(index);
+        let data_dir = self.root.join(name);
         if !has_cluster(&data_dir).await {
-            programs.base_backup(self.primary.port, &data_dir).await?;
+            self.programs()
+                .base_backup(self.primary().port, &data_dir)
+                .await?;
         }
         let port = match base_port {
             0 => 0,
@@ -393,27 +450,61 @@ impl Lab {
                     ),
                 })?,
         };
-        let replica = programs
-            .start_replica(index, port, self.link.local_addr())
+        let args = replica_args(self.link.local_addr(), name);
+        let node = self
+            .programs()
+            .start_node(name, &data_dir, port, &args, LAB_DATABASE)
             .await?;
-        self.replicas.push(replica);
+        self.lock_servers().push(Server {
+            name,
+            role: ServerRole::Replica,
+            port: node.port,
+            node,
+        });
         Ok(())
     }
 
+    fn lock_servers(&self) -> std::sync::MutexGuard<'_, Vec<Server>> {
+        self.servers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn servers(&self) -> Vec<Server> {
+        self.lock_servers().clone()
+    }
+
+    /// The server that is primary now (there is always one: a failover swaps roles).
+    fn primary(&self) -> Server {
+        self.servers()
+            .into_iter()
+            .find(|server| server.role == ServerRole::Primary)
+            .expect("a lab always has a primary")
+    }
+
+    /// The servers that are replicas now, in order.
+    fn replicas(&self) -> Vec<Server> {
+        self.servers()
+            .into_iter()
+            .filter(|server| server.role == ServerRole::Replica)
+            .collect()
+    }
+
+    /// The primary's URL (after a failover, the promoted server's).
     pub fn primary_url(&self) -> String {
-        lab_url(self.primary.port)
+        lab_url(self.primary().port)
     }
 
     /// The first replica's URL.
     pub fn replica_url(&self) -> String {
-        lab_url(self.replicas[0].port)
+        lab_url(self.replicas()[0].port)
     }
 
     /// `(name, url)` of every replica, in order.
     pub fn replica_urls(&self) -> Vec<(String, String)> {
-        self.replicas
+        self.replicas()
             .iter()
-            .map(|node| (node.name.to_owned(), lab_url(node.port)))
+            .map(|server| (server.name.to_owned(), lab_url(server.port)))
             .collect()
     }
 
@@ -423,132 +514,116 @@ impl Lab {
     }
 
     pub fn data_dir(&self) -> &Path {
-        self.dir.path()
+        &self.root
     }
 
     pub fn binaries(&self) -> &PgBinaries {
         &self.binaries
     }
 
-    fn nodes(&self) -> Vec<&PgNode> {
-        std::iter::once(&self.primary)
-            .chain(&self.replicas)
+    fn nodes(&self) -> Vec<Arc<PgNode>> {
+        self.servers()
+            .into_iter()
+            .map(|server| server.node)
             .collect()
     }
 
     /// Waits until every replica has replayed everything the primary has written so far
     /// (the caller's migrations included), so none of it is held up by the delay.
     async fn wait_until_replayed(&self) -> Result<(), LabError> {
-        let mut primary = connect(&self.primary).await?;
+        let primary = self.primary().node;
+        let mut connection = connect(&primary).await?;
         let target: String = sqlx::query_scalar(sql::CURRENT_WAL_LSN)
-            .fetch_one(&mut primary)
+            .fetch_one(&mut connection)
             .await
-            .map_err(LabError::sql(self.primary.name))?;
-        for node in &self.replicas {
+            .map_err(LabError::sql(primary.name))?;
+        let watched = self.nodes();
+        for replica in self.replicas() {
+            let node = &replica.node;
             let mut replica = connect(node).await?;
-            poll_until(node, &self.nodes(), POLL_INTERVAL, async || {
+            let patience = Patience::new(node, &watched, POLL_INTERVAL);
+            loop {
+                patience.alive().await?;
                 let caught_up: Option<bool> = sqlx::query_scalar(sql::REPLAYED_UP_TO)
                     .bind(&target)
                     .fetch_one(&mut replica)
                     .await
                     .map_err(LabError::sql(node.name))?;
-                Ok(match caught_up {
-                    Some(true) => Check::Ready(()),
-                    _ => Check::NotYet(format!("never replayed up to {target}")),
-                })
-            })
-            .await?;
+                if caught_up == Some(true) {
+                    break;
+                }
+                patience
+                    .not_yet(format!("never replayed up to {target}"))
+                    .await?;
+            }
         }
         Ok(())
     }
 
-    /// Polls until replica `index`'s WAL receiver reports `streaming`.
-    async fn wait_until_streaming(&self, index: usize) -> Result<(), LabError> {
-        let node = &self.replicas[index];
+    /// Polls until the replica's WAL receiver reports `streaming`.
+    async fn wait_until_streaming(&self, node: &Arc<PgNode>) -> Result<(), LabError> {
         let mut replica = connect(node).await?;
-        poll_until(node, &self.nodes(), POLL_INTERVAL, async || {
+        let watched = self.nodes();
+        let patience = Patience::new(node, &watched, POLL_INTERVAL);
+        loop {
+            patience.alive().await?;
             let status: Option<String> = sqlx::query_scalar(sql::WAL_RECEIVER_STATUS)
                 .fetch_optional(&mut replica)
                 .await
                 .map_err(LabError::sql(node.name))?;
-            Ok(match status.as_deref() {
-                Some("streaming") => Check::Ready(()),
-                _ => Check::NotYet(format!("WAL receiver status {status:?}")),
-            })
-        })
-        .await
+            if status.as_deref() == Some("streaming") {
+                return Ok(());
+            }
+            patience
+                .not_yet(format!("WAL receiver status {status:?}"))
+                .await?;
+        }
     }
 
     /// Polls until the primary lists every replica as a synchronous standby.
     async fn wait_until_synchronous(&self) -> Result<(), LabError> {
-        let node = &self.primary;
-        let mut primary = connect(node).await?;
-        let expected = self.replicas.len() as i64;
-        poll_until(node, &self.nodes(), POLL_INTERVAL, async || {
+        let node = self.primary().node;
+        let mut primary = connect(&node).await?;
+        let expected = self.replicas().len() as i64;
+        let watched = self.nodes();
+        let patience = Patience::new(&node, &watched, POLL_INTERVAL);
+        loop {
+            patience.alive().await?;
             let synchronous: i64 = sqlx::query_scalar(sql::SYNCHRONOUS_STANDBYS)
                 .fetch_one(&mut primary)
                 .await
                 .map_err(LabError::sql(node.name))?;
-            Ok(if synchronous == expected {
-                Check::Ready(())
-            } else {
-                Check::NotYet(format!("{synchronous} of {expected} replicas synchronous"))
-            })
-        })
-        .await
-    }
-
-    /// Resolves with an error when any server exits without being asked to.
-    pub async fn unexpected_exit(&self) -> LabError {
-        let mut watched: Vec<
-            std::pin::Pin<Box<dyn std::future::Future<Output = LabError> + Send + '_>>,
-        > = vec![Box::pin(self.primary.unexpected_exit())];
-        for node in &self.replicas {
-            watched.push(Box::pin(node.unexpected_exit()));
-        }
-        std::future::poll_fn(|context| {
-            for future in watched.iter_mut() {
-                if let std::task::Poll::Ready(error) = future.as_mut().poll(context) {
-                    return std::task::Poll::Ready(error);
-                }
+            if synchronous == expected {
+                return Ok(());
             }
-            std::task::Poll::Pending
-        })
-        .await
-    }
-
-    /// Stops replica `index` (fast shutdown), as an outage would.
-    pub async fn stop_replica(&mut self, index: usize) {
-        self.replicas[index].stop().await;
-    }
-
-    /// Starts replica `index` again after [`Lab::stop_replica`], on the same port.
-    pub async fn start_replica(&mut self, index: usize) -> Result<(), LabError> {
-        let replica = self
-            .programs()
-            .start_replica(
-                index as u8,
-                self.replicas[index].port,
-                self.link.local_addr(),
-            )
-            .await?;
-        let _stopped = std::mem::replace(&mut self.replicas[index], replica);
-        self.wait_until_streaming(index).await
-    }
-
-    /// Stops the replicas, then the primary; removes a temporary directory.
-    pub async fn shutdown(mut self) {
-        for node in &mut self.replicas {
-            node.stop().await;
+            patience
+                .not_yet(format!("{synchronous} of {expected} replicas synchronous"))
+                .await?;
         }
-        self.primary.stop().await;
-        self.take_dir().remove().await;
     }
 
-    /// Moves the directory out, for removal after the servers; what stays behind is an
-    /// empty path that nothing reads again (the lab is being consumed).
-    fn take_dir(&mut self) -> LabDir {
-        std::mem::replace(&mut self.dir, LabDir::Kept(PathBuf::new()))
+    /// Stops every server, replicas first, including any started again through the fault
+    /// operations, and only then removes a temporary directory. Waits for an operation in
+    /// progress to finish; no server is started after it.
+    pub async fn shutdown(&self) {
+        let _operation = self.operation.lock().await;
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let servers = self.servers();
+        let (primaries, replicas): (Vec<_>, Vec<_>) = servers
+            .iter()
+            .partition(|server| server.role == ServerRole::Primary);
+        for server in replicas.into_iter().chain(primaries) {
+            server.node.stop(StopMode::Fast).await;
+        }
+        let dir = self
+            .dir
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(dir) = dir {
+            dir.remove().await;
+        }
     }
 }
 
@@ -557,12 +632,20 @@ impl Drop for Lab {
     /// server, waited for on a thread of its own rather than a runtime worker, and only
     /// then the directory's removal, so no server writes into a directory being removed.
     fn drop(&mut self) {
-        let mut leftovers = Vec::new();
-        for node in self.replicas.iter_mut().chain([&mut self.primary]) {
-            leftovers.extend(node.quit_without_waiting());
-        }
-        let dir = self.take_dir();
-        if leftovers.is_empty() && matches!(dir, LabDir::Kept(_)) {
+        let servers = self
+            .servers
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let leftovers: Vec<_> = servers
+            .iter()
+            .filter_map(|server| server.node.quit_without_waiting())
+            .collect();
+        let dir = self
+            .dir
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if leftovers.is_empty() && !matches!(dir, Some(LabDir::Temporary(_))) {
             return;
         }
         reap_in_background(leftovers, move || drop(dir));
@@ -576,40 +659,50 @@ async fn has_cluster(data_dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// One look at a condition the lab waits for.
-enum Check<T> {
-    Ready(T),
-    /// What was seen instead, for the error if the wait times out.
-    NotYet(String),
+/// How long the lab waits for a condition, and on whom: fails as soon as a server in
+/// `watched` exits (its log tells why), or after [`READY_TIMEOUT`] with `blame`'s log tail.
+/// Callers loop: [`Patience::alive`], look, then [`Patience::not_yet`] with what they saw.
+/// (A loop rather than a closure-taking helper: async closures that borrow make futures
+/// that are not `Send`, and the fault operations run on spawned request handlers.)
+struct Patience<'a> {
+    blame: &'a PgNode,
+    watched: &'a [Arc<PgNode>],
+    interval: Duration,
+    deadline: Instant,
 }
 
-/// Repeats `step` every `interval` until it is ready. Fails as soon as a server in
-/// `watched` exits (its log tells why), or after [`READY_TIMEOUT`] with `blame`'s log tail.
-async fn poll_until<T>(
-    blame: &PgNode,
-    watched: &[&PgNode],
-    interval: Duration,
-    mut step: impl AsyncFnMut() -> Result<Check<T>, LabError>,
-) -> Result<T, LabError> {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        for node in watched {
+impl<'a> Patience<'a> {
+    fn new(blame: &'a PgNode, watched: &'a [Arc<PgNode>], interval: Duration) -> Self {
+        Patience {
+            blame,
+            watched,
+            interval,
+            deadline: Instant::now() + READY_TIMEOUT,
+        }
+    }
+
+    /// Fails if a watched server has exited.
+    async fn alive(&self) -> Result<(), LabError> {
+        for node in self.watched {
             if let Some(status) = node.exit_status() {
                 return Err(node.exited(status).await);
             }
         }
-        match step().await? {
-            Check::Ready(value) => return Ok(value),
-            Check::NotYet(cause) if Instant::now() > deadline => {
-                return Err(LabError::NotReady {
-                    node: blame.name,
-                    timeout: READY_TIMEOUT,
-                    cause,
-                    log_tail: blame.log_tail().await,
-                });
-            }
-            Check::NotYet(_) => tokio::time::sleep(interval).await,
+        Ok(())
+    }
+
+    /// Sleeps before the next look, or fails with `cause` (what was seen) past the deadline.
+    async fn not_yet(&self, cause: String) -> Result<(), LabError> {
+        if Instant::now() > self.deadline {
+            return Err(LabError::NotReady {
+                node: self.blame.name,
+                timeout: READY_TIMEOUT,
+                cause,
+                log_tail: self.blame.log_tail().await,
+            });
         }
+        tokio::time::sleep(self.interval).await;
+        Ok(())
     }
 }
 
@@ -623,20 +716,23 @@ fn replica_node_name(index: u8) -> &'static str {
     REPLICA_NAMES[usize::from(index)]
 }
 
-/// The name the primary knows replica `index` by (pg_stat_replication.application_name).
-fn standby_name(index: u8) -> String {
-    format!("lagprobe_{}", replica_node_name(index))
+/// The name the primary knows a standby by (pg_stat_replication.application_name).
+fn standby_name(server: &str) -> String {
+    format!("lagprobe_{server}")
 }
 
-fn primary_args(replicas: u8, sync_replica: bool) -> Vec<String> {
-    if !sync_replica {
+/// With `sync_replica`, every standby named is synchronous (remote_apply then takes effect)
+/// while ordinary commits stay local.
+fn primary_args(standbys: &[&str], sync_replica: bool) -> Vec<String> {
+    if !sync_replica || standbys.is_empty() {
         return Vec::new();
     }
-    let names: Vec<String> = (0..replicas).map(standby_name).collect();
+    let names: Vec<String> = standbys.iter().map(|name| standby_name(name)).collect();
     vec![
         "-c".into(),
         format!(
-            "synchronous_standby_names=FIRST {replicas} ({})",
+            "synchronous_standby_names=FIRST {} ({})",
+            names.len(),
             names.join(", ")
         ),
         "-c".into(),
@@ -644,7 +740,7 @@ fn primary_args(replicas: u8, sync_replica: bool) -> Vec<String> {
     ]
 }
 
-fn replica_args(link: SocketAddr, index: u8) -> Vec<String> {
+fn replica_args(link: SocketAddr, server: &str) -> Vec<String> {
     vec![
         "-c".into(),
         // On the command line, so a kept replica follows the link's new port every run.
@@ -652,7 +748,7 @@ fn replica_args(link: SocketAddr, index: u8) -> Vec<String> {
             "primary_conninfo=host={} port={} user={LAB_USER} application_name={} sslmode=disable",
             link.ip(),
             link.port(),
-            standby_name(index)
+            standby_name(server)
         ),
     ]
 }
@@ -676,14 +772,15 @@ impl Programs<'_> {
         &self,
         options: &LabSettings,
         started: Instant,
-    ) -> Result<(PgNode, DelayLink), LabError> {
+    ) -> Result<(Arc<PgNode>, DelayLink), LabError> {
         let data_dir = self.root.join("primary");
         if !has_cluster(&data_dir).await {
             self.initdb(&data_dir).await?;
             tracing::debug!(elapsed = ?started.elapsed(), "initdb done");
         }
-        let args = primary_args(options.replicas, options.sync_replica);
-        let mut primary = self
+        let standbys: Vec<&str> = (0..options.replicas).map(replica_node_name).collect();
+        let args = primary_args(&standbys, options.sync_replica);
+        let primary = self
             .start_node(
                 "primary",
                 &data_dir,
@@ -703,7 +800,7 @@ impl Programs<'_> {
         match link {
             Ok(link) => Ok((primary, link)),
             Err(error) => {
-                primary.stop().await;
+                primary.stop(StopMode::Fast).await;
                 Err(error)
             }
         }
@@ -733,20 +830,6 @@ impl Programs<'_> {
         run_to_completion(basebackup, "pg_basebackup").await
     }
 
-    /// Starts the replica `index` from its existing data directory, streaming via `link`.
-    async fn start_replica(
-        &self,
-        index: u8,
-        port: u16,
-        link: SocketAddr,
-    ) -> Result<PgNode, LabError> {
-        let name = replica_node_name(index);
-        let data_dir = self.root.join(name);
-        let args = replica_args(link, index);
-        self.start_node(name, &data_dir, port, &args, LAB_DATABASE)
-            .await
-    }
-
     /// Starts a server and waits until it accepts connections. With an automatic port, a
     /// port taken between choosing and binding it is retried with another. A server that
     /// never gets ready is stopped again.
@@ -757,7 +840,7 @@ impl Programs<'_> {
         requested_port: u16,
         extra_args: &[String],
         ready_database: &str,
-    ) -> Result<PgNode, LabError> {
+    ) -> Result<Arc<PgNode>, LabError> {
         let log_path = self.root.join(format!("{name}.log"));
         let mut attempts = 0;
         loop {
@@ -768,7 +851,7 @@ impl Programs<'_> {
             };
             let mut command = self.command("postgres");
             command.args(common_server_args()).args(extra_args);
-            let mut node = PgNode::spawn(command, name, data_dir, port, &log_path).await?;
+            let node = Arc::new(PgNode::spawn(command, name, data_dir, port, &log_path).await?);
             match wait_until_accepting(&node, ready_database).await {
                 Ok(()) => return Ok(node),
                 Err(LabError::NodeExited { log_tail, .. })
@@ -779,7 +862,7 @@ impl Programs<'_> {
                     tracing::info!(name, port, "port was taken; retrying with another");
                 }
                 Err(error) => {
-                    node.stop().await;
+                    node.stop(StopMode::Fast).await;
                     return Err(error);
                 }
             }
@@ -787,21 +870,19 @@ impl Programs<'_> {
     }
 }
 
-async fn wait_until_accepting(node: &PgNode, database: &str) -> Result<(), LabError> {
+async fn wait_until_accepting(node: &Arc<PgNode>, database: &str) -> Result<(), LabError> {
     let options = lab_connect_options(node.port, database);
-    poll_until(
-        node,
-        &[node],
-        CONNECT_POLL_INTERVAL,
-        async || match PgConnection::connect_with(&options).await {
+    let patience = Patience::new(node, std::slice::from_ref(node), CONNECT_POLL_INTERVAL);
+    loop {
+        patience.alive().await?;
+        match PgConnection::connect_with(&options).await {
             Ok(connection) => {
                 let _ = connection.close().await;
-                Ok(Check::Ready(()))
+                return Ok(());
             }
-            Err(error) => Ok(Check::NotYet(error.to_string())),
-        },
-    )
-    .await
+            Err(error) => patience.not_yet(error.to_string()).await?,
+        }
+    }
 }
 
 async fn create_lab_database(primary: &PgNode) -> Result<(), LabError> {

@@ -12,7 +12,10 @@
 use std::{
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU8, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -128,21 +131,53 @@ pub(super) async fn run_to_completion(mut command: Command, what: &str) -> Resul
     })
 }
 
-/// A running postmaster that lagprobe started and watches.
+/// How a server was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMode {
+    /// SIGINT: roll back sessions, checkpoint, exit (`pg_ctl stop -m fast`).
+    Fast,
+    /// SIGQUIT: exit at once, crash recovery on the next start (`pg_ctl stop -m immediate`).
+    Immediate,
+}
+
+/// What has been asked of a node's process, so its end can be told apart from a crash.
+const ASKED_NOTHING: u8 = 0;
+const ASKED_TO_STOP: u8 = 1;
+const ASKED_TO_DIE: u8 = 2;
+
+/// The state of a node's process as the lab reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Running,
+    /// Asked to stop, not gone yet.
+    Stopping,
+    /// Stopped on request.
+    Stopped,
+    /// Killed on request (SIGKILL to the postmaster and its processes, like a crash).
+    Killed,
+    /// Ended without being asked: a crash, or someone else's signal.
+    Exited,
+}
+
+/// A running postmaster that lagprobe started and watches. Every operation takes `&self`, so
+/// the lab can share a node with the tasks that stop or report it.
 #[derive(Debug)]
 pub(super) struct PgNode {
     pub(super) name: &'static str,
     pub(super) port: u16,
+    pub(super) pid: i32,
     log_path: PathBuf,
-    pid: i32,
     exit: watch::Receiver<Option<ExitStatus>>,
-    stopping: bool,
+    asked: Arc<AtomicU8>,
     /// Signalled and handed to a [`Leftover`]; nothing is left for this value to do.
-    handed_off: bool,
+    handed_off: AtomicBool,
 }
 
 impl PgNode {
-    /// Starts `postgres -D data_dir -p port <args>`, logging to `log_path`.
+    /// Starts `postgres -D data_dir -p port <args>`, logging to `log_path`. An exit nobody
+    /// asked for is logged at warn with the log's tail: the lab goes on without the server.
     pub(super) async fn spawn(
         mut command: Command,
         name: &'static str,
@@ -174,18 +209,31 @@ impl PgNode {
             .map_err(LabError::io(format!("starting the {name} postmaster")))?;
         let pid = child.id().map_or(-1, |pid| pid as i32);
         let (exit_sender, exit) = watch::channel(None);
+        let asked = Arc::new(AtomicU8::new(ASKED_NOTHING));
+        let watched = (Arc::clone(&asked), log_path.to_path_buf());
         tokio::spawn(async move {
-            let status = child.wait().await;
-            let _ = exit_sender.send(Some(status.unwrap_or_else(|_| failed_status())));
+            let status = child.wait().await.unwrap_or_else(|_| failed_status());
+            let _ = exit_sender.send(Some(status));
+            let (asked, log_path) = watched;
+            if asked.load(Ordering::Acquire) == ASKED_NOTHING {
+                let log_tail = tail_of_file(&log_path, 2048).await;
+                tracing::warn!(
+                    node = name,
+                    %status,
+                    log_tail,
+                    "lab server exited unexpectedly; the lab keeps running without it \
+                     (start it again through the lab API)"
+                );
+            }
         });
         Ok(PgNode {
             name,
             port,
-            log_path: log_path.to_path_buf(),
             pid,
+            log_path: log_path.to_path_buf(),
             exit,
-            stopping: false,
-            handed_off: false,
+            asked,
+            handed_off: AtomicBool::new(false),
         })
     }
 
@@ -194,18 +242,15 @@ impl PgNode {
         *self.exit.borrow()
     }
 
-    /// Resolves when the process ends without having been asked to; never resolves for
-    /// a node being stopped.
-    pub(super) async fn unexpected_exit(&self) -> LabError {
-        let mut exit = self.exit.clone();
-        let status = match exit.wait_for(Option::is_some).await {
-            Ok(status) => status.expect("waited for Some"),
-            Err(_) => failed_status(),
-        };
-        if self.stopping {
-            std::future::pending::<()>().await;
+    pub(super) fn state(&self) -> NodeState {
+        let asked = self.asked.load(Ordering::Acquire);
+        match (self.exit_status(), asked) {
+            (None, ASKED_NOTHING) => NodeState::Running,
+            (None, _) => NodeState::Stopping,
+            (Some(_), ASKED_TO_STOP) => NodeState::Stopped,
+            (Some(_), ASKED_TO_DIE) => NodeState::Killed,
+            (Some(_), _) => NodeState::Exited,
         }
-        self.exited(status).await
     }
 
     /// The error for this server having exited with `status`.
@@ -222,24 +267,30 @@ impl PgNode {
         tail_of_file(&self.log_path, 4096).await
     }
 
-    /// Fast shutdown (SIGINT: roll back sessions, checkpoint, exit), escalating to an
-    /// immediate one (SIGQUIT) and then SIGKILL if the server dawdles.
-    pub(super) async fn stop(&mut self) {
-        self.stopping = true;
-        for (signal, grace) in [
-            (libc::SIGINT, Duration::from_secs(15)),
+    /// Stops the server and waits for it: a fast shutdown escalates to an immediate one and
+    /// then to SIGKILL if the server dawdles; an immediate one only to SIGKILL.
+    pub(super) async fn stop(&self, mode: StopMode) {
+        let _ = self.asked.compare_exchange(
+            ASKED_NOTHING,
+            ASKED_TO_STOP,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        let fast = [(libc::SIGINT, Duration::from_secs(15))];
+        let rest = [
             (libc::SIGQUIT, Duration::from_secs(5)),
             (libc::SIGKILL, Duration::from_secs(5)),
-        ] {
+        ];
+        let steps = match mode {
+            StopMode::Fast => fast.iter().chain(&rest),
+            StopMode::Immediate => [].iter().chain(&rest),
+        };
+        for &(signal, grace) in steps {
             if self.exit_status().is_some() {
                 return;
             }
             self.signal(signal);
-            let mut exit = self.exit.clone();
-            if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
-                .await
-                .is_ok()
-            {
+            if self.exited_within(grace).await {
                 return;
             }
             tracing::warn!(
@@ -250,15 +301,50 @@ impl PgNode {
         }
     }
 
+    /// SIGKILL to the postmaster and every process of its group, as a crash would end them
+    /// all at once (a postmaster killed alone leaves backends that block a restart); waits
+    /// until the postmaster is gone.
+    pub(super) async fn kill(&self) {
+        self.asked.store(ASKED_TO_DIE, Ordering::Release);
+        if self.pid > 0 && self.exit_status().is_none() {
+            // SAFETY: kill has no memory-safety preconditions; the postmaster leads its own
+            // process group (spawned with process_group(0)), so -pid names only the server's.
+            unsafe {
+                libc::kill(-self.pid, libc::SIGKILL);
+            }
+        }
+        if !self.exited_within(QUIT_GRACE).await {
+            tracing::error!(
+                node = self.name,
+                pid = self.pid,
+                "postmaster survived SIGKILL"
+            );
+        }
+    }
+
+    async fn exited_within(&self, grace: Duration) -> bool {
+        let mut exit = self.exit.clone();
+        tokio::time::timeout(grace, exit.wait_for(Option::is_some))
+            .await
+            .is_ok()
+    }
+
     /// Asks for an immediate shutdown (SIGQUIT: the postmaster ends its children, then
     /// itself) and returns at once, with what is needed to wait for the end elsewhere.
     /// `None` when the server is already gone or was handed off before.
-    pub(super) fn quit_without_waiting(&mut self) -> Option<Leftover> {
-        if self.handed_off || self.pid <= 0 || self.exit_status().is_some() {
+    pub(super) fn quit_without_waiting(&self) -> Option<Leftover> {
+        if self.pid <= 0 || self.exit_status().is_some() {
             return None;
         }
-        self.stopping = true;
-        self.handed_off = true;
+        if self.handed_off.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let _ = self.asked.compare_exchange(
+            ASKED_NOTHING,
+            ASKED_TO_STOP,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         self.signal(libc::SIGQUIT);
         Some(Leftover {
             name: self.name,

@@ -28,3 +28,15 @@ pub(super) const CURRENT_WAL_LSN: &str = "SELECT pg_current_wal_lsn()::text";
 /// On a replica: whether it has replayed up to the position `$1` (text); NULL while it has
 /// replayed nothing.
 pub(super) const REPLAYED_UP_TO: &str = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn";
+
+/// On a replica: where its replay has got, as text (NULL when it replayed nothing).
+pub(super) const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
+
+/// On a replica: promotes it and waits up to `$1` seconds; true once it is a primary.
+pub(super) const PROMOTE: &str = "SELECT pg_promote(true, $1)";
+
+/// Any server: whether it is in recovery, its replay position (replica) or WAL end
+/// (primary) as text, and its WAL receiver's status.
+pub(super) const WAL_POSITION: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text, \
+     (SELECT status FROM pg_stat_wal_receiver LIMIT 1)";

@@ -110,7 +110,7 @@ pub async fn current_lag(db: &Databases) -> Result<LagReport> {
     let ((primary_lsn, primary_now_ms), standbys) =
         tokio::try_join!(db.primary_now(), db.standbys())?;
     let mut replicas = Vec::new();
-    for replica in db.replicas() {
+    for replica in db.replicas().iter() {
         let measured = async {
             let standby = db.standby_name(replica).await?;
             let read = db.read_on_replica(replica, "").await?;

@@ -7,6 +7,7 @@
 //! from the moment the primary acknowledged the COMMIT. The engine knows nothing of HTTP or
 //! gRPC; transports turn its results into their own shapes.
 
+mod acked;
 mod lag;
 mod metrics;
 mod run;
@@ -33,8 +34,10 @@ use crate::{
     db::{CommitPosition, Databases, DbError, Replica, ReplicaRead},
     error::Result,
     lsn::Lsn,
-    settings::{self, Strategy},
+    settings::{self, ACKED_WRITES_MAX_AGE, Strategy},
 };
+use acked::AckedWrites;
+pub use acked::{AckedWrite, LostWrites};
 use strategy::RoutedRead;
 
 /// How one probe reads and how long it waits.
@@ -176,6 +179,7 @@ pub struct ProbeEngine {
     db: Databases,
     next_replica: Arc<AtomicUsize>,
     metrics: Arc<metrics::ProbeMetrics>,
+    acked: Arc<AckedWrites>,
 }
 
 /// A replica read with its send and return times relative to the commit.
@@ -256,6 +260,7 @@ impl ProbeEngine {
             db,
             next_replica: Arc::default(),
             metrics: Arc::default(),
+            acked: Arc::default(),
         }
     }
 
@@ -268,9 +273,26 @@ impl ProbeEngine {
     }
 
     /// Probes spread over the replicas in turn, as a load balancer would.
-    fn pick_replica(&self) -> &Replica {
+    fn pick_replica(&self) -> Result<Replica, DbError> {
         let replicas = self.db.replicas();
-        &replicas[self.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len()]
+        if replicas.is_empty() {
+            return Err(DbError::NoReplica);
+        }
+        let turn = self.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len();
+        Ok(replicas[turn].clone())
+    }
+
+    /// The writes the primary acknowledged, oldest first, within the window.
+    pub fn acked_writes(&self) -> Vec<AckedWrite> {
+        self.acked.snapshot()
+    }
+
+    /// Reads `acknowledged` back from the primary (after a failover: the new one) and
+    /// counts the writes it does not have.
+    pub async fn lost_writes(&self, acknowledged: &[AckedWrite]) -> Result<LostWrites> {
+        let tokens: Vec<String> = acknowledged.iter().map(|w| w.token.clone()).collect();
+        let present = self.db.tokens_present(&tokens).await?;
+        Ok(LostWrites::count(acknowledged, &present))
     }
 
     async fn timed_read(&self, replica: &Replica, token: &str, committed: Instant) -> TimedRead {
@@ -291,7 +313,7 @@ impl ProbeEngine {
     /// One probe. Fails only when the primary cannot take the write or answer; a replica
     /// that cannot be read is a result ([`Verdict::ReplicaError`]), not an error.
     pub async fn probe(&self, options: &ProbeOptions) -> Result<ProbeResult> {
-        let replica = self.pick_replica();
+        let replica = &self.pick_replica()?;
         // Learnt from the replica after its first good read (in `finish`), never waited for
         // here: a replica that is down must not delay the write.
         let standby = self.db.known_standby_name(replica);
@@ -303,10 +325,12 @@ impl ProbeEngine {
         let written = self.db.write_row(&token, None, remote_apply).await?;
         let committed = Instant::now();
         let write_latency = committed - write_started;
+        self.acked.record(&token, written.written_at_epoch_ms, true);
 
         let (position, routed) = self
             .read_after_commit(replica, options, standby.as_deref(), &token, committed)
             .await?;
+        self.acked.set_commit_lsn(&token, position.wal_lsn);
         let read_returned = committed.elapsed();
         let write = ProbeWrite {
             committed,
@@ -330,8 +354,7 @@ impl ProbeEngine {
                     .await;
             }
         }
-        self.finish(replica, standby.as_deref(), &write, &mut result)
-            .await;
+        self.finish(replica, standby.as_deref(), &mut result).await;
         Ok(result)
     }
 
@@ -450,14 +473,9 @@ impl ProbeEngine {
     }
 
     /// After the reads: learns the replica's standby name if it was not known and the probe
-    /// saw no error, closes the visibility bracket, deletes the row and counts the probe.
-    async fn finish(
-        &self,
-        replica: &Replica,
-        standby: Option<&str>,
-        write: &ProbeWrite,
-        result: &mut ProbeResult,
-    ) {
+    /// saw no error, closes the visibility bracket, deletes the rows the acknowledged-writes
+    /// window has let go of, and counts the probe.
+    async fn finish(&self, replica: &Replica, standby: Option<&str>, result: &mut ProbeResult) {
         if standby.is_none() && result.error.is_none() {
             let _ = self.db.standby_name(replica).await;
         }
@@ -465,8 +483,13 @@ impl ProbeEngine {
             .visible_after
             .zip(result.still_stale_at)
             .map(|(after, before)| after.saturating_sub(before));
-        if let Err(error) = self.db.delete_probe_row(write.written.id).await {
-            tracing::warn!(%error, "could not delete a finished probe's row; a later probe prunes it");
+        if let Some(tokens) = self.acked.take_expired_batch()
+            && let Err(error) = self
+                .db
+                .delete_probe_rows(&tokens, ACKED_WRITES_MAX_AGE)
+                .await
+        {
+            tracing::warn!(%error, "could not delete old probe rows; a later batch sweeps them by age");
         }
         self.metrics.record(result);
     }
@@ -475,9 +498,11 @@ impl ProbeEngine {
     pub async fn write_value(&self, value: &str) -> Result<WriteOutcome> {
         let key = uuid::Uuid::new_v4().simple().to_string();
         let started = Instant::now();
-        self.db.write_row(&key, Some(value), None).await?;
+        let written = self.db.write_row(&key, Some(value), None).await?;
         let write_latency = started.elapsed();
+        self.acked.record(&key, written.written_at_epoch_ms, false);
         let position = self.db.commit_position(None).await?;
+        self.acked.set_commit_lsn(&key, position.wal_lsn);
         Ok(WriteOutcome {
             key,
             commit_lsn: position.wal_lsn,
@@ -493,7 +518,7 @@ impl ProbeEngine {
         settings: &StrategySettings,
         context: ReadContext,
     ) -> Result<ReadOutcome> {
-        let replica = self.pick_replica();
+        let replica = &self.pick_replica()?;
         let started = Instant::now();
         let routed =
             strategy::routed_read(&self.db, replica, strategy, settings, context, key).await?;

@@ -6,8 +6,8 @@
 mod request;
 
 pub use request::{
-    CompareRequest, DelayRequest, ProbeParams, ProbeRequest, ReadRequest, RunRequest, Schedule,
-    StrategyParams, WatchRequest, WriteRequest,
+    CompareRequest, DelayRequest, FailoverRequest, ProbeParams, ProbeRequest, ReadRequest,
+    RunRequest, Schedule, ServerAction, ServerRequest, StrategyParams, WatchRequest, WriteRequest,
 };
 
 use std::{
@@ -21,10 +21,10 @@ use serde::Serialize;
 use crate::{
     db::{Databases, ReplicaState},
     error::{Error, Result},
-    lab::{DelayControl, DelaySettings},
+    lab::{DelaySettings, Lab, LabStatus, Promotion, ServerStatus},
     probe::{
-        CompareReport, LagReport, MetricsSnapshot, ProbeEngine, ProbeResult, ReadContext,
-        ReadOutcome, RunReport, WriteOutcome,
+        CompareReport, LagReport, LostWrites, MetricsSnapshot, ProbeEngine, ProbeResult,
+        ReadContext, ReadOutcome, RunReport, WriteOutcome,
     },
     settings::{self, PoolSettings, StrategyDefaults},
 };
@@ -33,17 +33,29 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Service {
     engine: ProbeEngine,
-    lab_delay: Option<DelayControl>,
+    lab: Option<Arc<Lab>>,
     defaults: StrategyDefaults,
     /// client id -> when it last wrote through the Write API (pin-window across calls).
     last_writes: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
+/// What a failover did, and what it cost: the acknowledged writes the new primary lacks.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    #[serde(flatten)]
+    pub promotion: Promotion,
+    #[serde(flatten)]
+    pub lost: LostWrites,
+}
+
 /// Whether the databases can serve probes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Readiness {
-    /// Primary reachable, and every replica reachable, in recovery and streaming.
+    /// Primary reachable, and at least one replica, every one reachable, in recovery and
+    /// streaming.
     pub ready: bool,
+    /// The servers that keep it from being ready, by name.
+    pub not_ready: Vec<String>,
     pub primary: DatabaseReadiness,
     pub replicas: Vec<DatabaseReadiness>,
 }
@@ -60,14 +72,10 @@ pub struct DatabaseReadiness {
 }
 
 impl Service {
-    pub fn new(
-        databases: Databases,
-        lab_delay: Option<DelayControl>,
-        defaults: StrategyDefaults,
-    ) -> Self {
+    pub fn new(databases: Databases, lab: Option<Arc<Lab>>, defaults: StrategyDefaults) -> Self {
         Service {
             engine: ProbeEngine::new(databases),
-            lab_delay,
+            lab,
             defaults,
             last_writes: Arc::default(),
         }
@@ -157,11 +165,12 @@ impl Service {
             .await
     }
 
-    fn lab(&self) -> Result<&DelayControl> {
-        self.lab_delay.as_ref().ok_or_else(|| {
+    fn lab(&self) -> Result<&Lab> {
+        self.lab.as_deref().ok_or_else(|| {
             Error::FailedPrecondition(
-                "this server runs no lab (lagprobe serve): there is no delay link to read or \
-                 change; with docker compose, set NETEM_DELAY_MS instead"
+                "this server runs no lab (lagprobe serve): there are no lab servers or delay \
+                 link to read or change; with docker compose, use docker and \
+                 NETEM_DELAY_MS instead"
                     .into(),
             )
         })
@@ -169,12 +178,12 @@ impl Service {
 
     /// The lab's delay link settings.
     pub fn delay(&self) -> Result<DelaySettings> {
-        Ok(self.lab()?.settings())
+        Ok(self.lab()?.delay_control().settings())
     }
 
     /// Changes the lab's delay link live: the fields the request gives, nothing else.
     pub fn set_delay(&self, request: &DelayRequest) -> Result<DelaySettings> {
-        let control = self.lab()?;
+        let control = self.lab()?.delay_control();
         let settings = request.applied_to(control.settings())?;
         control.apply(settings);
         tracing::info!(
@@ -186,18 +195,64 @@ impl Service {
         Ok(control.settings())
     }
 
+    /// Every lab server and the delay link, as they are now.
+    pub async fn lab_status(&self) -> Result<LabStatus> {
+        Ok(self.lab()?.status().await)
+    }
+
+    /// Stops, starts, restarts or kills one lab server.
+    pub async fn control_server(&self, request: &ServerRequest) -> Result<ServerStatus> {
+        request.validate()?;
+        let lab = self.lab()?;
+        let name = request.name.as_str();
+        let status = match request.action {
+            ServerAction::Stop(mode) => lab.stop_server(name, mode).await?,
+            ServerAction::Start => lab.start_server(name).await?,
+            ServerAction::Restart(mode) => lab.restart_server(name, mode).await?,
+            ServerAction::Kill => lab.kill_server(name).await?,
+        };
+        Ok(status)
+    }
+
+    /// Kills the primary, promotes a replica, re-points the service's writes and reads at
+    /// the new arrangement, and counts the acknowledged writes the new primary lacks.
+    pub async fn failover(&self, request: &FailoverRequest) -> Result<FailoverReport> {
+        request.validate()?;
+        let lab = self.lab()?;
+        let promotion = lab.failover(&request.promote).await?;
+        // Every write acknowledged until now came from the old primary: the pools still
+        // point at it, dead, so nothing has been written since it was killed.
+        let acknowledged = self.engine.acked_writes();
+        let databases = self.engine.databases();
+        databases.repoint(&lab.primary_url(), &lab.replica_urls())?;
+        let lost = self.engine.lost_writes(&acknowledged).await?;
+        tracing::warn!(
+            acknowledged = lost.acknowledged,
+            lost = lost.lost,
+            lost_span_ms = lost.lost_span_ms,
+            "failover: acknowledged writes the new primary does not have"
+        );
+        let mut promotion = promotion;
+        if request.rejoin {
+            lab.rejoin(&promotion.former_primary).await?;
+            databases.repoint(&lab.primary_url(), &lab.replica_urls())?;
+            promotion.rejoined = true;
+        }
+        Ok(FailoverReport { promotion, lost })
+    }
+
     /// The lab's current primary-to-replica delay in ms; `None` when not running a lab.
     pub fn lab_delay_ms(&self) -> Option<u64> {
-        self.lab_delay
+        self.lab
             .as_ref()
-            .map(|control| control.delay().as_millis() as u64)
+            .map(|lab| lab.delay_control().delay().as_millis() as u64)
     }
 
     pub async fn readiness(&self) -> Readiness {
         let databases = self.engine.databases();
         let primary = databases.primary_ping().await;
         let mut replicas = Vec::new();
-        for replica in databases.replicas() {
+        for replica in databases.replicas().iter() {
             let state = databases.replica_state(replica).await;
             replicas.push(DatabaseReadiness {
                 name: replica.name.clone(),
@@ -206,15 +261,23 @@ impl Service {
                 state: state.ok(),
             });
         }
-        let ready = primary.is_ok()
-            && replicas.iter().all(|replica| {
-                replica
+        let mut not_ready: Vec<String> = replicas
+            .iter()
+            .filter(|replica| {
+                !replica
                     .state
                     .as_ref()
                     .is_some_and(ReplicaState::is_streaming)
-            });
+            })
+            .map(|replica| replica.name.clone())
+            .collect();
+        if primary.is_err() {
+            not_ready.insert(0, "primary".into());
+        }
+        let ready = not_ready.is_empty() && !replicas.is_empty();
         Readiness {
             ready,
+            not_ready,
             primary: DatabaseReadiness {
                 name: "primary".into(),
                 reachable: primary.is_ok(),

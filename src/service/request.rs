@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::{
     error::{Error, Result},
-    lab::DelaySettings,
+    lab::{DelaySettings, StopMode},
     lsn::Lsn,
     probe::{CompareSpec, ProbeOptions, RunSpec, StrategySettings, WatchSpec},
     settings::{self, Bound, Strategy, StrategyDefaults},
@@ -111,6 +111,51 @@ pub struct DelayRequest {
     pub jitter_ms: Option<u64>,
     /// Cut (`true`) or heal (`false`) the link.
     pub link_down: Option<bool>,
+}
+
+/// What to do to one lab server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerAction {
+    Stop(StopMode),
+    Start,
+    /// Stop (in this mode) if running, then start.
+    Restart(StopMode),
+    /// SIGKILL to the postmaster and its processes: a crash.
+    Kill,
+}
+
+/// A fault operation on one lab server, by the name the lab status reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerRequest {
+    pub name: String,
+    pub action: ServerAction,
+}
+
+/// Kill the primary and promote a replica (`promote`: its name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailoverRequest {
+    pub promote: String,
+    /// Bring the old primary back as a fresh copy of the new one, streaming through the
+    /// delay link; without, it stays down.
+    pub rejoin: bool,
+}
+
+impl ServerRequest {
+    pub(super) fn validate(&self) -> Result<()> {
+        Ok(settings::check_text(
+            &settings::SERVER_NAME_CHARS,
+            &self.name,
+        )?)
+    }
+}
+
+impl FailoverRequest {
+    pub(super) fn validate(&self) -> Result<()> {
+        Ok(settings::check_text(
+            &settings::PROMOTE_CHARS,
+            &self.promote,
+        )?)
+    }
 }
 
 impl DelayRequest {

@@ -88,10 +88,6 @@ impl TestApp {
         self.app.lab().expect("test apps run a lab")
     }
 
-    pub fn lab_mut(&mut self) -> &mut Lab {
-        self.app.lab_mut().expect("test apps run a lab")
-    }
-
     pub fn service(&self) -> &Service {
         self.app.service()
     }
@@ -126,6 +122,36 @@ impl TestApp {
         let status = response.status();
         let body = response.json().await.expect("a JSON body");
         (status, body)
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let response = self
+            .http
+            .post(self.http_url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.json().await.expect("a JSON body");
+        (status, body)
+    }
+
+    /// The lab server called `name`, as `GET /api/lab` reports it.
+    pub async fn lab_server(&self, name: &str) -> serde_json::Value {
+        let (status, body) = self.get_json("/api/lab").await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        body["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|server| server["name"] == name)
+            .unwrap_or_else(|| panic!("no server {name} in {body}"))
+            .clone()
     }
 
     pub async fn shutdown(self) {
