@@ -196,6 +196,7 @@ fn print_lab_banner(app: &App, lab_args: &LabArgs) {
         "lagprobe lab is up in {:.1} s: PostgreSQL {} primary and {} streaming replica(s){}, \
          {} ms delay from primary to replica\n\
          \n  test page  http://{}/test/\
+         \n  faults     http://{}/api/lab (stop, start, kill, fail over: see the README)\
          \n  gRPC       {} (try: grpcurl -plaintext {} list)\
          \n  primary    psql \"{}\"{replicas}\
          \n  data       {}{}\n\nCtrl-C stops everything.",
@@ -208,6 +209,7 @@ fn print_lab_banner(app: &App, lab_args: &LabArgs) {
             ""
         },
         lab_args.delay_ms,
+        app.http_addr,
         app.http_addr,
         app.grpc_addr,
         app.grpc_addr,

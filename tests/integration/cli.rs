@@ -115,6 +115,71 @@ fn lab_stops_on_sigterm_with_exit_0_and_leaves_no_postmaster() {
     );
 }
 
+/// One HTTP/1.1 request, by hand (the binary's own API; no client library in the loop).
+fn http(addr: &str, method: &str, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    (status, response)
+}
+
+#[test]
+fn lab_outlives_a_killed_server_and_stops_the_one_started_again_on_exit() {
+    let mut child = lagprobe(&[
+        "lab",
+        "--delay-ms",
+        "0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ]);
+    let banner = read_until(&mut child, "Ctrl-C stops everything");
+    let field = |name: &str| {
+        banner
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("the banner has no {name}: {banner}"))
+            .to_owned()
+    };
+    let data_dir = field("data");
+    let http_addr = field("test page")
+        .trim_start_matches("http://")
+        .trim_end_matches("/test/")
+        .to_owned();
+
+    let (status, killed) = http(&http_addr, "POST", "/api/lab/servers/replica1/kill");
+    assert_eq!(status, 200, "{killed}");
+    assert!(killed.contains(r#""state":"killed""#), "{killed}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the lab exited");
+    assert_eq!(http(&http_addr, "GET", "/healthz").0, 200);
+    assert_eq!(postgres_processes_under(&data_dir), 1);
+
+    let (status, started) = http(&http_addr, "POST", "/api/lab/servers/replica1/start");
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(postgres_processes_under(&data_dir), 2);
+
+    let status = terminate_and_wait(&mut child);
+    assert!(status.success(), "{status:?}");
+    assert_eq!(postgres_processes_under(&data_dir), 0);
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "{data_dir} left behind"
+    );
+}
+
 #[test]
 fn delay_link_command_delays_the_upstream_direction_and_stops_on_sigterm() {
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
