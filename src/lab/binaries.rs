@@ -8,8 +8,11 @@ use tokio::process::Command;
 
 use super::LabError;
 
-/// Programs the lab runs; a directory counts only if it has all of them.
-const REQUIRED: [&str; 3] = ["initdb", "postgres", "pg_basebackup"];
+/// Programs the lab runs; a directory counts only if it has all of them. pg_basebackup is
+/// optional: without it replicas are copies of the freshly initialised primary (the npm
+/// builds of PostgreSQL ship no pg_basebackup).
+const REQUIRED: [&str; 2] = ["initdb", "postgres"];
+const BASE_BACKUP: &str = "pg_basebackup";
 /// Oldest major version the lab supports (for `pg_stat_wal_receiver`, `wal_keep_size`).
 const MIN_MAJOR: u32 = 13;
 
@@ -19,6 +22,10 @@ pub struct PgBinaries {
     pub bindir: PathBuf,
     /// As `postgres --version` prints it, e.g. `15.18`.
     pub version: String,
+    /// The major version, e.g. 15.
+    pub major: u32,
+    /// Whether the directory has pg_basebackup (else replicas are built by copying).
+    pub has_base_backup: bool,
 }
 
 impl PgBinaries {
@@ -98,6 +105,8 @@ impl PgBinaries {
         Ok(PgBinaries {
             bindir: dir.to_path_buf(),
             version,
+            major,
+            has_base_backup: is_file(&dir.join(BASE_BACKUP)).await,
         })
     }
 }

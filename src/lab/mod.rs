@@ -46,7 +46,7 @@ const CONNECT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error(
-        "PostgreSQL server binaries (initdb, postgres, pg_basebackup) not found: {tried}. \
+        "PostgreSQL server binaries (initdb, postgres) not found: {tried}. \
          Install them (Debian/Ubuntu: `apt-get install postgresql`; Nix: `nix develop`) \
          or set LAGPROBE_PG_BINDIR (flag --pg-bindir) to the directory that holds them"
     )]
@@ -774,11 +774,18 @@ impl Programs<'_> {
         started: Instant,
     ) -> Result<(Arc<PgNode>, DelayLink), LabError> {
         let data_dir = self.root.join("primary");
+        let standbys: Vec<&str> = (0..options.replicas).map(replica_node_name).collect();
         if !has_cluster(&data_dir).await {
             self.initdb(&data_dir).await?;
             tracing::debug!(elapsed = ?started.elapsed(), "initdb done");
+            if !self.binaries.has_base_backup {
+                for name in &standbys {
+                    self.copy_as_standby(&data_dir, &self.root.join(name))
+                        .await?;
+                }
+                tracing::debug!(elapsed = ?started.elapsed(), "replicas copied");
+            }
         }
-        let standbys: Vec<&str> = (0..options.replicas).map(replica_node_name).collect();
         let args = primary_args(&standbys, options.sync_replica);
         let primary = self
             .start_node(
@@ -817,8 +824,31 @@ impl Programs<'_> {
         run_to_completion(initdb, "initdb").await
     }
 
+    /// Without pg_basebackup: a replica is a copy of the freshly initialised primary, taken
+    /// before it first starts (so cleanly stopped, with the same system identifier), plus
+    /// standby.signal; primary_conninfo comes on its command line as always.
+    async fn copy_as_standby(&self, primary_dir: &Path, data_dir: &Path) -> Result<(), LabError> {
+        if has_cluster(data_dir).await {
+            return Ok(());
+        }
+        let mut copy = lab_command(Path::new("cp"), self.run_as, self.root);
+        copy.arg("-a").arg(primary_dir).arg(data_dir);
+        run_to_completion(copy, "copying the primary for a replica").await?;
+        let mut signal = lab_command(Path::new("touch"), self.run_as, self.root);
+        signal.arg(data_dir.join("standby.signal"));
+        run_to_completion(signal, "writing standby.signal").await
+    }
+
     /// Straight from the primary: the copy need not cross the link.
     async fn base_backup(&self, primary_port: u16, data_dir: &Path) -> Result<(), LabError> {
+        if !self.binaries.has_base_backup {
+            return Err(LabError::WrongState(format!(
+                "{} has no pg_basebackup, and a replica can only be copied from a primary that \
+                 has never run (a new lab, not a kept --data-dir or a rejoin); install the \
+                 server package with pg_basebackup or point --pg-bindir at one",
+                self.binaries.bindir.display()
+            )));
+        }
         let mut basebackup = self.command("pg_basebackup");
         basebackup
             .args(["-h", "127.0.0.1", "-p", &primary_port.to_string()])

@@ -96,3 +96,47 @@ async fn a_taken_http_address_fails_before_any_cluster_is_built() {
         "a cluster was built although the service could not listen"
     );
 }
+
+/// The newest Debian-layout bindir that has pg_basebackup (the machine's own PostgreSQL).
+fn system_bindir() -> std::path::PathBuf {
+    let mut bindirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries in /usr/lib/postgresql (apt-get install postgresql)")
+        .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
+        .filter(|bin| bin.join("pg_basebackup").exists())
+        .collect();
+    bindirs.sort();
+    bindirs.pop().expect("a bindir with pg_basebackup")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_pg_basebackup_replicas_are_copies_of_the_new_primary() {
+    // Only initdb and postgres, as the npm builds of PostgreSQL ship them.
+    let bindir = tempfile::tempdir().unwrap();
+    for program in ["initdb", "postgres"] {
+        std::os::unix::fs::symlink(system_bindir().join(program), bindir.path().join(program))
+            .unwrap();
+    }
+    // The lab's servers run as `postgres` when the tests run as root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bindir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let app = crate::harness::spawn_app_with(LabSettings {
+        pg_bindir: Some(bindir.path().to_path_buf()),
+        replicas: 2,
+        ..LabSettings::with_delay(Duration::from_millis(200))
+    })
+    .await;
+    assert!(!app.lab().binaries().has_base_backup);
+    let (status, readiness) = app.get_json("/readyz").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{readiness}");
+    for _ in 0..2 {
+        let probe = app
+            .service()
+            .probe(&lagprobe::service::ProbeRequest::default())
+            .await
+            .unwrap();
+        assert_eq!(probe.verdict, lagprobe::Verdict::Stale, "{probe:?}");
+        assert!(probe.visible_after.is_some(), "{probe:?}");
+    }
+    app.shutdown().await;
+}
