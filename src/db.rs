@@ -115,7 +115,22 @@ pub struct Replica {
     /// The name the primary knows this replica's WAL receiver by (pg_stat_replication's
     /// application_name), learnt on first use.
     application_name: Arc<OnceLock<String>>,
+    /// `server_version_num`, learnt on first use (WAIT FOR LSN needs 19).
+    version_num: Arc<OnceLock<u32>>,
 }
+
+/// What `WAIT FOR LSN` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The replica has replayed the position.
+    Replayed,
+    TimedOut,
+    /// The server is not a standby (any more): promoted.
+    NotInRecovery,
+}
+
+/// The first PostgreSQL version with `WAIT FOR LSN` (as server_version_num).
+const WAIT_FOR_LSN_VERSION_NUM: u32 = 190_000;
 
 /// The primary and the replicas. Clones share one topology, which a failover re-points
 /// ([`Databases::repoint`]) for every holder at once.
@@ -349,6 +364,7 @@ impl Topology {
                     name: name.clone(),
                     pool: lazy_pool(url, Role::Replica, settings)?,
                     application_name: Arc::default(),
+                    version_num: Arc::default(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -552,6 +568,46 @@ impl Databases {
             .await
             .map_err(replica_error)?;
         decode_lsn(text).map_err(replica_error)
+    }
+
+    /// Waits on the replica, server-side, until it has replayed `lsn` or `timeout` passes
+    /// (`WAIT FOR LSN`, PostgreSQL 19 and later); `None` when the replica is older.
+    pub async fn wait_for_lsn(
+        &self,
+        replica: &Replica,
+        lsn: Lsn,
+        timeout: Duration,
+    ) -> Result<Option<WaitOutcome>> {
+        if self.replica_version_num(replica).await? < WAIT_FOR_LSN_VERSION_NUM {
+            return Ok(None);
+        }
+        // A utility command takes no bind parameters. Both values are lagprobe's own
+        // types printed as PostgreSQL reads them ("X/Y" hex, whole ms): nothing to inject.
+        let statement = format!(
+            "WAIT FOR LSN '{lsn}' WITH (MODE 'standby_replay', TIMEOUT '{}ms', NO_THROW)",
+            timeout.as_millis().max(1)
+        );
+        let status: String = sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
+            .persistent(false)
+            .fetch_one(&mut *self.on_replica(replica).await?)
+            .await
+            .map_err(replica_error)?;
+        Ok(Some(match status.as_str() {
+            "success" => WaitOutcome::Replayed,
+            "not in recovery" => WaitOutcome::NotInRecovery,
+            _ => WaitOutcome::TimedOut,
+        }))
+    }
+
+    async fn replica_version_num(&self, replica: &Replica) -> Result<u32> {
+        if let Some(version) = replica.version_num.get() {
+            return Ok(*version);
+        }
+        let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+            .fetch_one(&mut *self.on_replica(replica).await?)
+            .await
+            .map_err(replica_error)?;
+        Ok(*replica.version_num.get_or_init(|| version as u32))
     }
 
     /// Deletes the probe rows named by `tokens`, and any row older than `max_age` (cancelled

@@ -198,6 +198,10 @@ fn probe_message(index: u32, probe: &ProbeResult) -> pb::ProbeResult {
         served_by: served_by_message(probe.served_by).into(),
         replica: probe.replica.clone(),
         waited_ms: probe.waited.map(ms),
+        wait_method: probe
+            .wait_method
+            .map(|method| method.name().to_owned())
+            .unwrap_or_default(),
         remote_apply_effective: probe.remote_apply_effective,
         lag: Some(lag_message(&probe.lag)),
         visibility_resolution_ms: probe.visibility_resolution.map(ms),
@@ -238,6 +242,11 @@ fn summary_message(summary: &RunSummary) -> pb::RunSummary {
         primary_share: summary.primary_share,
         wait_count: summary.wait_count,
         fallback_count: summary.fallback_count,
+        wait_methods: summary
+            .wait_methods
+            .iter()
+            .map(|method| method.name().to_owned())
+            .collect(),
         visibility_curve: summary
             .visibility_curve
             .iter()

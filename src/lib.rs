@@ -38,5 +38,5 @@ pub use lsn::{Lsn, LsnParseError};
 pub use probe::{
     CompareReport, LagMeasures, LagReport, Percentiles, ProbeEngine, ProbeOptions, ProbeResult,
     ReadOutcome, ReplicaLag, ReplicaSummary, RunReport, RunSummary, ServedBy, StrategyReport,
-    Verdict, VisibilityPoint, WriteOutcome, markdown_table,
+    Verdict, VisibilityPoint, WaitMethod, WriteOutcome, markdown_table,
 };

@@ -303,6 +303,7 @@ mod tests {
             write_latency: Duration::from_millis(1),
             read_latency: Some(Duration::from_millis(1)),
             waited: None,
+            wait_method: None,
             visible_after: Some(Duration::from_millis(1003)),
             still_stale_at: Some(Duration::from_millis(1000)),
             visibility_resolution: Some(Duration::from_millis(3)),

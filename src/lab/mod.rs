@@ -819,8 +819,11 @@ impl Programs<'_> {
             .arg("-D")
             .arg(data_dir)
             .args(["-U", LAB_USER, "--auth=trust"])
-            .args(["--encoding=UTF8", "--locale=C"])
-            .args(["--no-sync", "--no-instructions"]);
+            .args(["--encoding=UTF8", "--locale=C", "--no-sync"]);
+        // Added in PostgreSQL 14; 13 prints its hints to the output nobody reads.
+        if self.binaries.major >= 14 {
+            initdb.arg("--no-instructions");
+        }
         run_to_completion(initdb, "initdb").await
     }
 

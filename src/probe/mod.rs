@@ -18,7 +18,7 @@ pub use lag::{LagMeasures, LagReport, ReplicaLag};
 pub use metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot};
 pub use run::{CompareReport, CompareSpec, RunReport, RunSpec, StrategyReport, WatchSpec};
 pub use stats::{Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table};
-pub use strategy::{ReadContext, ServedBy, StrategySettings};
+pub use strategy::{ReadContext, ServedBy, StrategySettings, WaitMethod};
 
 use std::{
     sync::{
@@ -113,6 +113,8 @@ pub struct ProbeResult {
     /// lsn-wait's wait for the replica's replay position.
     #[serde(rename = "waited_ms", serialize_with = "as_optional_ms")]
     pub waited: Option<Duration>,
+    /// How lsn-wait waited (`wait_for_lsn` on PostgreSQL 19 and later, else `poll`).
+    pub wait_method: Option<WaitMethod>,
     /// Upper bound of commit-to-visible: the first replica read that showed the row had returned.
     #[serde(rename = "visible_after_ms", serialize_with = "as_optional_ms")]
     pub visible_after: Option<Duration>,
@@ -220,6 +222,7 @@ fn unjudged_result(
         write_latency,
         read_latency: None,
         waited: None,
+        wait_method: None,
         visible_after: None,
         still_stale_at: None,
         visibility_resolution: None,
@@ -398,6 +401,7 @@ impl ProbeEngine {
         result.served_by = Some(routed.served_by);
         result.read_latency = Some(read_returned);
         result.waited = routed.waited;
+        result.wait_method = routed.wait_method;
         match routed.row() {
             Some(row) => {
                 result.verdict = Verdict::Fresh;

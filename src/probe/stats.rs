@@ -6,8 +6,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::ServedBy;
 use super::{ProbeResult, Verdict, millis};
+use super::{ServedBy, WaitMethod};
 
 /// A latency distribution, ms.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -51,6 +51,8 @@ pub struct RunSummary {
     pub primary_share: f64,
     pub wait_count: u32,
     pub fallback_count: u32,
+    /// How the lsn-wait probes waited, each method once.
+    pub wait_methods: Vec<WaitMethod>,
     pub visibility_curve: Vec<VisibilityPoint>,
     pub remote_apply_ineffective_count: u32,
     pub lsn_gap_max_bytes: u64,
@@ -164,6 +166,12 @@ impl RunSummary {
             },
             wait_count: count_where(&|p| p.waited.is_some()),
             fallback_count: count_where(&|p| p.served_by == Some(ServedBy::Fallback)),
+            wait_methods: probes
+                .iter()
+                .filter_map(|p| p.wait_method)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             visibility_curve,
             remote_apply_ineffective_count: count_where(&|p| {
                 p.remote_apply_effective == Some(false)
@@ -251,6 +259,7 @@ mod tests {
             write_latency: Duration::from_millis(1),
             read_latency: Some(Duration::from_millis(2)),
             waited: None,
+            wait_method: None,
             visible_after: visible_after_ms.map(Duration::from_millis),
             still_stale_at: None,
             visibility_resolution: None,

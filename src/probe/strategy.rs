@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::{
-    db::{Databases, DbError, Replica, ReplicaRead, RowSeen},
+    db::{Databases, DbError, Replica, ReplicaRead, RowSeen, WaitOutcome},
     lsn::Lsn,
     settings::{self, Strategy},
 };
@@ -51,6 +51,25 @@ pub enum ServedBy {
     Fallback,
 }
 
+/// How lsn-wait waited for the replica's replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitMethod {
+    /// One server-side `WAIT FOR LSN` (PostgreSQL 19 and later).
+    WaitForLsn,
+    /// `pg_last_wal_replay_lsn()` every poll interval.
+    Poll,
+}
+
+impl WaitMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            WaitMethod::WaitForLsn => "wait_for_lsn",
+            WaitMethod::Poll => "poll",
+        }
+    }
+}
+
 /// What a strategy knows about the caller's writes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReadContext {
@@ -70,6 +89,8 @@ pub struct RoutedRead {
     pub replica_read: Option<ReplicaRead>,
     /// Time spent waiting for the replica's replay position (lsn-wait).
     pub waited: Option<Duration>,
+    /// How lsn-wait waited.
+    pub wait_method: Option<WaitMethod>,
     /// When the replica read that served it was sent, if one did.
     pub replica_read_sent: Option<Instant>,
 }
@@ -114,8 +135,10 @@ pub(crate) async fn routed_read(
     }
 }
 
-/// lsn-wait: polls the replica's replay position until it reaches `min_lsn`, then reads
-/// there; past the timeout, reads the primary and says it fell back.
+/// lsn-wait: waits until the replica has replayed `min_lsn`, then reads there; past the
+/// timeout (or if the replica was promoted meanwhile), reads the primary and says it fell
+/// back. On PostgreSQL 19 and later the replica waits itself (`WAIT FOR LSN`, the timeout
+/// as its TIMEOUT); before, lagprobe polls the replay position.
 async fn wait_then_read(
     db: &Databases,
     replica: &Replica,
@@ -124,12 +147,40 @@ async fn wait_then_read(
     token: &str,
 ) -> Result<RoutedRead, DbError> {
     let started = Instant::now();
+    let (replayed, method) = match db
+        .wait_for_lsn(replica, min_lsn, settings.lsn_wait_timeout)
+        .await?
+    {
+        Some(outcome) => (outcome == WaitOutcome::Replayed, WaitMethod::WaitForLsn),
+        None => (
+            poll_until_replayed(db, replica, settings, min_lsn, started).await?,
+            WaitMethod::Poll,
+        ),
+    };
+    let waited = Some(started.elapsed());
+    let mut read = if replayed {
+        from_replica(db, replica, token, waited).await?
+    } else {
+        from_primary(db, token, ServedBy::Fallback, waited).await?
+    };
+    read.wait_method = Some(method);
+    Ok(read)
+}
+
+/// Whether the replica replayed `min_lsn` before the timeout, checked every poll interval.
+async fn poll_until_replayed(
+    db: &Databases,
+    replica: &Replica,
+    settings: &StrategySettings,
+    min_lsn: Lsn,
+    started: Instant,
+) -> Result<bool, DbError> {
     loop {
         if replayed(db, replica, min_lsn).await? {
-            return from_replica(db, replica, token, Some(started.elapsed())).await;
+            return Ok(true);
         }
         if started.elapsed() >= settings.lsn_wait_timeout {
-            return from_primary(db, token, ServedBy::Fallback, Some(started.elapsed())).await;
+            return Ok(false);
         }
         tokio::time::sleep(settings.lsn_poll_interval).await;
     }
@@ -153,6 +204,7 @@ async fn from_primary(
         primary_row: db.read_on_primary(token).await?,
         replica_read: None,
         waited,
+        wait_method: None,
         replica_read_sent: None,
     })
 }
@@ -170,6 +222,7 @@ async fn from_replica(
         primary_row: None,
         replica_read: Some(read),
         waited,
+        wait_method: None,
         replica_read_sent: Some(sent),
     })
 }

@@ -1,0 +1,122 @@
+//! The smoke suite on every supported PostgreSQL, 13 to 19: the lab starts and streams, the
+//! migrations apply, at 200 ms a probe is stale and an lsn-wait probe fresh, every lag
+//! method has a value, and lsn-wait waits with `WAIT FOR LSN` on 19 and by polling before.
+//!
+//! The binaries come from `scripts/pg-binaries MAJOR` (npm's embedded-postgres builds for
+//! 13 to 18, which have no pg_basebackup, so these labs also test the copied replicas; Debian
+//! experimental's for 19), cached between runs. The full suite runs on the machine's own
+//! PostgreSQL (tests/integration).
+
+#[path = "integration/harness.rs"]
+#[allow(dead_code)]
+mod harness;
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use lagprobe::{
+    Verdict, WaitMethod,
+    service::ProbeRequest,
+    settings::{LabSettings, Strategy},
+};
+
+/// The bindir of PostgreSQL `major`, fetched into the cache if need be.
+fn bindir(major: u32) -> PathBuf {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg-binaries");
+    let output = Command::new("bash")
+        .arg(script)
+        .arg(major.to_string())
+        .output()
+        .expect("bash runs scripts/pg-binaries");
+    assert!(
+        output.status.success(),
+        "could not get PostgreSQL {major} binaries: {}\n(13 to 18 need npm: apt-get install npm; \
+         19 needs apt-get, dpkg-deb and patchelf: apt-get install patchelf)",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+async fn smoke(major: u32) {
+    let bindir = bindir(major);
+    let app = harness::spawn_app_with(LabSettings {
+        pg_bindir: Some(bindir),
+        ..LabSettings::with_delay(Duration::from_millis(200))
+    })
+    .await;
+    let version = app.lab().binaries().version.clone();
+    assert!(
+        version.starts_with(&major.to_string()),
+        "{version} is not {major}"
+    );
+    let (status, readiness) = app.get_json("/readyz").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{major}: {readiness}");
+
+    // The second probe: the first learns the replica's standby name, which the
+    // pg_stat_replication lags are looked up by.
+    app.service().probe(&ProbeRequest::default()).await.unwrap();
+    let stale = app.service().probe(&ProbeRequest::default()).await.unwrap();
+    assert_eq!(stale.verdict, Verdict::Stale, "{major}: {stale:?}");
+    assert!(stale.visible_after.is_some(), "{major}: {stale:?}");
+    let lag = stale.lag;
+    for (method, value) in [
+        ("lsn_gap_bytes", lag.lsn_gap_bytes.map(|v| v as f64)),
+        ("replay_timestamp_lag_ms", lag.replay_timestamp_lag_ms),
+        (
+            "receive_replay_gap_bytes",
+            lag.receive_replay_gap_bytes.map(|v| v as f64),
+        ),
+        ("heartbeat_lag_ms", lag.heartbeat_lag_ms),
+        ("stat_write_lag_ms", lag.stat_write_lag_ms),
+        ("stat_flush_lag_ms", lag.stat_flush_lag_ms),
+        ("stat_replay_lag_ms", lag.stat_replay_lag_ms),
+    ] {
+        assert!(value.is_some(), "PostgreSQL {major}: no {method}: {lag:?}");
+    }
+
+    let lsn_wait = app
+        .service()
+        .probe(&ProbeRequest {
+            strategy: Some(Strategy::LsnWait),
+            ..ProbeRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(lsn_wait.verdict, Verdict::Fresh, "{major}: {lsn_wait:?}");
+    let expected = if major >= 19 {
+        WaitMethod::WaitForLsn
+    } else {
+        WaitMethod::Poll
+    };
+    assert_eq!(
+        lsn_wait.wait_method,
+        Some(expected),
+        "{major}: {lsn_wait:?}"
+    );
+    let waited = lsn_wait.waited.unwrap();
+    assert!(
+        waited >= Duration::from_millis(150),
+        "{major}: waited only {waited:?}"
+    );
+    app.shutdown().await;
+}
+
+macro_rules! smoke_tests {
+    ($($name:ident => $major:literal),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                smoke($major).await;
+            }
+        )*
+    };
+}
+
+smoke_tests! {
+    postgresql_13 => 13,
+    postgresql_14 => 14,
+    postgresql_15 => 15,
+    postgresql_16 => 16,
+    postgresql_17 => 17,
+    postgresql_18 => 18,
+    postgresql_19 => 19,
+}
