@@ -1,6 +1,7 @@
-//! The smoke suite on every supported PostgreSQL, 13 to 19: the lab starts and streams, the
-//! migrations apply, at 200 ms a probe is stale and an lsn-wait probe fresh, every lag
-//! method has a value, and lsn-wait waits with `WAIT FOR LSN` on 19 and by polling before.
+//! The smoke suite on every supported PostgreSQL, 13 to 19: the lab starts and streams (with
+//! a synchronous replica), the migrations apply, at 200 ms a probe is stale while lsn-wait and
+//! remote-apply probes are fresh, every lag method has a value, and lsn-wait waits with
+//! `WAIT FOR LSN` on 19 and by polling before, falling back to the primary on its timeout.
 //!
 //! The binaries come from `scripts/pg-binaries MAJOR` (npm's embedded-postgres builds for
 //! 13 to 18, which have no pg_basebackup, so these labs also test the copied replicas; Debian
@@ -14,8 +15,8 @@ mod harness;
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use lagprobe::{
-    Verdict, WaitMethod,
-    service::ProbeRequest,
+    ServedBy, Verdict, WaitMethod,
+    service::{ProbeParams, ProbeRequest, StrategyParams},
     settings::{LabSettings, Strategy},
 };
 
@@ -38,8 +39,10 @@ fn bindir(major: u32) -> PathBuf {
 
 async fn smoke(major: u32) {
     let bindir = bindir(major);
+    // Synchronous, so remote-apply is tried too; ordinary commits stay local.
     let app = harness::spawn_app_with(LabSettings {
         pg_bindir: Some(bindir),
+        sync_replica: true,
         ..LabSettings::with_delay(Duration::from_millis(200))
     })
     .await;
@@ -96,6 +99,48 @@ async fn smoke(major: u32) {
     assert!(
         waited >= Duration::from_millis(150),
         "{major}: waited only {waited:?}"
+    );
+
+    let remote_apply = app
+        .service()
+        .probe(&ProbeRequest {
+            strategy: Some(Strategy::RemoteApply),
+            ..ProbeRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        remote_apply.verdict,
+        Verdict::Fresh,
+        "{major}: {remote_apply:?}"
+    );
+    assert_eq!(remote_apply.remote_apply_effective, Some(true), "{major}");
+
+    // A timeout shorter than the delay: the read falls back to the primary, still fresh.
+    let fallback = app
+        .service()
+        .probe(&ProbeRequest {
+            strategy: Some(Strategy::LsnWait),
+            probe: ProbeParams {
+                strategy_options: StrategyParams {
+                    lsn_wait_timeout_ms: Some(50),
+                    ..StrategyParams::default()
+                },
+                ..ProbeParams::default()
+            },
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        fallback.served_by,
+        Some(ServedBy::Fallback),
+        "{major}: {fallback:?}"
+    );
+    assert_eq!(fallback.verdict, Verdict::Fresh, "{major}: {fallback:?}");
+    assert_eq!(
+        fallback.wait_method,
+        Some(expected),
+        "{major}: {fallback:?}"
     );
     app.shutdown().await;
 }
