@@ -281,6 +281,27 @@ pub struct LabSettings {
     /// for them. The server default becomes `synchronous_commit = local`, so ordinary writes
     /// still do not wait: only writes that ask for remote_apply do.
     pub sync_replica: bool,
+    /// Where initialised clusters are kept as templates, one per PostgreSQL binary set, so
+    /// that a lab copies one instead of running initdb; `None`: initdb every time.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The user's cache folder for lagprobe: `$LAGPROBE_CACHE_DIR`, else `/var/cache/lagprobe`
+/// for root (the lab's servers run as another user, who cannot enter `/root`), else
+/// `$XDG_CACHE_HOME/lagprobe` or `~/.cache/lagprobe`. `scripts/pg-binaries` uses the same.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let from_env = |name| std::env::var_os(name).filter(|value| !value.is_empty());
+    if let Some(dir) = from_env("LAGPROBE_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Some(PathBuf::from("/var/cache/lagprobe"));
+    }
+    let base = from_env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| from_env("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("lagprobe"))
 }
 
 impl Default for LabSettings {
@@ -288,6 +309,7 @@ impl Default for LabSettings {
         LabSettings {
             pg_bindir: None,
             data_dir: None,
+            cache_dir: default_cache_dir(),
             delay: DELAY_MS.default_duration(),
             primary_port: 0,
             replica_port: 0,

@@ -164,6 +164,15 @@ pub struct LabArgs {
     #[arg(long, env = "LAGPROBE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
+    /// Cache folder for the cluster template a lab copies instead of running initdb (default:
+    /// ~/.cache/lagprobe, /var/cache/lagprobe for root).
+    #[arg(long, env = "LAGPROBE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Run initdb for every lab instead of copying the cached template.
+    #[arg(long, env = "LAGPROBE_NO_TEMPLATE")]
+    pub no_template: bool,
+
     /// One-way delay from primary to replica, in milliseconds.
     #[arg(long, env = "LAGPROBE_DELAY_MS", default_value_t = settings::DELAY_MS.default, value_parser = within(&settings::DELAY_MS))]
     pub delay_ms: u64,
@@ -191,6 +200,10 @@ impl LabArgs {
         LabSettings {
             pg_bindir: self.pg_bindir.clone(),
             data_dir: self.data_dir.clone(),
+            cache_dir: match self.no_template {
+                true => None,
+                false => self.cache_dir.clone().or_else(settings::default_cache_dir),
+            },
             delay: Duration::from_millis(self.delay_ms),
             primary_port: self.primary_port,
             replica_port: self.replica_port,

@@ -13,6 +13,7 @@ mod delay_link;
 mod faults;
 mod node;
 mod sql;
+mod template;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -776,15 +777,9 @@ impl Programs<'_> {
         let data_dir = self.root.join("primary");
         let standbys: Vec<&str> = (0..options.replicas).map(replica_node_name).collect();
         if !has_cluster(&data_dir).await {
-            self.initdb(&data_dir).await?;
-            tracing::debug!(elapsed = ?started.elapsed(), "initdb done");
-            if !self.binaries.has_base_backup {
-                for name in &standbys {
-                    self.copy_as_standby(&data_dir, &self.root.join(name))
-                        .await?;
-                }
-                tracing::debug!(elapsed = ?started.elapsed(), "replicas copied");
-            }
+            self.create_clusters(options.cache_dir.as_deref(), &data_dir, &standbys)
+                .await?;
+            tracing::debug!(elapsed = ?started.elapsed(), "clusters created");
         }
         let args = primary_args(&standbys, options.sync_replica);
         let primary = self
@@ -819,7 +814,10 @@ impl Programs<'_> {
             .arg("-D")
             .arg(data_dir)
             .args(["-U", LAB_USER, "--auth=trust"])
-            .args(["--encoding=UTF8", "--locale=C", "--no-sync"]);
+            .args(["--encoding=UTF8", "--locale=C", "--no-sync"])
+            // 1 MB WAL segments, not 16: a new cluster is then 30 MB instead of 46, and the
+            // lab copies one per server.
+            .arg("--wal-segsize=1");
         // Added in PostgreSQL 14; 13 prints its hints to the output nobody reads.
         if self.binaries.major >= 14 {
             initdb.arg("--no-instructions");
@@ -827,16 +825,46 @@ impl Programs<'_> {
         run_to_completion(initdb, "initdb").await
     }
 
-    /// Without pg_basebackup: a replica is a copy of the freshly initialised primary, taken
-    /// before it first starts (so cleanly stopped, with the same system identifier), plus
-    /// standby.signal; primary_conninfo comes on its command line as always.
-    async fn copy_as_standby(&self, primary_dir: &Path, data_dir: &Path) -> Result<(), LabError> {
-        if has_cluster(data_dir).await {
-            return Ok(());
+    /// A new lab's clusters: the primary and every replica copied from the cached template
+    /// (see [`template`]); without a cache (or if the template cannot be made), initdb for
+    /// the primary, and replicas copied from it when there is no pg_basebackup (else
+    /// pg_basebackup makes them once the primary runs). A replica copied from a cluster
+    /// that has never run as a primary has the primary's system identifier and a clean
+    /// shutdown; standby.signal makes it a standby, and primary_conninfo comes on its
+    /// command line as always.
+    async fn create_clusters(
+        &self,
+        cache_dir: Option<&Path>,
+        primary_dir: &Path,
+        standbys: &[&str],
+    ) -> Result<(), LabError> {
+        let template = match cache_dir {
+            Some(cache) => self.template(cache).await.map_err(|error| {
+                tracing::warn!(%error, "no cluster template; running initdb instead");
+            }),
+            None => Err(()),
+        };
+        let source = match &template {
+            Ok(template) => template.as_path(),
+            Err(()) if self.binaries.has_base_backup => return self.initdb(primary_dir).await,
+            Err(()) => {
+                self.initdb(primary_dir).await?;
+                primary_dir
+            }
+        };
+        let mut targets: Vec<PathBuf> = standbys.iter().map(|name| self.root.join(name)).collect();
+        if template.is_ok() {
+            targets.push(primary_dir.to_path_buf());
         }
-        let mut copy = lab_command(Path::new("cp"), self.run_as, self.root);
-        copy.arg("-a").arg(primary_dir).arg(data_dir);
-        run_to_completion(copy, "copying the primary for a replica").await?;
+        self.copy_clusters(source, &targets).await?;
+        for name in standbys {
+            self.mark_standby(&self.root.join(name)).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes standby.signal, as the lab's user.
+    async fn mark_standby(&self, data_dir: &Path) -> Result<(), LabError> {
         let mut signal = lab_command(Path::new("touch"), self.run_as, self.root);
         signal.arg(data_dir.join("standby.signal"));
         run_to_completion(signal, "writing standby.signal").await
