@@ -120,9 +120,11 @@ async fn without_pg_basebackup_replicas_are_copies_of_the_new_primary() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(bindir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
 
+    // No template either: the replicas are copies of the freshly initialised primary.
     let app = crate::harness::spawn_app_with(LabSettings {
         pg_bindir: Some(bindir.path().to_path_buf()),
         replicas: 2,
+        cache_dir: None,
         ..LabSettings::with_delay(Duration::from_millis(200))
     })
     .await;
@@ -139,4 +141,61 @@ async fn without_pg_basebackup_replicas_are_copies_of_the_new_primary() {
         assert!(probe.visible_after.is_some(), "{probe:?}");
     }
     app.shutdown().await;
+}
+
+/// Probes once and checks the write became visible on the replica.
+async fn probes_fine(app: &crate::harness::TestApp) {
+    let probe = app
+        .service()
+        .probe(&lagprobe::service::ProbeRequest::default())
+        .await
+        .unwrap();
+    assert!(probe.visible_after.is_some(), "{probe:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labs_copy_one_cached_template_and_run_initdb_without_a_cache() {
+    use std::os::unix::fs::PermissionsExt;
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(cache.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let with_cache = || LabSettings {
+        cache_dir: Some(cache.path().to_path_buf()),
+        replicas: 2,
+        ..LabSettings::with_delay(Duration::ZERO)
+    };
+    let first = crate::harness::spawn_app_with(with_cache()).await;
+    probes_fine(&first).await;
+    first.shutdown().await;
+    let templates: Vec<_> = std::fs::read_dir(cache.path().join("templates"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(
+        templates.len(),
+        1,
+        "one template, no scratch left: {templates:?}"
+    );
+    assert!(templates[0].join("PG_VERSION").exists());
+    let built = std::fs::metadata(templates[0].join("PG_VERSION"))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    let second = crate::harness::spawn_app_with(with_cache()).await;
+    probes_fine(&second).await;
+    second.shutdown().await;
+    let reused = std::fs::metadata(templates[0].join("PG_VERSION"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(built, reused, "the second lab reused the template");
+
+    // No cache: initdb for the primary, pg_basebackup for the replicas.
+    let without = crate::harness::spawn_app_with(LabSettings {
+        cache_dir: None,
+        ..LabSettings::with_delay(Duration::ZERO)
+    })
+    .await;
+    probes_fine(&without).await;
+    without.shutdown().await;
 }
