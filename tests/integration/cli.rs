@@ -98,19 +98,28 @@ fn lab_stops_on_sigterm_with_exit_0_and_leaves_no_postmaster() {
     let banner = read_until(&mut child, "Ctrl-C stops everything");
     assert!(banner.contains("lagprobe lab is up"), "{banner}");
     assert!(banner.contains("1000 ms delay"), "{banner}");
-    let data_dir = banner
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("data"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the banner names the data directory")
-        .to_owned();
+    let data_dir = banner_field(&banner, "data");
     assert_eq!(postgres_processes_under(&data_dir), 2, "{banner}");
+    terminate_and_check_nothing_is_left(&mut child, &data_dir);
+}
 
-    let status = terminate_and_wait(&mut child);
+/// The first word after `name` on the banner line that starts with it.
+fn banner_field(banner: &str, name: &str) -> String {
+    banner
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the banner has no {name}: {banner}"))
+        .to_owned()
+}
+
+/// SIGTERM, then: exit 0, no postmaster under `data_dir`, and the directory gone.
+fn terminate_and_check_nothing_is_left(child: &mut Child, data_dir: &str) {
+    let status = terminate_and_wait(child);
     assert!(status.success(), "{status:?}");
-    assert_eq!(postgres_processes_under(&data_dir), 0);
+    assert_eq!(postgres_processes_under(data_dir), 0);
     assert!(
-        !std::path::Path::new(&data_dir).exists(),
+        !std::path::Path::new(data_dir).exists(),
         "{data_dir} left behind"
     );
 }
@@ -145,16 +154,8 @@ fn lab_outlives_a_killed_server_and_stops_the_one_started_again_on_exit() {
         "127.0.0.1:0",
     ]);
     let banner = read_until(&mut child, "Ctrl-C stops everything");
-    let field = |name: &str| {
-        banner
-            .lines()
-            .find_map(|line| line.trim().strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap_or_else(|| panic!("the banner has no {name}: {banner}"))
-            .to_owned()
-    };
-    let data_dir = field("data");
-    let http_addr = field("test page")
+    let data_dir = banner_field(&banner, "data");
+    let http_addr = banner_field(&banner, "test page")
         .trim_start_matches("http://")
         .trim_end_matches("/test/")
         .to_owned();
@@ -170,14 +171,7 @@ fn lab_outlives_a_killed_server_and_stops_the_one_started_again_on_exit() {
     let (status, started) = http(&http_addr, "POST", "/api/lab/servers/replica1/start");
     assert_eq!(status, 200, "{started}");
     assert_eq!(postgres_processes_under(&data_dir), 2);
-
-    let status = terminate_and_wait(&mut child);
-    assert!(status.success(), "{status:?}");
-    assert_eq!(postgres_processes_under(&data_dir), 0);
-    assert!(
-        !std::path::Path::new(&data_dir).exists(),
-        "{data_dir} left behind"
-    );
+    terminate_and_check_nothing_is_left(&mut child, &data_dir);
 }
 
 #[test]

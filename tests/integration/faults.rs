@@ -206,38 +206,63 @@ async fn a_server_that_dies_unasked_is_reported_with_its_log_tail_and_the_lab_ca
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_servers_are_not_found_and_a_service_without_a_lab_refuses() {
     let app = spawn_app(0).await;
-    let (status, body) = app.post_json("/api/lab/servers/nope/stop", json!({})).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert_eq!(body["field"], "name", "{body}");
+    // (path, body, status, field named)
+    let refused = [
+        (
+            "/api/lab/servers/nope/stop",
+            json!({}),
+            StatusCode::NOT_FOUND,
+            Some("name"),
+        ),
+        (
+            "/api/lab/servers/replica1/pause",
+            json!({}),
+            StatusCode::NOT_FOUND,
+            None,
+        ),
+        (
+            "/api/lab/servers/replica1/stop",
+            json!({"mode": "gentle"}),
+            StatusCode::BAD_REQUEST,
+            Some("mode"),
+        ),
+        (
+            "/api/lab/servers/replica1/start",
+            json!({"mode": "fast"}),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "/api/lab/failover",
+            json!({"promote": "replica7"}),
+            StatusCode::NOT_FOUND,
+            Some("promote"),
+        ),
+        (
+            "/api/lab/failover",
+            json!({"promote": "primary"}),
+            StatusCode::CONFLICT,
+            None,
+        ),
+        (
+            "/api/lab/failover",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            Some("promote"),
+        ),
+    ];
+    for (path, request, expected, field) in refused {
+        let (status, body) = app.post_json(path, request.clone()).await;
+        assert_eq!(status, expected, "{path} {request}: {body}");
+        if let Some(field) = field {
+            assert_eq!(body["field"], field, "{path} {request}: {body}");
+        }
+    }
+    let (_, unknown) = app.post_json("/api/lab/servers/nope/stop", json!({})).await;
     assert!(
-        body["error"].as_str().unwrap().contains("replica1"),
-        "{body}"
+        unknown["error"].as_str().unwrap().contains("replica1"),
+        "the error lists the servers there are: {unknown}"
     );
-    let (status, body) = app
-        .post_json("/api/lab/servers/replica1/pause", json!({}))
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    let (status, body) = app
-        .post_json("/api/lab/servers/replica1/stop", json!({"mode": "gentle"}))
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert_eq!(body["field"], "mode", "{body}");
-    let (status, body) = app
-        .post_json("/api/lab/servers/replica1/start", json!({"mode": "fast"}))
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    let (status, body) = app
-        .post_json("/api/lab/failover", json!({"promote": "replica7"}))
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert_eq!(body["field"], "promote", "{body}");
-    let (status, body) = app
-        .post_json("/api/lab/failover", json!({"promote": "primary"}))
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    let (status, body) = app.post_json("/api/lab/failover", json!({})).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert_eq!(body["field"], "promote", "{body}");
     let missing = app
         .grpc()
         .await
