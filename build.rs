@@ -1,5 +1,7 @@
 //! Compiles `proto/` with the pure-Rust protox compiler, so building needs no system `protoc`,
-//! and writes the descriptor set that gRPC reflection serves.
+//! and writes the descriptor set that gRPC reflection serves. The generated code uses
+//! lagprobe's own codec (`src/grpc/codec.rs`), so a request that does not decode is the
+//! caller's INVALID_ARGUMENT rather than tonic's INTERNAL.
 
 use std::{env, fs, path::PathBuf};
 
@@ -16,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::grpc::codec::ProbeCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

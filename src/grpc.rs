@@ -1,7 +1,10 @@
 //! The gRPC transport: `lagprobe.v1.ConsistencyProbe`, with reflection (v1 and v1alpha, so
 //! grpcurl needs no .proto file) and the standard health service. Thin by design: it turns
 //! messages into the [service](crate::service)'s requests and results into messages,
-//! nothing more; one converter per request shape.
+//! nothing more; one converter per request shape. Requests decode through [`codec`], which
+//! refuses malformed protobuf as the caller's mistake.
+
+mod codec;
 
 use std::{future::Future, pin::Pin, time::Duration};
 

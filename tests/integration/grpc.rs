@@ -1,4 +1,5 @@
-//! The gRPC transport through real tonic clients: Run, its summary, validation, reflection.
+//! The gRPC transport through real tonic clients: Run, its summary, validation (malformed
+//! protobuf too, through a client that sends raw bytes), reflection.
 
 use lagprobe::{
     Lsn,
@@ -187,6 +188,106 @@ async fn out_of_range_input_is_invalid_argument_naming_the_field() {
         .unwrap()
         .into_inner();
     assert_eq!(report.probes.len(), 1);
+    app.shutdown().await;
+}
+
+/// A gRPC client that sends its bytes as they are and discards the answer: what no generated
+/// client can send, a message that is not valid protobuf.
+mod raw {
+    use bytes::{Buf, BufMut};
+    use tonic::{
+        Status,
+        codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    };
+
+    #[derive(Default)]
+    pub struct RawBytes;
+
+    pub struct AsIs;
+
+    pub struct Discard;
+
+    impl Codec for RawBytes {
+        type Encode = Vec<u8>;
+        type Decode = ();
+        type Encoder = AsIs;
+        type Decoder = Discard;
+
+        fn encoder(&mut self) -> AsIs {
+            AsIs
+        }
+
+        fn decoder(&mut self) -> Discard {
+            Discard
+        }
+    }
+
+    impl Encoder for AsIs {
+        type Item = Vec<u8>;
+        type Error = Status;
+
+        fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            buf.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for Discard {
+        type Item = ();
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
+            buf.advance(buf.remaining());
+            Ok(Some(()))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_protobuf_is_invalid_argument_naming_the_message() {
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let app = spawn_app(0).await;
+    let mut grpc = tonic::client::Grpc::new(app.grpc_channel().await);
+    let run = || PathAndQuery::from_static("/lagprobe.v1.ConsistencyProbe/Run");
+
+    // The raw client works: no bytes are a valid, empty RunRequest (one probe).
+    grpc.ready().await.unwrap();
+    grpc.unary(tonic::Request::new(Vec::new()), run(), raw::RawBytes)
+        .await
+        .expect("an empty RunRequest runs one probe");
+
+    // Wire type 7 does not exist; field 9 (schedule) claims 5 bytes and has 1.
+    for bytes in [vec![0x0f], vec![0x4a, 0x05, 0x08]] {
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(tonic::Request::new(bytes.clone()), run(), raw::RawBytes)
+            .await
+            .expect_err("malformed protobuf is refused");
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{bytes:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains("RunRequest"),
+            "{bytes:?}: {}",
+            status.message()
+        );
+    }
+
+    // A streaming method decodes its request through the same codec.
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .server_streaming(
+            tonic::Request::new(vec![0x0f]),
+            PathAndQuery::from_static("/lagprobe.v1.ConsistencyProbe/Watch"),
+            raw::RawBytes,
+        )
+        .await
+        .expect_err("malformed protobuf is refused");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("WatchRequest"), "{status:?}");
     app.shutdown().await;
 }
 
