@@ -27,6 +27,13 @@ pub enum Error {
     #[error("not found")]
     NotFound,
 
+    /// A request larger than a transport reads (an HTTP body over its limit).
+    #[error("the request {what} is over the limit of {limit_bytes} bytes")]
+    TooLarge {
+        what: &'static str,
+        limit_bytes: usize,
+    },
+
     /// A socket or file operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -43,6 +50,7 @@ pub enum ErrorKind {
     Unavailable,
     FailedPrecondition,
     NotFound,
+    TooLarge,
     Internal,
 }
 
@@ -65,6 +73,7 @@ impl Error {
             | Error::Database(DbError::NoReplica) => ErrorKind::FailedPrecondition,
             Error::Lab(LabError::NoSuchServer { .. }) => ErrorKind::NotFound,
             Error::NotFound => ErrorKind::NotFound,
+            Error::TooLarge { .. } => ErrorKind::TooLarge,
             Error::Database(_) | Error::Lab(_) | Error::Io { .. } => ErrorKind::Internal,
         }
     }

@@ -46,6 +46,8 @@ fn status_of(error: Error) -> Status {
         ErrorKind::Unavailable => Status::unavailable(message),
         ErrorKind::FailedPrecondition => Status::failed_precondition(message),
         ErrorKind::NotFound => Status::not_found(message),
+        // What tonic itself answers for a message over its size limit.
+        ErrorKind::TooLarge => Status::resource_exhausted(message),
         ErrorKind::Internal => Status::internal(message),
     }
 }

@@ -141,6 +141,10 @@ pub const PINNED_CLIENTS: usize = 100_000;
 pub const ACKED_WRITES: usize = 10_000;
 /// ...and none older than this; rows older than this are swept from the probe table too.
 pub const ACKED_WRITES_MAX_AGE: Duration = Duration::from_secs(600);
+/// The most an HTTP request body may hold. lagprobe's largest body is a write: 1000
+/// characters of value and 200 of client id, at most 12 bytes each as JSON escapes, under
+/// 15 KB; anything much bigger is not a lagprobe request and is refused before it is read.
+pub const HTTP_BODY_LIMIT_BYTES: usize = 64 * 1024;
 
 /// Checks that `text` has at most `bound.max` characters (and at least `bound.min`), and no
 /// NUL: PostgreSQL's text cannot hold one, and the database's refusal would read as an

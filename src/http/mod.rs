@@ -12,7 +12,7 @@ use std::future::Future;
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, State},
+    extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State},
     http::{StatusCode, header},
     response::{Html, IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -24,6 +24,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     probe::{ProbeResult, Verdict},
     service::Service,
+    settings::HTTP_BODY_LIMIT_BYTES,
 };
 use fields::Fields;
 
@@ -35,6 +36,7 @@ fn status_of(error: &Error) -> StatusCode {
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -62,6 +64,32 @@ impl IntoResponse for ApiError {
 impl From<Error> for ApiError {
     fn from(error: Error) -> Self {
         ApiError(error)
+    }
+}
+
+/// A JSON body's fields, read up to [`HTTP_BODY_LIMIT_BYTES`]: a bigger body is a 413 in the
+/// API's JSON error shape (axum alone answers it in plain text), one that cannot be read a
+/// 400, and what it holds is converted by [`Fields`], which names the field at fault.
+struct JsonBody(Fields);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(mut request: Request, state: &S) -> Result<Self, ApiError> {
+        DefaultBodyLimit::max(HTTP_BODY_LIMIT_BYTES).apply(&mut request);
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    Error::TooLarge {
+                        what: "body",
+                        limit_bytes: HTTP_BODY_LIMIT_BYTES,
+                    }
+                } else {
+                    Error::invalid("body", rejection.body_text())
+                }
+            })?;
+        Ok(JsonBody(Fields::from_json(&body)?))
     }
 }
 
@@ -129,8 +157,11 @@ async fn api_run_get(
     Ok(Json(service.run(&request).await?).into_response())
 }
 
-async fn api_run_post(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {
-    let request = Fields::from_json(&body)?.run_request()?;
+async fn api_run_post(
+    State(service): State<Service>,
+    JsonBody(fields): JsonBody,
+) -> Result<Response, ApiError> {
+    let request = fields.run_request()?;
     Ok(Json(service.run(&request).await?).into_response())
 }
 
@@ -144,9 +175,9 @@ async fn api_compare_get(
 
 async fn api_compare_post(
     State(service): State<Service>,
-    body: Bytes,
+    JsonBody(fields): JsonBody,
 ) -> Result<Response, ApiError> {
-    let request = Fields::from_json(&body)?.compare_request()?;
+    let request = fields.compare_request()?;
     Ok(Json(service.compare(&request).await?).into_response())
 }
 
@@ -158,13 +189,19 @@ async fn api_delay_get(State(service): State<Service>) -> Result<Response, ApiEr
     Ok(Json(service.delay()?).into_response())
 }
 
-async fn api_delay_put(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {
-    let request = Fields::from_json(&body)?.delay_request()?;
+async fn api_delay_put(
+    State(service): State<Service>,
+    JsonBody(fields): JsonBody,
+) -> Result<Response, ApiError> {
+    let request = fields.delay_request()?;
     Ok(Json(service.set_delay(&request)?).into_response())
 }
 
-async fn api_write(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {
-    let request = Fields::from_json(&body)?.write_request()?;
+async fn api_write(
+    State(service): State<Service>,
+    JsonBody(fields): JsonBody,
+) -> Result<Response, ApiError> {
+    let request = fields.write_request()?;
     Ok(Json(service.write(&request).await?).into_response())
 }
 
@@ -185,14 +222,17 @@ async fn api_lab(State(service): State<Service>) -> Result<Response, ApiError> {
 async fn api_lab_server(
     State(service): State<Service>,
     Path((name, action)): Path<(String, String)>,
-    body: Bytes,
+    JsonBody(fields): JsonBody,
 ) -> Result<Response, ApiError> {
-    let request = Fields::from_json(&body)?.server_request(name, &action)?;
+    let request = fields.server_request(name, &action)?;
     Ok(Json(service.control_server(&request).await?).into_response())
 }
 
-async fn api_failover(State(service): State<Service>, body: Bytes) -> Result<Response, ApiError> {
-    let request = Fields::from_json(&body)?.failover_request()?;
+async fn api_failover(
+    State(service): State<Service>,
+    JsonBody(fields): JsonBody,
+) -> Result<Response, ApiError> {
+    let request = fields.failover_request()?;
     Ok(Json(service.failover(&request).await?).into_response())
 }
 

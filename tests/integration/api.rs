@@ -235,6 +235,69 @@ async fn bad_api_input_names_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_is_413_in_the_api_error_shape() {
+    let limit = lagprobe::settings::HTTP_BODY_LIMIT_BYTES;
+    let app = spawn_app(0).await;
+    let over = serde_json::json!({"value": "x".repeat(limit)});
+    let response = app
+        .http
+        .post(app.http_url("/api/write"))
+        .json(&over)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: serde_json::Value = response.json().await.expect("a JSON error body");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(&limit.to_string()), "{body}");
+    assert!(body.get("field").is_none(), "no field is at fault: {body}");
+
+    // Whitespace is valid JSON padding: the size alone decides, on every body route, and
+    // before anything is done (replica1 is not stopped, nothing fails over).
+    for (method, path, json) in [
+        (reqwest::Method::PUT, "/api/delay", r#"{"delay_ms": 5}"#),
+        (reqwest::Method::POST, "/api/run", "{}"),
+        (reqwest::Method::POST, "/api/compare", "{}"),
+        (
+            reqwest::Method::POST,
+            "/api/lab/servers/replica1/stop",
+            "{}",
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/lab/failover",
+            r#"{"promote": "replica1"}"#,
+        ),
+    ] {
+        let response = app
+            .http
+            .request(method, app.http_url(path))
+            .header("content-type", "application/json")
+            .body(format!("{json}{}", " ".repeat(limit)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+    }
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    // Under the limit, a value that is too long is still a 400 naming it.
+    let under = serde_json::json!({"value": "x".repeat(limit / 2)});
+    let response = app
+        .http
+        .post(app.http_url("/api/write"))
+        .json(&under)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["field"], "value", "{body}");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delay_calls_without_a_lab_are_failed_precondition() {
     let app = spawn_app(0).await;
     // The same service, pointed at the lab's servers but without the lab's link handle.
