@@ -2,6 +2,8 @@
 //! what the service adds, and the one classification every transport maps to its own
 //! status codes (gRPC in `grpc/`, HTTP in `http/`).
 
+use std::borrow::Cow;
+
 use crate::{db::DbError, lab::LabError, settings::Invalid};
 
 /// Everything that can go wrong in lagprobe's library.
@@ -55,7 +57,7 @@ pub enum ErrorKind {
 }
 
 impl Error {
-    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument(Invalid::new(field, reason))
     }
 
@@ -93,9 +95,9 @@ impl Error {
     }
 
     /// The field an [`ErrorKind::InvalidArgument`] error is about.
-    pub fn field(&self) -> Option<&'static str> {
+    pub fn field(&self) -> Option<&str> {
         match self {
-            Error::InvalidArgument(invalid) => Some(invalid.field),
+            Error::InvalidArgument(invalid) => Some(&invalid.field),
             Error::Lab(LabError::NoSuchServer { field, .. }) => Some(field),
             _ => None,
         }

@@ -6,23 +6,27 @@
 //! once. This module sits at the top of the crate's layers and imports none of them: the
 //! lab, the pools and the probe engine take their inputs from it.
 
-use std::{fmt, net::SocketAddr, ops::RangeInclusive, path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    borrow::Cow, fmt, net::SocketAddr, ops::RangeInclusive, path::PathBuf, str::FromStr,
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 
 /// A caller's value that is out of range or malformed; `field` names it as the caller
-/// spelled it.
+/// spelled it. Usually a name lagprobe knows; owned when only the caller's input has it
+/// (a misspelt field, one given twice).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field}: {reason}")]
 pub struct Invalid {
-    pub field: &'static str,
+    pub field: Cow<'static, str>,
     pub reason: String,
 }
 
 impl Invalid {
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
         Invalid {
-            field,
+            field: field.into(),
             reason: reason.into(),
         }
     }

@@ -18,7 +18,8 @@ use crate::{
 };
 
 /// The fields of one request, consumed as they are converted, and where they came from
-/// (`query` or `body`, for errors about the whole).
+/// (`query` or `body`): errors about a field name the field; only a body that is not a
+/// JSON object at all, which has no field to name, is an error about `body`.
 pub(super) struct Fields(BTreeMap<String, Value>, &'static str);
 
 impl Fields {
@@ -30,7 +31,10 @@ impl Fields {
                 .insert(name.to_string(), Value::String(value.into_owned()))
                 .is_some()
             {
-                return Err(Error::invalid("query", format!("{name} is given twice")));
+                return Err(Error::invalid(
+                    name.into_owned(),
+                    "given twice in the query (give it once)",
+                ));
             }
         }
         Ok(Fields(fields, "query"))
@@ -112,13 +116,17 @@ impl Fields {
             .collect()
     }
 
-    /// Succeeds when every field was used.
+    /// Succeeds when every field was used; a field left over is one this request does not
+    /// take (misspelt, or belonging to another request), named as the caller spelled it.
     fn finish(self) -> Result<()> {
-        match self.0.keys().next() {
+        match self.0.into_keys().next() {
             None => Ok(()),
             Some(name) => Err(Error::invalid(
-                self.1,
-                format!("unknown field `{name}` (check its spelling)"),
+                name,
+                format!(
+                    "not a field of this request's {} (check its spelling)",
+                    self.1
+                ),
             )),
         }
     }
@@ -261,7 +269,9 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.field(), Some("poll_interval_ms"));
         let error = Fields::from_query(Some("count=1&count=2")).err().unwrap();
-        assert_eq!(error.field(), Some("query"));
+        assert_eq!(error.field(), Some("count"));
+        let error = Fields::from_query(Some("cuont=2")).unwrap().run_request();
+        assert_eq!(error.unwrap_err().field(), Some("cuont"));
     }
 
     #[test]
@@ -273,7 +283,7 @@ mod tests {
         let typo = Fields::from_json(br#"{"jiter_ms": 5}"#)
             .unwrap()
             .delay_request();
-        assert!(typo.unwrap_err().to_string().contains("jiter_ms"));
+        assert_eq!(typo.unwrap_err().field(), Some("jiter_ms"));
         assert_eq!(
             Fields::from_json(b"[1, 2]").err().unwrap().field(),
             Some("body")

@@ -43,10 +43,10 @@ fn status_of(error: &Error) -> StatusCode {
 
 /// An error as the JSON API returns it.
 #[derive(Debug, Serialize)]
-struct ErrorBody {
+struct ErrorBody<'a> {
     error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'static str>,
+    field: Option<&'a str>,
 }
 
 struct ApiError(Error);

@@ -436,9 +436,12 @@ mod tests {
             min_lsn: min_lsn.into(),
             ..Default::default()
         };
-        let field = |request: ReadRequest| request.checked(&defaults()).unwrap_err().field();
-        assert_eq!(field(read("", "")), Some("key"));
-        assert_eq!(field(read("k", "nope")), Some("min_lsn"));
+        let field = |request: ReadRequest| {
+            let error = request.checked(&defaults()).unwrap_err();
+            error.field().map(str::to_owned)
+        };
+        assert_eq!(field(read("", "")).as_deref(), Some("key"));
+        assert_eq!(field(read("k", "nope")).as_deref(), Some("min_lsn"));
         let (min_lsn, _, _) = read("k", "0/10").checked(&defaults()).unwrap();
         assert_eq!(min_lsn, Some(Lsn(16)));
     }

@@ -108,12 +108,14 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
     assert_eq!(page.status(), StatusCode::BAD_REQUEST);
     assert!(page.text().await.unwrap().contains("NO PROBE"));
 
-    // Fields that do not apply to a kind of request are refused, not ignored.
+    // Fields that do not apply to a kind of request are refused, not ignored, and so is a
+    // field given twice; the API's error names the field itself, not `query`.
     for path in [
         "/test/?strategies=primary",
         "/api/probe?concurrency=2",
         "/api/probe?interval_ms=5",
         "/api/run?strategies=primary",
+        "/api/run?count=1&count=2",
         "/api/compare?strategy=primary",
     ] {
         let response = app.http.get(app.http_url(path)).send().await.unwrap();
@@ -121,6 +123,10 @@ async fn bad_input_is_a_4xx_naming_the_problem() {
         let field = path.split(['?', '=']).nth(1).unwrap();
         let text = response.text().await.unwrap();
         assert!(text.contains(field), "{path}: {text}");
+        if path.starts_with("/api/") {
+            let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(body["field"], field, "{path}: {body}");
+        }
     }
 
     let (status, _) = app.get_json("/no/such/page").await;
