@@ -209,14 +209,30 @@ impl RunSummary {
 }
 
 /// A markdown table with one row per `(label, summary)`: what a comparison looks like on a
-/// terminal or in a note.
+/// terminal or in a note. A row whose remote-apply commits did not wait (no synchronous
+/// standby) is marked ineffective, with a note under the table: its stale ratio is the
+/// replica baseline's, and a bare 100% stale would read as remote-apply failing at its job.
 pub fn markdown_table(rows: &[(String, &RunSummary)]) -> String {
+    let mut notes = String::new();
     let mut table = String::from(
         "| strategy | probes | stale | stale ratio (95% CI) | write p50 ms | read p50 ms | \
          read p99 ms | visible p50 ms | visible p99 ms | primary share | waits | fallbacks | errors |\n\
          |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (label, summary) in rows {
+        let ineffective = summary.remote_apply_ineffective_count;
+        let label = if ineffective == 0 {
+            label.clone()
+        } else {
+            notes.push_str(&format!(
+                "\n{label} was ineffective for {ineffective} of {} probes: no synchronous standby \
+                 named the replica (`synchronous_standby_names`), so the commit did not wait for \
+                 the replica to apply the write and the reads are the `replica` baseline's. \
+                 `lagprobe lab --sync-replica` makes the lab's replicas synchronous standbys.\n",
+                summary.probe_count
+            ));
+            format!("{label} (ineffective)")
+        };
         table.push_str(&format!(
             "| {label} | {} | {} | {:.3} ({:.3}-{:.3}) | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} | {} | {} | {} |\n",
             summary.probe_count,
@@ -235,7 +251,7 @@ pub fn markdown_table(rows: &[(String, &RunSummary)]) -> String {
             summary.replica_error_count,
         ));
     }
-    table
+    table + &notes
 }
 
 #[cfg(test)]
@@ -269,6 +285,31 @@ mod tests {
             lag: LagMeasures::default(),
             error: None,
         }
+    }
+
+    #[test]
+    fn the_table_marks_an_ineffective_remote_apply_and_says_what_it_needs() {
+        let effective = RunSummary::of(
+            &[probe(Verdict::Fresh, Some(1), ServedBy::Replica)],
+            Duration::from_secs(1),
+        );
+        let mut ineffective = effective.clone();
+        ineffective.probe_count = 30;
+        ineffective.remote_apply_ineffective_count = 30;
+        let table = markdown_table(&[
+            ("replica".into(), &effective),
+            ("remote-apply".into(), &ineffective),
+        ]);
+        assert!(
+            table.contains("| remote-apply (ineffective) | 30 |"),
+            "{table}"
+        );
+        assert!(table.contains("ineffective for 30 of 30 probes"), "{table}");
+        assert!(table.contains("--sync-replica"), "{table}");
+        assert!(table.contains("| replica | 1 |"), "{table}");
+
+        let table = markdown_table(&[("remote-apply".into(), &effective)]);
+        assert!(!table.contains("ineffective"), "{table}");
     }
 
     #[test]

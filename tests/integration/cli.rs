@@ -1,5 +1,6 @@
 //! The binary itself: `lagprobe lab` and `lagprobe delay-link` start, work and stop on
-//! SIGTERM with exit 0, leaving nothing behind.
+//! SIGTERM with exit 0, leaving nothing behind; `lagprobe run --compare` prints a table
+//! that says when remote-apply did nothing.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -253,4 +254,43 @@ fn request_errors_are_logged_at_warn_with_the_field_in_plain_text() {
         !logged.contains('\u{1b}'),
         "ANSI codes in a log file:\n{logged}"
     );
+}
+
+/// `lagprobe run --compare replica,remote-apply` on `app`'s lab: the printed table.
+async fn compare_table(app: &crate::harness::TestApp) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lagprobe"))
+        .args(["run", "--primary-url", &app.lab().primary_url()])
+        .args(["--replica-url", &app.lab().replica_url()])
+        .args(["--count", "3", "--compare", "replica,remote-apply"])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .expect("lagprobe run starts");
+    assert!(output.status.success(), "{:?}", output.status);
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_compare_marks_remote_apply_ineffective_without_a_synchronous_standby() {
+    let app = crate::harness::spawn_app(50).await;
+    let table = compare_table(&app).await;
+    assert!(
+        table.contains("| remote-apply (ineffective) | 3 |"),
+        "{table}"
+    );
+    assert!(table.contains("ineffective for 3 of 3 probes"), "{table}");
+    assert!(table.contains("--sync-replica"), "{table}");
+    app.shutdown().await;
+
+    // With a synchronous standby remote-apply works, and nothing is marked.
+    let app = crate::harness::spawn_app_with(lagprobe::settings::LabSettings {
+        sync_replica: true,
+        ..lagprobe::settings::LabSettings::with_delay(Duration::from_millis(50))
+    })
+    .await;
+    let table = compare_table(&app).await;
+    assert!(table.contains("| remote-apply | 3 | 0 |"), "{table}");
+    assert!(!table.contains("ineffective"), "{table}");
+    app.shutdown().await;
 }
