@@ -660,6 +660,17 @@ impl Databases {
         Ok((lsn, row.get(1)))
     }
 
+    /// The primary's WAL insert position. Read after a COMMIT was acknowledged it is at or
+    /// past the end of that commit record, under any synchronous_commit (the write position,
+    /// pg_current_wal_lsn(), is not when the commit did not flush): the proxy's token.
+    pub async fn primary_insert_lsn(&self) -> Result<Lsn> {
+        let text: Option<String> = sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text")
+            .fetch_one(&mut *self.on_primary().await?)
+            .await
+            .map_err(primary_error)?;
+        Ok(decode_lsn(text).map_err(primary_error)?.unwrap_or_default())
+    }
+
     /// Every standby pg_stat_replication lists.
     pub async fn standbys(&self) -> Result<Vec<StandbyStats>> {
         let rows = sqlx::query(
@@ -749,6 +760,17 @@ impl Databases {
             schema_replicated: row.get(2),
         })
     }
+}
+
+/// The statements the proxy sends on a client session's own backend connections (which do
+/// not go through these pools): kept here with the rest of lagprobe's SQL.
+pub mod session_sql {
+    /// Before replaying a session's settings on a replica connection that had older ones.
+    pub const RESET_ALL: &str = "RESET ALL";
+    /// remote-apply: the session's COMMITs wait for the standby to apply them.
+    pub const REMOTE_APPLY: &str = "SET synchronous_commit = remote_apply";
+    /// Leaving remote-apply.
+    pub const RESET_SYNCHRONOUS_COMMIT: &str = "RESET synchronous_commit";
 }
 
 /// Applies `migrations/` to the primary at `primary_url` (`lagprobe migrate`).

@@ -12,7 +12,7 @@
 //! | `error` | the crate's [`Error`] (each layer's own error wrapped) and the one [`ErrorKind`] the transports map to their codes |
 //! | `probe` | one probe (write, commit, read back where a strategy says, wait for visibility), runs, comparisons, streams, statistics, the strategies: [`ProbeEngine`] |
 //! | [`service`] | what every transport calls, with one request type per kind of request |
-//! | `grpc`, `http` | the transports: `lagprobe.v1.ConsistencyProbe` with reflection and health ([`pb`] is its generated code), and the `/test/` page, JSON API, health and metrics |
+//! | `grpc`, `http`, `proxy` | the transports: `lagprobe.v1.ConsistencyProbe` with reflection and health ([`pb`] is its generated code); the `/test/` page, JSON API, health and metrics; and the PostgreSQL-protocol proxy that splits reads from writes with a read-your-writes strategy ([`ProxyHandle`]) |
 //! | [`server`] | builds the whole app from settings and starts the transports; the only module that imports them |
 //!
 //! The CLI, the benchmark and the container health check are the binary's (`src/cli/`).
@@ -26,6 +26,7 @@ mod http;
 mod lab;
 mod lsn;
 mod probe;
+mod proxy;
 pub mod server;
 pub mod service;
 pub mod settings;
@@ -40,3 +41,4 @@ pub use probe::{
     ReadOutcome, ReplicaLag, ReplicaSummary, RunReport, RunSummary, ServedBy, StrategyReport,
     Verdict, VisibilityPoint, WaitMethod, WriteOutcome, markdown_table,
 };
+pub use proxy::{ProxyCounts, ProxyHandle};

@@ -1,6 +1,6 @@
 //! Starting lagprobe from its [settings](crate::settings): the lab when asked for one, the
 //! pools and migrations, the [service](crate::service), the heartbeat, and the HTTP and gRPC
-//! transports on their listeners. The only module that imports the transports; tests and
+//! transports and the PostgreSQL-protocol proxy on their listeners. The only module that imports the transports; tests and
 //! the benchmark build the app here exactly as `main` does (the zero2prod way: port 0).
 
 use std::{net::SocketAddr, sync::Arc};
@@ -11,6 +11,7 @@ use crate::{
     db::{self, Databases},
     error::{Error, Result},
     lab::Lab,
+    proxy::{self, Backends, ProxyHandle},
     service::Service,
     settings::{DatabaseSettings, LabSettings, PoolSettings, Settings},
 };
@@ -22,6 +23,9 @@ pub struct App {
     service: Service,
     pub http_addr: SocketAddr,
     pub grpc_addr: SocketAddr,
+    /// The proxy's address, when it runs.
+    pub proxy_addr: Option<SocketAddr>,
+    proxy: Option<(ProxyHandle, JoinHandle<Result<()>>)>,
     stop: watch::Sender<bool>,
     http_task: JoinHandle<Result<()>>,
     grpc_task: JoinHandle<Result<()>>,
@@ -38,6 +42,14 @@ pub async fn build(settings: Settings) -> Result<App> {
     let grpc = bind(settings.grpc_addr, "grpc_addr").await?;
     let http_addr = local_addr(&http, "HTTP")?;
     let grpc_addr = local_addr(&grpc, "gRPC")?;
+    let proxy_listener = match settings.proxy.addr {
+        Some(addr) => Some(bind(addr, "proxy_addr").await?),
+        None => None,
+    };
+    let proxy_addr = proxy_listener
+        .as_ref()
+        .map(|listener| local_addr(listener, "proxy"))
+        .transpose()?;
     let (lab, service) = connect(&settings).await?;
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
@@ -55,13 +67,28 @@ pub async fn build(settings: Settings) -> Result<App> {
     let grpc_task = tokio::spawn(crate::grpc::serve(
         grpc,
         service.clone(),
-        until_stopped(stopped),
+        until_stopped(stopped.clone()),
     ));
-    tracing::info!(%http_addr, %grpc_addr, "serving");
+    let proxy = match proxy_listener {
+        Some(listener) => {
+            let handle = proxy::handle(
+                &settings.proxy,
+                settings.defaults,
+                proxy_backends(&settings, lab.as_deref())?,
+                service.engine().databases().clone(),
+            );
+            let task = proxy::serve(listener, handle.clone(), until_stopped(stopped));
+            Some((handle, tokio::spawn(task)))
+        }
+        None => None,
+    };
+    tracing::info!(%http_addr, %grpc_addr, ?proxy_addr, "serving");
     Ok(App {
         service,
         http_addr,
         grpc_addr,
+        proxy_addr,
+        proxy,
         stop,
         http_task,
         grpc_task,
@@ -93,6 +120,28 @@ async fn connect(settings: &Settings) -> Result<(Option<Arc<Lab>>, Service)> {
             Ok((Some(lab), service))
         }
     }
+}
+
+/// The proxy's backends: the lab's servers, or the URLs the settings name.
+fn proxy_backends(settings: &Settings, lab: Option<&Lab>) -> Result<Backends> {
+    let (primary_url, replica_urls) = match (&settings.databases, lab) {
+        (_, Some(lab)) => {
+            let replicas = lab.replica_urls().into_iter().map(|(_, url)| url).collect();
+            (lab.primary_url(), replicas)
+        }
+        (
+            DatabaseSettings::External {
+                primary_url,
+                replica_urls,
+            },
+            None,
+        ) => (primary_url.clone(), replica_urls.clone()),
+        (DatabaseSettings::Lab(_), None) => {
+            return Err(Error::FailedPrecondition("the lab did not start".into()));
+        }
+    };
+    Backends::from_urls(&primary_url, &replica_urls)
+        .map_err(|reason| Error::invalid("proxy_backends", reason))
 }
 
 /// A lab whose migrations (if asked for) have replayed on every replica before the delay
@@ -129,6 +178,11 @@ impl App {
         &self.service
     }
 
+    /// The proxy, when it runs.
+    pub fn proxy(&self) -> Option<&ProxyHandle> {
+        self.proxy.as_ref().map(|(handle, _)| handle)
+    }
+
     /// The lab, when this app started one.
     pub fn lab(&self) -> Option<&Lab> {
         self.lab.as_deref()
@@ -137,9 +191,16 @@ impl App {
     /// Resolves if a transport stops on its own (an accept error), with what stopped it.
     /// A lab server that exits is not a failure: the lab reports it and carries on.
     pub async fn failed(&mut self) -> Error {
+        let proxy = async {
+            match self.proxy.as_mut() {
+                Some((_, task)) => task.await,
+                None => std::future::pending().await,
+            }
+        };
         let finished = tokio::select! {
             finished = &mut self.http_task => finished,
             finished = &mut self.grpc_task => finished,
+            finished = proxy => finished,
         };
         match finished {
             Ok(Err(error)) => error,
@@ -161,6 +222,9 @@ impl App {
         let _ = tokio::time::timeout(GRACE, &mut self.grpc_task).await;
         self.http_task.abort();
         self.grpc_task.abort();
+        if let Some((_, task)) = self.proxy.take() {
+            let _ = tokio::time::timeout(GRACE, task).await;
+        }
         if let Some(lab) = self.lab.take() {
             lab.shutdown().await;
         }
@@ -174,5 +238,8 @@ impl Drop for App {
         }
         self.http_task.abort();
         self.grpc_task.abort();
+        if let Some((_, task)) = &self.proxy {
+            task.abort();
+        }
     }
 }

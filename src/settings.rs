@@ -150,6 +150,24 @@ pub const ACKED_WRITES_MAX_AGE: Duration = Duration::from_secs(600);
 /// 15 KB; anything much bigger is not a lagprobe request and is refused before it is read.
 pub const HTTP_BODY_LIMIT_BYTES: usize = 64 * 1024;
 
+/// The proxy's largest accepted message (a client's Query, Parse or CopyData, a server's
+/// DataRow); longer lengths, such as a 2 GB one, close the connection with 08P01.
+pub const PROXY_MAX_MESSAGE_BYTES: Bound =
+    Bound::new("proxy_max_message_bytes", 1024, (1 << 30) - 1, 256 << 20);
+/// How long the proxy waits for a backend to accept a connection and authenticate it.
+pub const PROXY_CONNECT_TIMEOUT_MS: Bound =
+    Bound::new("proxy_connect_timeout_ms", 1, 600_000, 5000);
+/// How long a client may take to send its startup packet before it is disconnected.
+pub const PROXY_STARTUP_TIMEOUT_MS: Bound =
+    Bound::new("proxy_startup_timeout_ms", 1, 600_000, 10_000);
+/// The shared replay watcher's pause between position queries while sessions wait.
+pub const PROXY_POLL_INTERVAL_MS: Bound = Bound::new("proxy_poll_interval_ms", 1, 1000, 2);
+/// After a replica connection fails, a session reads the primary this long before trying
+/// the replica again (so an outage does not add a connect timeout to every read).
+pub const PROXY_REPLICA_RETRY_MS: Bound = Bound::new("proxy_replica_retry_ms", 0, 600_000, 1000);
+/// The default proxy address (PgBouncer's port).
+pub const PROXY_ADDR: &str = "127.0.0.1:6432";
+
 /// Checks that `text` has at most `bound.max` characters (and at least `bound.min`), and no
 /// NUL: PostgreSQL's text cannot hold one, and the database's refusal would read as an
 /// outage (UNAVAILABLE, which gRPC clients retry) instead of the caller's mistake.
@@ -234,6 +252,110 @@ impl FromStr for Strategy {
 
     fn from_str(text: &str) -> Result<Self, Invalid> {
         Strategy::parse_field(text, "strategy")
+    }
+}
+
+/// The proxy's strategies: the probe engine's six, plus `global`, where every replica read
+/// first waits for the replica to replay the primary's position at the moment the read
+/// started (read-your-writes across connections, MaxScale's `causal_reads=universal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyStrategy {
+    Probe(Strategy),
+    Global,
+}
+
+impl ProxyStrategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyStrategy::Probe(strategy) => strategy.name(),
+            ProxyStrategy::Global => "global",
+        }
+    }
+
+    /// Parses a strategy name; errors name `field`.
+    pub fn parse_field(text: &str, field: &'static str) -> Result<Self, Invalid> {
+        if text == "global" {
+            return Ok(ProxyStrategy::Global);
+        }
+        Strategy::parse_field(text, field)
+            .map(ProxyStrategy::Probe)
+            .map_err(|error| Invalid::new(field, format!("{}, or global", error.reason)))
+    }
+}
+
+impl fmt::Display for ProxyStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ProxyStrategy {
+    type Err = Invalid;
+
+    fn from_str(text: &str) -> Result<Self, Invalid> {
+        ProxyStrategy::parse_field(text, "proxy_strategy")
+    }
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// The PostgreSQL-protocol proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// Where clients connect; `None` turns the proxy off.
+    pub addr: Option<SocketAddr>,
+    /// Sessions start with this strategy (`SET lagprobe.strategy` changes a session's).
+    pub strategy: ProxyStrategy,
+    /// Clients must give this password; required when `addr` is not loopback.
+    pub password: Option<Secret>,
+    pub max_message_bytes: usize,
+    pub connect_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub poll_interval: Duration,
+    pub replica_retry: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            addr: Some(ANY_LOOPBACK_PORT),
+            strategy: ProxyStrategy::Probe(Strategy::Replica),
+            password: None,
+            max_message_bytes: PROXY_MAX_MESSAGE_BYTES.default as usize,
+            connect_timeout: PROXY_CONNECT_TIMEOUT_MS.default_duration(),
+            startup_timeout: PROXY_STARTUP_TIMEOUT_MS.default_duration(),
+            poll_interval: PROXY_POLL_INTERVAL_MS.default_duration(),
+            replica_retry: PROXY_REPLICA_RETRY_MS.default_duration(),
+        }
+    }
+}
+
+impl ProxySettings {
+    /// Ranges, and no trust authentication off loopback.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        PROXY_MAX_MESSAGE_BYTES.check(Some(self.max_message_bytes as u64))?;
+        PROXY_CONNECT_TIMEOUT_MS.check_duration(self.connect_timeout)?;
+        PROXY_STARTUP_TIMEOUT_MS.check_duration(self.startup_timeout)?;
+        PROXY_POLL_INTERVAL_MS.check_duration(self.poll_interval)?;
+        PROXY_REPLICA_RETRY_MS.check_duration(self.replica_retry)?;
+        match self.addr {
+            Some(addr) if !addr.ip().is_loopback() && self.password.is_none() => Err(Invalid::new(
+                "proxy_addr",
+                format!(
+                    "{addr} is not a loopback address: set LAGPROBE_PROXY_PASSWORD, or \
+                         listen on 127.0.0.1"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -367,6 +489,8 @@ pub struct Settings {
     pub heartbeat: Option<Duration>,
     pub pool: PoolSettings,
     pub defaults: StrategyDefaults,
+    /// The PostgreSQL-protocol proxy in front of the same databases.
+    pub proxy: ProxySettings,
 }
 
 /// The default HTTP address (the old demo's port).
@@ -389,6 +513,7 @@ impl Settings {
             heartbeat: Some(HEARTBEAT_MS.default_duration()),
             pool: PoolSettings::default(),
             defaults: StrategyDefaults::default(),
+            proxy: ProxySettings::default(),
         }
     }
 
@@ -411,6 +536,7 @@ impl Settings {
         }
         PIN_WINDOW_MS.check_duration(self.defaults.pin_window)?;
         LSN_WAIT_TIMEOUT_MS.check_duration(self.defaults.lsn_wait_timeout)?;
+        self.proxy.validate()?;
         Ok(())
     }
 }

@@ -1,12 +1,12 @@
 //! The crate's layering, checked on its source: data flows settings -> lab -> db -> error
-//! -> probe -> service -> transports (grpc, http) -> server, and no module imports one
+//! -> probe -> service -> transports (grpc, http, proxy) -> server, and no module imports one
 //! below it (or a sibling transport). `lsn` is a leaf anyone may use. Only db/ and the
 //! lab's own bootstrap module talk SQL.
 
 use std::{collections::BTreeSet, fs, path::Path};
 
 /// Modules in layer order; a module may import only modules of a smaller rank.
-const LAYERS: [(&str, u32); 10] = [
+const LAYERS: [(&str, u32); 11] = [
     ("lsn", 0),
     ("settings", 0),
     ("lab", 1),
@@ -16,6 +16,7 @@ const LAYERS: [(&str, u32); 10] = [
     ("service", 5),
     ("grpc", 6),
     ("http", 6),
+    ("proxy", 6),
     ("server", 7),
 ];
 
@@ -148,6 +149,12 @@ fn holds_sql(line: &str) -> bool {
     VERBS.iter().any(|verb| line.contains(verb))
 }
 
+/// The file before its unit tests: a test's SQL (the proxy's classifier fixtures) is input
+/// data, not a statement the crate sends.
+fn without_unit_tests(text: &str) -> &str {
+    text.split("#[cfg(test)]").next().unwrap_or(text)
+}
+
 #[test]
 fn sql_is_written_only_in_db_and_the_labs_bootstrap() {
     let mut files = Vec::new();
@@ -156,7 +163,8 @@ fn sql_is_written_only_in_db_and_the_labs_bootstrap() {
     let mut statements = 0;
     let mut elsewhere = Vec::new();
     for file in &files {
-        let code = code_of(&fs::read_to_string(file).unwrap());
+        let text = fs::read_to_string(file).unwrap();
+        let code = code_of(without_unit_tests(&text));
         let found = code.lines().filter(|line| holds_sql(line)).count();
         if allowed.iter().any(|allowed| file.ends_with(allowed)) {
             statements += found;

@@ -8,8 +8,8 @@ use clap::{Args, ValueEnum, builder::RangedU64ValueParser};
 use lagprobe::{
     service::{CompareRequest, ProbeParams, RunRequest, Schedule, StrategyParams},
     settings::{
-        self, Bound, DatabaseSettings, LabSettings, PoolSettings, Settings, Strategy,
-        StrategyDefaults,
+        self, Bound, DatabaseSettings, LabSettings, PoolSettings, ProxySettings, ProxyStrategy,
+        Secret, Settings, Strategy, StrategyDefaults,
     },
 };
 
@@ -53,6 +53,9 @@ pub struct ServiceArgs {
 
     #[command(flatten)]
     pub strategy: StrategyArgs,
+
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 }
 
 impl ServiceArgs {
@@ -66,6 +69,82 @@ impl ServiceArgs {
             heartbeat: (self.heartbeat_ms > 0).then(|| Duration::from_millis(self.heartbeat_ms)),
             pool: self.pool.settings(),
             defaults: self.strategy.defaults(),
+            proxy: self.proxy.settings(self.proxy.proxy_addr.0),
+        }
+    }
+}
+
+/// An address, or `none` to turn the listener off.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
+    if text == "none" {
+        return Ok(OptionalAddr(None));
+    }
+    text.parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|error| format!("{error} (or `none`)"))
+}
+
+fn parse_proxy_strategy(text: &str) -> Result<ProxyStrategy, String> {
+    text.parse()
+        .map_err(|error: settings::Invalid| error.to_string())
+}
+
+/// The PostgreSQL-protocol proxy of `lab` and `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// The proxy's address; `none` turns it off.
+    #[arg(long, env = "LAGPROBE_PROXY_ADDR", default_value = settings::PROXY_ADDR, value_parser = parse_optional_addr)]
+    pub proxy_addr: OptionalAddr,
+
+    #[command(flatten)]
+    pub options: ProxyOptions,
+}
+
+/// The proxy's settings other than its address (shared with `lagprobe proxy`).
+#[derive(Debug, Clone, Args)]
+pub struct ProxyOptions {
+    /// The proxy sessions' default strategy: replica, primary, pin-window, lsn-wait,
+    /// lsn-route, remote-apply or global (`SET lagprobe.strategy` changes a session's).
+    #[arg(long, env = "LAGPROBE_PROXY_STRATEGY", default_value = "replica", value_parser = parse_proxy_strategy)]
+    pub proxy_strategy: ProxyStrategy,
+
+    /// The password clients must give; required to listen on a non-loopback address.
+    #[arg(long, env = "LAGPROBE_PROXY_PASSWORD", hide_env_values = true)]
+    pub proxy_password: Option<String>,
+
+    /// Longest message accepted from a client or a server (bytes).
+    #[arg(long, env = "LAGPROBE_PROXY_MAX_MESSAGE_BYTES", default_value_t = settings::PROXY_MAX_MESSAGE_BYTES.default, value_parser = within(&settings::PROXY_MAX_MESSAGE_BYTES))]
+    pub proxy_max_message_bytes: u64,
+
+    /// How long to wait for a backend to accept and authenticate a connection (ms).
+    #[arg(long, env = "LAGPROBE_PROXY_CONNECT_TIMEOUT_MS", default_value_t = settings::PROXY_CONNECT_TIMEOUT_MS.default, value_parser = within(&settings::PROXY_CONNECT_TIMEOUT_MS))]
+    pub proxy_connect_timeout_ms: u64,
+
+    /// The shared replay watcher's poll interval while sessions wait (ms).
+    #[arg(long, env = "LAGPROBE_PROXY_POLL_INTERVAL_MS", default_value_t = settings::PROXY_POLL_INTERVAL_MS.default, value_parser = within(&settings::PROXY_POLL_INTERVAL_MS))]
+    pub proxy_poll_interval_ms: u64,
+}
+
+impl ProxyArgs {
+    pub fn settings(&self, addr: Option<SocketAddr>) -> ProxySettings {
+        self.options.settings(addr)
+    }
+}
+
+impl ProxyOptions {
+    pub fn settings(&self, addr: Option<SocketAddr>) -> ProxySettings {
+        ProxySettings {
+            addr,
+            strategy: self.proxy_strategy,
+            password: self.proxy_password.clone().map(Secret),
+            // In range by the flags' parsers.
+            max_message_bytes: self.proxy_max_message_bytes as usize,
+            connect_timeout: Duration::from_millis(self.proxy_connect_timeout_ms),
+            poll_interval: Duration::from_millis(self.proxy_poll_interval_ms),
+            ..ProxySettings::default()
         }
     }
 }

@@ -148,7 +148,7 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
         .args(["serve", "--no-migrate", "--primary-url", &lab.primary_url()])
         .args(["--replica-url", &lab.replica_url()])
         .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
-        .args(["--grpc-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--proxy-addr", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

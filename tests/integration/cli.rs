@@ -95,6 +95,8 @@ fn lab_stops_on_sigterm_with_exit_0_and_leaves_no_postmaster() {
         "127.0.0.1:0",
         "--grpc-addr",
         "127.0.0.1:0",
+        "--proxy-addr",
+        "127.0.0.1:0",
     ]);
     let banner = read_until(&mut child, "Ctrl-C stops everything");
     assert!(banner.contains("lagprobe lab is up"), "{banner}");
@@ -152,6 +154,8 @@ fn lab_outlives_a_killed_server_and_stops_the_one_started_again_on_exit() {
         "--http-addr",
         "127.0.0.1:0",
         "--grpc-addr",
+        "127.0.0.1:0",
+        "--proxy-addr",
         "127.0.0.1:0",
     ]);
     let banner = read_until(&mut child, "Ctrl-C stops everything");
@@ -217,7 +221,7 @@ fn request_errors_are_logged_at_warn_with_the_field_in_plain_text() {
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lagprobe"))
         .args(["lab", "--delay-ms", "0", "--http-addr", "127.0.0.1:0"])
-        .args(["--grpc-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--proxy-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log.reopen().unwrap()))

@@ -10,5 +10,6 @@ mod grpc;
 mod http;
 mod lab;
 mod probe;
+mod proxy;
 mod strategies;
 mod token;

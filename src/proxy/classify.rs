@@ -1,0 +1,626 @@
+//! Which backend a statement may run on, decided by PostgreSQL's own parser (`pg_query`).
+//!
+//! The rule is "prove it read-only or send it to the primary": a statement reaches a replica
+//! only when the parser shows it is a plain query (SELECT, VALUES, TABLE, EXPLAIN of one)
+//! with no data-modifying CTE, no row locks, no `SELECT INTO`, and no function outside a
+//! known-safe list (`nextval`, `setval` and any user function may write). Session commands
+//! go to the primary, and the SETs among them are replayed on the replica connection later.
+//! Anything the parser rejects goes to the primary, which reports the error itself.
+
+use pg_query::{NodeEnum, protobuf};
+use serde_json::Value;
+
+/// Where a statement may run, before the strategy has its say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Provably read-only: where the strategy sends reads.
+    Read,
+    /// Anything that may write, or that the parser cannot prove read-only.
+    Primary,
+}
+
+/// A statement the proxy answers or learns from itself, instead of only forwarding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyCommand {
+    /// `SET lagprobe.<name> = '<value>'` (also `TO`), `RESET lagprobe.<name>` (value `None`).
+    Set { name: String, value: Option<String> },
+    /// `SHOW lagprobe.<name>`.
+    Show { name: String },
+}
+
+/// What the proxy learnt about one query string (one or more statements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub route: Route,
+    /// Whether a statement may change data (not only session state): the session's
+    /// consistency token moves after it commits.
+    pub writes: bool,
+    /// Session settings to replay on the replica connection, in order, once they succeed on
+    /// the primary: `(variable, statement text)`; the variable is `None` for RESET ALL and
+    /// DISCARD ALL, which reset every earlier one.
+    pub session_sets: Vec<(Option<String>, String)>,
+    /// DISCARD ALL or DEALLOCATE ALL: every prepared statement of the session is gone.
+    pub deallocates_all: bool,
+    /// `DEALLOCATE name`: that prepared statement is gone (on the primary, where it ran).
+    pub deallocates: Vec<String>,
+    /// Set when the whole string is one `lagprobe.*` command.
+    pub command: Option<ProxyCommand>,
+}
+
+impl Classified {
+    fn primary() -> Self {
+        Classified {
+            route: Route::Primary,
+            writes: true,
+            session_sets: Vec::new(),
+            deallocates_all: false,
+            deallocates: Vec::new(),
+            command: None,
+        }
+    }
+}
+
+/// A routing hint in a leading comment: `/* lagprobe:primary */` or `/* lagprobe:replica */`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    Primary,
+    /// The statement counts as a read (the strategy still decides where reads go).
+    Replica,
+}
+
+/// The hint in `sql`'s first comment, if it is one.
+pub fn hint(sql: &str) -> Option<Hint> {
+    let body = sql.trim_start().strip_prefix("/*")?;
+    let (comment, _) = body.split_once("*/")?;
+    match comment.trim() {
+        "lagprobe:primary" => Some(Hint::Primary),
+        "lagprobe:replica" => Some(Hint::Replica),
+        _ => None,
+    }
+}
+
+/// Functions that cannot write or change session state, by their unqualified or
+/// `pg_catalog.` name. Everything else (user functions, `nextval`, `setval`, `set_config`,
+/// `pg_advisory_lock`, `txid_current`, `lo_*`, `dblink`, ...) sends the statement to the
+/// primary. Deliberately short: a missing entry costs a primary read, never a failed one.
+const SAFE_FUNCTIONS: &[&str] = &[
+    // aggregates and window functions
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "array_agg",
+    "string_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "stddev",
+    "variance",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "ntile",
+    // scalars
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "trunc",
+    "mod",
+    "power",
+    "sqrt",
+    "random",
+    "greatest",
+    "least",
+    "coalesce",
+    "nullif",
+    "length",
+    "char_length",
+    "lower",
+    "upper",
+    "substr",
+    "substring",
+    "position",
+    "strpos",
+    "replace",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "lpad",
+    "rpad",
+    "concat",
+    "concat_ws",
+    "format",
+    "left",
+    "right",
+    "split_part",
+    "md5",
+    "encode",
+    "decode",
+    "to_char",
+    "to_date",
+    "to_timestamp",
+    "to_number",
+    "regexp_replace",
+    "regexp_match",
+    "regexp_matches",
+    "starts_with",
+    "repeat",
+    "reverse",
+    "initcap",
+    "gen_random_uuid",
+    "uuid_generate_v4",
+    // date and time
+    "now",
+    "clock_timestamp",
+    "statement_timestamp",
+    "transaction_timestamp",
+    "timeofday",
+    "date_trunc",
+    "date_part",
+    "extract",
+    "age",
+    "make_interval",
+    "make_date",
+    "make_timestamp",
+    "make_timestamptz",
+    "timezone",
+    // json and arrays
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "to_json",
+    "to_jsonb",
+    "row_to_json",
+    "json_extract_path",
+    "jsonb_extract_path",
+    "json_extract_path_text",
+    "jsonb_extract_path_text",
+    "jsonb_set",
+    "jsonb_pretty",
+    "jsonb_array_elements",
+    "json_array_elements",
+    "jsonb_each",
+    "json_each",
+    "jsonb_array_length",
+    "json_array_length",
+    "jsonb_typeof",
+    "array_length",
+    "cardinality",
+    "unnest",
+    "array_position",
+    "array_to_string",
+    "string_to_array",
+    "generate_series",
+    // introspection
+    "current_setting",
+    "current_database",
+    "current_schema",
+    "current_user",
+    "session_user",
+    "version",
+    "pg_is_in_recovery",
+    "pg_last_wal_replay_lsn",
+    "pg_last_wal_receive_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_backend_pid",
+    "pg_sleep",
+    "pg_typeof",
+    "pg_postmaster_start_time",
+    "pg_size_pretty",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_database_size",
+    "inet_server_port",
+    "inet_server_addr",
+    "format_type",
+    "pg_get_userbyid",
+    "pg_table_is_visible",
+    "obj_description",
+    "col_description",
+    "has_table_privilege",
+    "quote_ident",
+    "quote_literal",
+];
+
+fn function_is_safe(qualified: &[&str]) -> bool {
+    let name = match qualified {
+        [name] | ["pg_catalog", name] => name,
+        _ => return false,
+    };
+    SAFE_FUNCTIONS.contains(&name.to_ascii_lowercase().as_str())
+}
+
+/// Classifies a query string: every statement in it must be a read for it to be a read.
+pub fn classify(sql: &str) -> Classified {
+    let hinted = hint(sql);
+    if hinted == Some(Hint::Primary) {
+        return Classified::primary();
+    }
+    let Ok(parsed) = pg_query::parse(sql, 0) else {
+        return Classified::primary();
+    };
+    let mut classified = Classified {
+        route: Route::Read,
+        writes: false,
+        ..Classified::primary()
+    };
+    let statements = &parsed.protobuf.stmts;
+    for raw in statements {
+        let Some(node) = raw.stmt.as_ref().and_then(|stmt| stmt.node.as_ref()) else {
+            continue;
+        };
+        let text = statement_text(sql, raw);
+        if statements.len() == 1 {
+            classified.command = proxy_command(node);
+            if classified.command.is_some() {
+                return classified;
+            }
+        }
+        match statement(node, text, &mut classified) {
+            Kind::Read => {}
+            Kind::Session => classified.route = Route::Primary,
+            Kind::Write => {
+                classified.route = Route::Primary;
+                classified.writes = true;
+            }
+        }
+    }
+    if hinted == Some(Hint::Replica) && classified.session_sets.is_empty() {
+        classified.route = Route::Read;
+        classified.writes = false;
+    }
+    classified
+}
+
+/// The source text of one statement of a multi-statement string.
+fn statement_text<'a>(sql: &'a str, raw: &protobuf::RawStmt) -> &'a str {
+    let start = usize::try_from(raw.stmt_location).unwrap_or(0);
+    let text = sql.get(start..).unwrap_or(sql);
+    match usize::try_from(raw.stmt_len) {
+        Ok(len) if len > 0 => text.get(..len).unwrap_or(text),
+        _ => text,
+    }
+    .trim()
+}
+
+/// What one statement is, for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    /// Changes session state only (SET, DISCARD, LISTEN, PREPARE, ...): the primary, and
+    /// no write to wait for.
+    Session,
+    Write,
+}
+
+impl From<Route> for Kind {
+    fn from(route: Route) -> Self {
+        match route {
+            Route::Read => Kind::Read,
+            Route::Primary => Kind::Write,
+        }
+    }
+}
+
+/// One statement's kind; session commands are noted in `classified` as they are met.
+fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
+    match node {
+        NodeEnum::SelectStmt(_) => query_route(node).into(),
+        NodeEnum::ExplainStmt(explain) => {
+            match explain.query.as_ref().and_then(|q| q.node.as_ref()) {
+                Some(query @ NodeEnum::SelectStmt(_)) => query_route(query).into(),
+                _ => Kind::Write,
+            }
+        }
+        NodeEnum::TransactionStmt(transaction) => match transaction_route(transaction) {
+            Route::Read => Kind::Read,
+            // A read-write transaction's writes count when it commits.
+            Route::Primary => Kind::Session,
+        },
+        NodeEnum::VariableSetStmt(set) => {
+            note_set(set, text, classified);
+            Kind::Session
+        }
+        NodeEnum::DiscardStmt(discard) => {
+            if discard.target == protobuf::DiscardMode::DiscardAll as i32 {
+                classified.session_sets.push((None, text.to_owned()));
+                classified.deallocates_all = true;
+            }
+            Kind::Session
+        }
+        NodeEnum::DeallocateStmt(deallocate) => {
+            if deallocate.isall {
+                classified.deallocates_all = true;
+            } else {
+                classified.deallocates.push(deallocate.name.clone());
+            }
+            Kind::Session
+        }
+        NodeEnum::VariableShowStmt(_)
+        | NodeEnum::ListenStmt(_)
+        | NodeEnum::UnlistenStmt(_)
+        | NodeEnum::PrepareStmt(_) => Kind::Session,
+        _ => Kind::Write,
+    }
+}
+
+/// BEGIN READ ONLY (the whole transaction may run on a replica), COMMIT and ROLLBACK are
+/// reads; any other BEGIN, savepoints and two-phase commands are not.
+fn transaction_route(transaction: &protobuf::TransactionStmt) -> Route {
+    use protobuf::TransactionStmtKind as Kind;
+    match Kind::try_from(transaction.kind) {
+        Ok(Kind::TransStmtBegin | Kind::TransStmtStart) if read_only(&transaction.options) => {
+            Route::Read
+        }
+        Ok(Kind::TransStmtCommit | Kind::TransStmtRollback) => Route::Read,
+        _ => Route::Primary,
+    }
+}
+
+/// Whether transaction options include READ ONLY (`transaction_read_only = true`).
+fn read_only(options: &[protobuf::Node]) -> bool {
+    options.iter().any(|option| match option.node.as_ref() {
+        Some(NodeEnum::DefElem(element)) if element.defname == "transaction_read_only" => {
+            matches!(
+                element.arg.as_ref().and_then(|arg| arg.node.as_ref()),
+                Some(NodeEnum::AConst(protobuf::AConst {
+                    val: Some(protobuf::a_const::Val::Ival(protobuf::Integer { ival: 1 })),
+                    ..
+                }))
+            )
+        }
+        _ => false,
+    })
+}
+
+/// Notes a SET or RESET for replay on the replica. SET LOCAL and SET TRANSACTION last only
+/// for the transaction, which runs on one backend, so they are not replayed.
+fn note_set(set: &protobuf::VariableSetStmt, text: &str, classified: &mut Classified) {
+    use protobuf::VariableSetKind as Kind;
+    if set.is_local {
+        return;
+    }
+    match Kind::try_from(set.kind) {
+        Ok(Kind::VarResetAll) => classified.session_sets.push((None, text.to_owned())),
+        Ok(Kind::VarSetMulti) if set.name == "TRANSACTION" => {}
+        Ok(_) => classified
+            .session_sets
+            .push((Some(set.name.to_ascii_lowercase()), text.to_owned())),
+        Err(_) => {}
+    }
+}
+
+/// `SET lagprobe.x = ...`, `RESET lagprobe.x` or `SHOW lagprobe.x`.
+fn proxy_command(node: &NodeEnum) -> Option<ProxyCommand> {
+    use protobuf::VariableSetKind as Kind;
+    match node {
+        NodeEnum::VariableSetStmt(set) => {
+            let name = set.name.strip_prefix("lagprobe.")?.to_owned();
+            let value = match Kind::try_from(set.kind) {
+                Ok(Kind::VarSetValue) => Some(set_value(&set.args)?),
+                Ok(Kind::VarReset | Kind::VarSetDefault) => None,
+                _ => return None,
+            };
+            Some(ProxyCommand::Set { name, value })
+        }
+        NodeEnum::VariableShowStmt(show) => Some(ProxyCommand::Show {
+            name: show.name.strip_prefix("lagprobe.")?.to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+/// The one value of a SET, as text (`'lsn-wait'`, `lsn_wait` or `0`).
+fn set_value(args: &[protobuf::Node]) -> Option<String> {
+    let [arg] = args else { return None };
+    match arg.node.as_ref()? {
+        NodeEnum::AConst(constant) => match constant.val.as_ref()? {
+            protobuf::a_const::Val::Sval(text) => Some(text.sval.clone()),
+            protobuf::a_const::Val::Ival(int) => Some(int.ival.to_string()),
+            protobuf::a_const::Val::Fval(float) => Some(float.fval.clone()),
+            protobuf::a_const::Val::Boolval(boolean) => Some(boolean.boolval.to_string()),
+            protobuf::a_const::Val::Bsval(bits) => Some(bits.bsval.clone()),
+        },
+        _ => None,
+    }
+}
+
+/// A query is a read when nothing anywhere in its tree may write: the tree is walked whole
+/// (through its serde form), so a function call hidden in a LIMIT, a VALUES list or a
+/// window clause is found as surely as one in the target list.
+fn query_route(node: &NodeEnum) -> Route {
+    match serde_json::to_value(node) {
+        Ok(tree) if tree_is_read_only(&tree) => Route::Read,
+        _ => Route::Primary,
+    }
+}
+
+fn tree_is_read_only(value: &Value) -> bool {
+    match value {
+        Value::Array(items) => items.iter().all(tree_is_read_only),
+        Value::Object(fields) => fields.iter().all(|(key, child)| match key.as_str() {
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => false,
+            "locking_clause" | "into_clause" if !is_empty(child) => false,
+            "FuncCall" => function_call_is_safe(child) && tree_is_read_only(child),
+            _ => tree_is_read_only(child),
+        }),
+        _ => true,
+    }
+}
+
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    }
+}
+
+/// A FuncCall's `funcname` is a list of String nodes (`pg_catalog`, `now`).
+fn function_call_is_safe(call: &Value) -> bool {
+    let Some(parts) = call.get("funcname").and_then(Value::as_array) else {
+        return false;
+    };
+    let names: Option<Vec<&str>> = parts
+        .iter()
+        .map(|part| part.pointer("/node/String/sval").and_then(Value::as_str))
+        .collect();
+    names.is_some_and(|names| function_is_safe(&names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(sql: &str) -> Route {
+        classify(sql).route
+    }
+
+    #[test]
+    fn plain_queries_are_reads() {
+        for sql in [
+            "SELECT 1",
+            "select abalance from pgbench_accounts where aid = $1",
+            "SELECT count(*) FROM t JOIN u USING (id) WHERE t.x > now() - interval '1 day'",
+            "VALUES (1), (2)",
+            "TABLE t",
+            "SELECT pg_is_in_recovery(), current_setting('TimeZone')",
+            "EXPLAIN SELECT * FROM t",
+            "SELECT 1; SELECT 2",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+        ] {
+            assert_eq!(route(sql), Route::Read, "{sql}");
+        }
+    }
+
+    #[test]
+    fn anything_that_may_write_goes_to_the_primary() {
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET x = 1",
+            "DELETE FROM t",
+            "WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x",
+            "SELECT nextval('s')",
+            "SELECT 1 LIMIT nextval('s')",
+            "VALUES (setval('s', 1))",
+            "SELECT my_function()",
+            "SELECT 1 FOR UPDATE",
+            "SELECT * FROM (SELECT * FROM t FOR SHARE) AS locked",
+            "SELECT * INTO new_table FROM t",
+            "CREATE TABLE t (x int)",
+            "SELECT 1; INSERT INTO t VALUES (1)",
+            "BEGIN",
+            "LISTEN channel",
+            "PREPARE p AS SELECT 1",
+            "EXECUTE p",
+            "SHOW timezone",
+            "COPY t TO STDOUT",
+            "this is not sql",
+            "LOCK TABLE t",
+        ] {
+            assert_eq!(route(sql), Route::Primary, "{sql}");
+        }
+    }
+
+    #[test]
+    fn read_only_transactions_are_reads() {
+        assert_eq!(route("BEGIN READ ONLY"), Route::Read);
+        assert_eq!(
+            route("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
+            Route::Read
+        );
+        assert_eq!(route("BEGIN READ WRITE"), Route::Primary);
+        assert_eq!(route("COMMIT"), Route::Read);
+    }
+
+    #[test]
+    fn session_settings_are_noted_for_replay() {
+        let set = classify("SET timezone = 'Asia/Tokyo'");
+        assert_eq!(set.route, Route::Primary);
+        assert!(!set.writes);
+        assert!(classify("INSERT INTO t VALUES (1)").writes);
+        assert!(!classify("SELECT 1").writes);
+        assert!(classify("SELECT nextval('s')").writes);
+        assert_eq!(
+            set.session_sets,
+            vec![(
+                Some("timezone".into()),
+                "SET timezone = 'Asia/Tokyo'".into()
+            )]
+        );
+        let several = classify("SET search_path TO a; SELECT 1; RESET ALL");
+        assert_eq!(several.session_sets.len(), 2);
+        assert_eq!(several.session_sets[0].1, "SET search_path TO a");
+        assert_eq!(several.session_sets[1], (None, "RESET ALL".into()));
+        assert!(
+            classify("SET LOCAL timezone = 'UTC'")
+                .session_sets
+                .is_empty()
+        );
+        assert!(
+            classify("SET TRANSACTION READ ONLY")
+                .session_sets
+                .is_empty()
+        );
+        let discard = classify("DISCARD ALL");
+        assert!(discard.deallocates_all);
+        assert_eq!(classify("DEALLOCATE p").deallocates, vec!["p".to_owned()]);
+    }
+
+    #[test]
+    fn hints_override_the_parser() {
+        assert_eq!(route("/* lagprobe:primary */ SELECT 1"), Route::Primary);
+        assert_eq!(
+            route("/* lagprobe:replica */ SELECT my_read_only_function()"),
+            Route::Read
+        );
+        assert_eq!(route("  /* lagprobe:replica */ SHOW timezone"), Route::Read);
+        assert_eq!(route("/* other */ SELECT nextval('s')"), Route::Primary);
+        assert_eq!(hint("/* lagprobe:replica"), None);
+    }
+
+    #[test]
+    fn lagprobe_commands_are_recognised() {
+        assert_eq!(
+            classify("SET lagprobe.strategy = 'lsn-wait'").command,
+            Some(ProxyCommand::Set {
+                name: "strategy".into(),
+                value: Some("lsn-wait".into())
+            })
+        );
+        assert_eq!(
+            classify("set lagprobe.min_lsn to '0/3000148'").command,
+            Some(ProxyCommand::Set {
+                name: "min_lsn".into(),
+                value: Some("0/3000148".into())
+            })
+        );
+        assert_eq!(
+            classify("SHOW lagprobe.last_commit_lsn").command,
+            Some(ProxyCommand::Show {
+                name: "last_commit_lsn".into()
+            })
+        );
+        assert_eq!(
+            classify("SET lagprobe.strategy = 'x'; SELECT 1").command,
+            None
+        );
+        assert_eq!(classify("SHOW timezone").command, None);
+    }
+}

@@ -1,0 +1,311 @@
+//! The PostgreSQL-protocol proxy: one connection URL for any application, which sends reads
+//! to a replica and everything else to the primary, and makes the reads see the session's
+//! own writes with the strategy it chooses.
+//!
+//! Session mode: each client connection gets its own primary connection and, on its first
+//! read, its own replica connection. Statements are classified by PostgreSQL's parser
+//! ([`classify`]); transaction boundaries come from ReadyForQuery's status byte; extended
+//! protocol batches (everything up to Sync) go to one backend, and named prepared
+//! statements are prepared on whichever backend executes them ([`statements`]). Waiting for
+//! replay uses one shared watcher per replica ([`watcher`]). The proxy has no SQL of its
+//! own: positions come from [`Databases`], the pools every other layer uses.
+
+mod backend;
+mod classify;
+mod session;
+mod statements;
+mod watcher;
+mod wire;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::{
+    db::Databases,
+    settings::{ProxySettings, StrategyDefaults},
+};
+pub use backend::BackendParams;
+use watcher::{PrimaryPosition, ReplayWatcher};
+
+/// Which of a session's two backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Primary,
+    Replica,
+}
+
+impl Target {
+    fn index(self) -> usize {
+        match self {
+            Target::Primary => 0,
+            Target::Replica => 1,
+        }
+    }
+}
+
+/// Why a session ends, and what (if anything) the client is told: every error the proxy
+/// itself reports is mapped to its SQLSTATE here, in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client broke the protocol (malformed or over-long message, garbage).
+    #[error("{0}")]
+    Protocol(String),
+    /// Replication connections, COPY BOTH, GSS encryption.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The primary could not be reached or was lost.
+    #[error("primary unavailable: {0}")]
+    PrimaryUnavailable(String),
+    /// The replica was lost in the middle of a read the client had partly received.
+    #[error("replica connection lost: {0}")]
+    ReplicaLost(String),
+    #[error("{0}")]
+    WrongDatabase(String),
+    #[error("password authentication failed")]
+    AuthFailed,
+    /// The client went away (EOF, reset, Terminate): nobody to tell.
+    #[error("client disconnected")]
+    ClientGone,
+}
+
+impl ProxyError {
+    /// The SQLSTATE the client gets, `None` when there is nobody to tell.
+    pub fn sqlstate(&self) -> Option<&'static str> {
+        Some(match self {
+            ProxyError::Protocol(_) => "08P01",
+            ProxyError::Unsupported(_) => "0A000",
+            ProxyError::PrimaryUnavailable(_) | ProxyError::ReplicaLost(_) => "08006",
+            ProxyError::WrongDatabase(_) => "3D000",
+            ProxyError::AuthFailed => "28P01",
+            ProxyError::ClientGone => return None,
+        })
+    }
+}
+
+/// A `lagprobe.*` command the proxy refuses; the session carries on.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("invalid value: {0}")]
+    InvalidValue(String),
+    #[error("parameter \"{0}\" cannot be changed")]
+    ReadOnly(String),
+    #[error("unrecognized configuration parameter \"{0}\"")]
+    Unknown(String),
+}
+
+impl CommandError {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            CommandError::InvalidValue(_) => "22023",
+            CommandError::ReadOnly(_) => "55P02",
+            CommandError::Unknown(_) => "42704",
+        }
+    }
+}
+
+impl From<wire::WireError> for ProxyError {
+    fn from(error: wire::WireError) -> Self {
+        ProxyError::Protocol(error.to_string())
+    }
+}
+
+/// Counters over every session, for logs and (later) the audit.
+#[derive(Debug, Default)]
+pub struct ProxyCounters {
+    pub sessions: AtomicU64,
+    pub primary_reads: AtomicU64,
+    pub replica_reads: AtomicU64,
+    /// Reads the strategy sent to a replica that went to the primary instead (the replica
+    /// was unreachable, or lsn-wait timed out).
+    pub fallbacks: AtomicU64,
+    pub waits: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// A snapshot of [`ProxyCounters`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ProxyCounts {
+    pub sessions: u64,
+    pub primary_reads: u64,
+    pub replica_reads: u64,
+    pub fallbacks: u64,
+    pub waits: u64,
+    pub writes: u64,
+}
+
+impl ProxyCounters {
+    pub fn snapshot(&self) -> ProxyCounts {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ProxyCounts {
+            sessions: get(&self.sessions),
+            primary_reads: get(&self.primary_reads),
+            replica_reads: get(&self.replica_reads),
+            fallbacks: get(&self.fallbacks),
+            waits: get(&self.waits),
+            writes: get(&self.writes),
+        }
+    }
+}
+
+/// Where a session's query runs now, for forwarding a cancel: the server and its key.
+pub type CancelTarget = Arc<Mutex<Option<(SocketAddr, (i32, i32))>>>;
+
+/// The proxy's own BackendKeyData, handed to clients, mapped to where each session's query
+/// runs.
+#[derive(Debug, Default)]
+struct CancelRegistry {
+    sessions: Mutex<HashMap<i32, (i32, CancelTarget)>>,
+}
+
+impl CancelRegistry {
+    /// A fresh (pid, secret) for a session.
+    fn register(&self, target: CancelTarget) -> (i32, i32) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let pid = fastrand::i32(1..i32::MAX);
+            if let std::collections::hash_map::Entry::Vacant(slot) = sessions.entry(pid) {
+                let secret = fastrand::i32(..);
+                slot.insert((secret, target));
+                return (pid, secret);
+            }
+        }
+    }
+
+    fn unregister(&self, pid: i32) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pid);
+    }
+
+    /// The backend to cancel for a client's (pid, secret), if it matches a session.
+    fn lookup(&self, pid: i32, secret: i32) -> Option<(SocketAddr, (i32, i32))> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let (expected, target) = sessions.get(&pid)?;
+        if *expected != secret {
+            return None;
+        }
+        *target.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What every session shares.
+struct Shared {
+    settings: ProxySettings,
+    defaults: StrategyDefaults,
+    primary: BackendParams,
+    replicas: Vec<BackendParams>,
+    databases: Databases,
+    watchers: Vec<ReplayWatcher>,
+    primary_position: PrimaryPosition,
+    cancels: CancelRegistry,
+    next_replica: AtomicUsize,
+    counters: ProxyCounters,
+}
+
+/// A running proxy's handle: its counters.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ProxyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle").finish_non_exhaustive()
+    }
+}
+
+impl ProxyHandle {
+    pub fn counts(&self) -> ProxyCounts {
+        self.shared.counters.snapshot()
+    }
+}
+
+/// The backends a proxy forwards to, as URLs (replicas in the order of
+/// `databases.replicas()`, whose pools the watchers use).
+#[derive(Debug, Clone)]
+pub struct Backends {
+    pub primary: BackendParams,
+    pub replicas: Vec<BackendParams>,
+}
+
+impl Backends {
+    /// Parses the URLs; an error names the bad one by role (never its password).
+    pub fn from_urls(primary_url: &str, replica_urls: &[String]) -> Result<Self, String> {
+        let primary = BackendParams::from_url(primary_url)
+            .map_err(|reason| format!("primary URL: {reason}"))?;
+        let replicas = replica_urls
+            .iter()
+            .map(|url| {
+                BackendParams::from_url(url).map_err(|reason| format!("replica URL: {reason}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if replicas.is_empty() {
+            return Err("at least one replica is needed".into());
+        }
+        Ok(Backends { primary, replicas })
+    }
+}
+
+/// Builds the proxy's shared state (watchers included) for `listener`'s sessions.
+pub fn handle(
+    settings: &ProxySettings,
+    defaults: StrategyDefaults,
+    backends: Backends,
+    databases: Databases,
+) -> ProxyHandle {
+    let watchers = (0..backends.replicas.len())
+        .map(|index| ReplayWatcher::spawn(databases.clone(), index, settings.poll_interval))
+        .collect();
+    ProxyHandle {
+        shared: Arc::new(Shared {
+            settings: settings.clone(),
+            defaults,
+            primary: backends.primary,
+            replicas: backends.replicas,
+            primary_position: PrimaryPosition::spawn(databases.clone()),
+            databases,
+            watchers,
+            cancels: CancelRegistry::default(),
+            next_replica: AtomicUsize::new(0),
+            counters: ProxyCounters::default(),
+        }),
+    }
+}
+
+/// Accepts clients until `shutdown` resolves; each session runs on its own task, and one
+/// session's failure (or panic) never touches another's.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: ProxyHandle,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> crate::error::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(&proxy.shared);
+                tokio::spawn(session::run(shared, stream, peer));
+            }
+            // Out of file descriptors and the like: wait a moment rather than spin.
+            Err(error) => {
+                tracing::warn!(%error, "proxy accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,1220 @@
+//! One client session: its startup, then one unit at a time (a simple Query, or an
+//! extended-protocol batch up to Sync), each routed to one backend and relayed back until
+//! ReadyForQuery.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Instant,
+};
+
+use bytes::BytesMut;
+use pgwire::messages::{
+    data::{DataRow, FieldDescription, RowDescription},
+    response::CommandComplete,
+    startup::{
+        Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    task::JoinHandle,
+};
+
+use super::{
+    CancelTarget, CommandError, ProxyError, Shared, Target,
+    backend::{self, Backend, BackendError},
+    classify::{self, Classified, ProxyCommand, Route},
+    statements::{Plan, StatementUse, Statements},
+    wire::{self, ClientMessage, Frame, TxStatus},
+};
+use crate::{
+    db::session_sql,
+    lsn::Lsn,
+    settings::{ProxyStrategy, Strategy},
+};
+
+/// Extended-protocol messages buffered before a Sync or Flush at most; a longer batch is
+/// routed as it stands and the rest streams to the same backend.
+const BATCH_BUFFER_BYTES: usize = 1 << 20;
+/// Classifications remembered per session (repeated statement texts parse once).
+const CLASSIFY_CACHE_ENTRIES: usize = 1024;
+
+/// The client's side of the session.
+struct Client {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    buffer: BytesMut,
+    max_message_bytes: usize,
+}
+
+impl Client {
+    /// Reads more bytes; EOF or a reset means the client is gone.
+    async fn fill(&mut self) -> Result<(), ProxyError> {
+        match self.read.read_buf(&mut self.buffer).await {
+            Ok(0) | Err(_) => Err(ProxyError::ClientGone),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    fn buffered_frame(&mut self) -> Result<Option<Frame>, ProxyError> {
+        Ok(wire::split_frame(&mut self.buffer, self.max_message_bytes)?)
+    }
+
+    async fn next_frame(&mut self) -> Result<Frame, ProxyError> {
+        loop {
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), ProxyError> {
+        self.write
+            .write_all(bytes)
+            .await
+            .map_err(|_| ProxyError::ClientGone)
+    }
+
+    /// An untagged first packet (startup, SSLRequest, CancelRequest): its body after the
+    /// length. A length out of range (garbage, an HTTP request) is a protocol error.
+    async fn startup_packet(&mut self) -> Result<BytesMut, ProxyError> {
+        while self.buffer.len() < 4 {
+            self.fill().await?;
+        }
+        let header = [
+            self.buffer[0],
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+        ];
+        let length = wire::startup_length(header)?;
+        while self.buffer.len() < length {
+            self.fill().await?;
+        }
+        let mut packet = self.buffer.split_to(length);
+        Ok(packet.split_off(4))
+    }
+
+    /// Tells the client why the session ends, if anyone is there to tell.
+    async fn fatal(&mut self, error: &ProxyError) {
+        let Some(sqlstate) = error.sqlstate() else {
+            return;
+        };
+        let mut out = BytesMut::new();
+        wire::error_response(true, sqlstate, &error.to_string(), &mut out);
+        let _ = self.send(&out).await;
+        let _ = self.write.shutdown().await;
+    }
+}
+
+/// The replica connection and the settings version replayed on it.
+struct ReplicaConnection {
+    backend: Backend,
+    sets_version: u64,
+}
+
+/// One unit of work for one backend.
+#[derive(Default)]
+struct Unit {
+    frames: Vec<Frame>,
+    /// Statement uses of an extended batch, for preparing statements on the backend.
+    uses: Vec<StatementUse>,
+    /// Whether the unit may write (the session's token moves after it).
+    writes: bool,
+    /// Whether the unit is a read the strategy placed.
+    read: bool,
+    /// A batch ended by Flush (or too long to buffer): more messages follow to the same
+    /// backend until a Sync.
+    open: bool,
+    sets: Vec<(Option<String>, String)>,
+    deallocates_all: bool,
+    deallocates: Vec<String>,
+    closes: Vec<String>,
+    /// ReadyForQuery messages the unit will produce (one per Query or Sync).
+    syncs: usize,
+}
+
+/// How a relay ended.
+#[derive(Debug, Default)]
+struct Relayed {
+    status: Option<TxStatus>,
+    errored: bool,
+    last_tag: Option<String>,
+}
+
+/// Why a relay stopped early.
+enum RelayError {
+    /// The backend failed; `replied` says whether the client already got part of an answer.
+    Backend {
+        error: BackendError,
+        replied: bool,
+    },
+    Session(ProxyError),
+}
+
+impl From<ProxyError> for RelayError {
+    fn from(error: ProxyError) -> Self {
+        RelayError::Session(error)
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    client: Client,
+    startup: Vec<(String, String)>,
+    primary: Backend,
+    replica: Option<ReplicaConnection>,
+    replica_index: usize,
+    replica_retry_at: Option<Instant>,
+    status: TxStatus,
+    /// Inside a transaction block: the backend running it.
+    in_transaction: Option<Target>,
+    statements: Statements,
+    /// Settings to replay on the replica: the compacted list and its version.
+    sets: Vec<(Option<String>, String)>,
+    sets_version: u64,
+    /// SETs inside a transaction block, kept until it commits.
+    pending_sets: Vec<(Option<String>, String)>,
+    cancel: CancelTarget,
+    key: (i32, i32),
+    busy: Option<Target>,
+    strategy: ProxyStrategy,
+    remote_apply_on_primary: bool,
+    min_lsn: Option<Lsn>,
+    last_commit_lsn: Option<Lsn>,
+    last_write: Option<Instant>,
+    token: Option<JoinHandle<Option<Lsn>>>,
+    cache: HashMap<String, Arc<Classified>>,
+}
+
+/// Runs one client connection to its end; never panics the proxy and never outlives it
+/// with work on the backends.
+pub(super) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let mut client = Client {
+        read,
+        write,
+        buffer: BytesMut::with_capacity(8192),
+        max_message_bytes: shared.settings.max_message_bytes,
+    };
+    let started =
+        tokio::time::timeout(shared.settings.startup_timeout, start(&shared, &mut client))
+            .await
+            .unwrap_or_else(|_| Err(ProxyError::Protocol("no startup packet in time".into())));
+    let mut session = match started {
+        Ok(Some(parts)) => Session::new(Arc::clone(&shared), client, parts),
+        Ok(None) => return,
+        Err(error) => {
+            log_end(peer, &error);
+            client.fatal(&error).await;
+            return;
+        }
+    };
+    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    let result = session.serve().await;
+    let error = result.err().unwrap_or(ProxyError::ClientGone);
+    log_end(peer, &error);
+    session.finish(&error).await;
+}
+
+fn log_end(peer: SocketAddr, error: &ProxyError) {
+    match error {
+        ProxyError::ClientGone => tracing::debug!(%peer, "proxy session ended"),
+        ProxyError::PrimaryUnavailable(_) | ProxyError::ReplicaLost(_) => {
+            tracing::warn!(%peer, %error, "proxy session ended")
+        }
+        _ => tracing::info!(%peer, %error, "proxy session refused"),
+    }
+}
+
+/// What a successful startup hands the session.
+struct Started {
+    startup: Vec<(String, String)>,
+    primary: Backend,
+    cancel: CancelTarget,
+    key: (i32, i32),
+}
+
+/// SSL and GSS negotiation (both declined), cancel requests, the startup packet, client
+/// authentication and the primary connection. `None`: the connection had no session
+/// (a cancel request).
+async fn start(shared: &Shared, client: &mut Client) -> Result<Option<Started>, ProxyError> {
+    let body = loop {
+        let body = client.startup_packet().await?;
+        match wire::leading_i32(&body) {
+            Some(wire::SSL_REQUEST_CODE | wire::GSSENC_REQUEST_CODE) => client.send(b"N").await?,
+            Some(wire::CANCEL_REQUEST_CODE) => {
+                forward_cancel(shared, &body).await;
+                return Ok(None);
+            }
+            Some(version) if version >> 16 == 3 => break body,
+            _ => return Err(ProxyError::Protocol("unsupported frontend protocol".into())),
+        }
+    };
+    let version = wire::leading_i32(&body).unwrap_or(wire::PROTOCOL_3);
+    let parameters = wire::startup_parameters(&body[4..])?;
+    let startup = check_startup(shared, &parameters)?;
+    authenticate(shared, client).await?;
+    let primary = Backend::connect(
+        &shared.primary,
+        &startup,
+        shared.settings.connect_timeout,
+        shared.settings.max_message_bytes,
+    )
+    .await
+    .map_err(|error| ProxyError::PrimaryUnavailable(error.to_string()))?;
+    let cancel: CancelTarget = Arc::new(Mutex::new(None));
+    let key = shared.cancels.register(Arc::clone(&cancel));
+    let mut out = BytesMut::new();
+    let unsupported: Vec<String> = parameters
+        .iter()
+        .filter(|(name, _)| name.starts_with("_pq_."))
+        .map(|(name, _)| name.clone())
+        .collect();
+    if version != wire::PROTOCOL_3 || !unsupported.is_empty() {
+        wire::put(&NegotiateProtocolVersion::new(0, unsupported), &mut out);
+    }
+    wire::put(&Authentication::Ok, &mut out);
+    for (name, value) in &primary.parameters {
+        wire::put(&ParameterStatus::new(name.clone(), value.clone()), &mut out);
+    }
+    wire::put(&BackendKeyData::new(key.0, SecretKey::I32(key.1)), &mut out);
+    wire::ready_for_query(TxStatus::Idle, &mut out);
+    if let Err(error) = client.send(&out).await {
+        shared.cancels.unregister(key.0);
+        return Err(error);
+    }
+    Ok(Some(Started {
+        startup,
+        primary,
+        cancel,
+        key,
+    }))
+}
+
+/// The startup parameters to pass on to the backends. Replication connections are refused;
+/// the client's user is replaced by the URL's, and a database other than the URL's is an
+/// error rather than a silent switch.
+fn check_startup(
+    shared: &Shared,
+    parameters: &[(String, String)],
+) -> Result<Vec<(String, String)>, ProxyError> {
+    let mut forwarded = Vec::new();
+    for (name, value) in parameters {
+        match name.as_str() {
+            "replication" if !matches!(value.as_str(), "false" | "off" | "no" | "0") => {
+                return Err(ProxyError::Unsupported(
+                    "replication connections are not supported by the proxy".into(),
+                ));
+            }
+            "database" if value != &shared.primary.database => {
+                return Err(ProxyError::WrongDatabase(format!(
+                    "database \"{value}\" is not served here: the proxy serves \"{}\"",
+                    shared.primary.database
+                )));
+            }
+            "user" | "database" | "replication" => {}
+            _ if name.starts_with("_pq_.") => {}
+            _ => forwarded.push((name.clone(), value.clone())),
+        }
+    }
+    Ok(forwarded)
+}
+
+/// Trust on loopback; with a password configured, the client must give it (cleartext in
+/// the protocol's PasswordMessage: SCRAM-SHA-256 is not implemented yet).
+async fn authenticate(shared: &Shared, client: &mut Client) -> Result<(), ProxyError> {
+    let Some(password) = &shared.settings.password else {
+        return Ok(());
+    };
+    let mut out = BytesMut::new();
+    wire::put(&Authentication::CleartextPassword, &mut out);
+    client.send(&out).await?;
+    let frame = client.next_frame().await?;
+    if frame.tag != b'p' {
+        return Err(ProxyError::Protocol("expected a password message".into()));
+    }
+    let given = wire::Reader::new(frame.body(), "PasswordMessage").cstr()?;
+    if !constant_time_eq(given.as_bytes(), password.0.as_bytes()) {
+        return Err(ProxyError::AuthFailed);
+    }
+    Ok(())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A CancelRequest on a new connection: forwarded to the backend running that session's
+/// query, if the key matches one of ours. The client gets no answer either way.
+async fn forward_cancel(shared: &Shared, body: &[u8]) {
+    let mut reader = wire::Reader::new(body, "CancelRequest");
+    let (Ok(_code), Ok(pid), Ok(secret)) = (reader.i32(), reader.i32(), reader.i32()) else {
+        return;
+    };
+    let Some((addr, key)) = shared.cancels.lookup(pid, secret) else {
+        tracing::debug!(pid, "cancel request for no running query");
+        return;
+    };
+    if let Err(error) = backend::cancel(addr, key, shared.settings.connect_timeout).await {
+        tracing::warn!(%addr, %error, "forwarding a cancel request");
+    }
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, client: Client, started: Started) -> Self {
+        let replicas = shared.replicas.len().max(1);
+        let replica_index = shared.next_replica.fetch_add(1, Ordering::Relaxed) % replicas;
+        let strategy = shared.settings.strategy;
+        Session {
+            shared,
+            client,
+            startup: started.startup,
+            primary: started.primary,
+            replica: None,
+            replica_index,
+            replica_retry_at: None,
+            status: TxStatus::Idle,
+            in_transaction: None,
+            statements: Statements::default(),
+            sets: Vec::new(),
+            sets_version: 0,
+            pending_sets: Vec::new(),
+            cancel: started.cancel,
+            key: started.key,
+            busy: None,
+            strategy,
+            remote_apply_on_primary: false,
+            min_lsn: None,
+            last_commit_lsn: None,
+            last_write: None,
+            token: None,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Ends the session: a query still running for a client that left is cancelled, then
+    /// both backend connections close (dropped with the session).
+    async fn finish(mut self, error: &ProxyError) {
+        self.shared.cancels.unregister(self.key.0);
+        if let Some(target) = self.busy {
+            let backend = match target {
+                Target::Primary => Some(&self.primary),
+                Target::Replica => self.replica.as_ref().map(|replica| &replica.backend),
+            };
+            if let Some(backend) = backend {
+                let (addr, key) = (backend.addr, backend.key);
+                let timeout = self.shared.settings.connect_timeout;
+                tokio::spawn(async move { backend::cancel(addr, key, timeout).await });
+            }
+        }
+        self.client.fatal(error).await;
+        let mut terminate = BytesMut::new();
+        postgres_protocol::message::frontend::terminate(&mut terminate);
+        let _ = self.primary.send(&terminate).await;
+        if let Some(replica) = self.replica.as_mut() {
+            let _ = replica.backend.send(&terminate).await;
+        }
+    }
+
+    async fn serve(&mut self) -> Result<(), ProxyError> {
+        self.sync_remote_apply().await?;
+        loop {
+            let frame = self.next_client_frame().await?;
+            match frame.tag {
+                b'Q' => self.simple_query(frame).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.extended(frame).await?,
+                // A fastpath function call may do anything.
+                b'F' => {
+                    let unit = Unit {
+                        frames: vec![frame],
+                        writes: true,
+                        syncs: 1,
+                        ..Unit::default()
+                    };
+                    self.run_unit(Target::Primary, unit).await?;
+                }
+                b'X' => return Err(ProxyError::ClientGone),
+                // PostgreSQL ignores copy messages outside COPY (after a failed COPY).
+                b'd' | b'c' | b'f' => {}
+                other => {
+                    return Err(ProxyError::Protocol(format!(
+                        "unexpected message type {:?}",
+                        char::from(other)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The next client message; meanwhile, the primary's asynchronous messages (LISTEN
+    /// notifications, parameter changes, a shutdown's FATAL) reach the client, and a
+    /// replica connection that drops is forgotten.
+    async fn next_client_frame(&mut self) -> Result<Frame, ProxyError> {
+        enum Event {
+            Client,
+            Primary(Result<(), BackendError>),
+            Replica(Result<(), BackendError>),
+        }
+        loop {
+            if let Some(frame) = self.client.buffered_frame()? {
+                return Ok(frame);
+            }
+            let replica = async {
+                match self.replica.as_mut() {
+                    Some(replica) => replica.backend.receive().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                filled = self.client.fill() => { filled?; Event::Client }
+                received = self.primary.receive() => Event::Primary(received),
+                received = replica => Event::Replica(received),
+            };
+            match event {
+                Event::Client => {}
+                Event::Primary(received) => {
+                    received.map_err(|error| ProxyError::PrimaryUnavailable(error.to_string()))?;
+                    let mut out = BytesMut::new();
+                    while let Some(frame) = self.primary.buffered_frame().map_err(primary_lost)? {
+                        out.extend_from_slice(&frame.bytes);
+                    }
+                    self.client.send(&out).await?;
+                }
+                Event::Replica(received) => {
+                    let frames = match self.replica.as_mut() {
+                        Some(replica) if received.is_ok() => {
+                            replica.backend.buffered_frame().map(|_| ())
+                        }
+                        _ => Ok(()),
+                    };
+                    if let Err(error) = received.and(frames) {
+                        tracing::info!(%error, "replica connection closed; reads go to the primary");
+                        self.replica = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn classify(&mut self, sql: &str) -> Arc<Classified> {
+        if let Some(classified) = self.cache.get(sql) {
+            return Arc::clone(classified);
+        }
+        let classified = Arc::new(classify::classify(sql));
+        if self.cache.len() >= CLASSIFY_CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.insert(sql.to_owned(), Arc::clone(&classified));
+        classified
+    }
+
+    async fn simple_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        let ClientMessage::Query { sql } = wire::client_message(&frame)? else {
+            return Err(ProxyError::Protocol("malformed Query message".into()));
+        };
+        let classified = self.classify(sql);
+        if let Some(command) = &classified.command {
+            return self.proxy_command(command).await;
+        }
+        let unit = Unit {
+            frames: vec![frame],
+            writes: classified.writes,
+            read: classified.route == Route::Read,
+            sets: classified.session_sets.clone(),
+            deallocates_all: classified.deallocates_all,
+            deallocates: classified.deallocates.clone(),
+            syncs: 1,
+            ..Unit::default()
+        };
+        let target = self.route(&unit).await;
+        self.run_unit(target, unit).await
+    }
+
+    /// Reads an extended-protocol batch up to its Sync (or Flush), noting the statements
+    /// it prepares and uses, then runs it on one backend.
+    async fn extended(&mut self, first: Frame) -> Result<(), ProxyError> {
+        let mut unit = Unit::default();
+        let mut buffered = 0;
+        let mut frame = first;
+        let mut executes = false;
+        let mut may_write = false;
+        loop {
+            buffered += frame.bytes.len();
+            match wire::client_message(&frame)? {
+                ClientMessage::Parse { statement, sql } => {
+                    let classified = self.classify(sql);
+                    let version =
+                        self.statements
+                            .define(statement, frame.bytes.clone(), classified);
+                    unit.uses.push(StatementUse::Parse {
+                        name: statement.to_owned(),
+                        version,
+                    });
+                }
+                ClientMessage::Bind { statement } => {
+                    executes = true;
+                    match self.statements.get(statement) {
+                        Some(defined) => {
+                            let classified = Arc::clone(&defined.classified);
+                            may_write |= classified.route == Route::Primary;
+                            unit.writes |= classified.writes;
+                            unit.sets.extend(classified.session_sets.iter().cloned());
+                            unit.deallocates_all |= classified.deallocates_all;
+                            unit.deallocates
+                                .extend(classified.deallocates.iter().cloned());
+                            if let Some(command) = &classified.command {
+                                self.apply_extended_command(command);
+                            }
+                        }
+                        None => {
+                            may_write = true;
+                            unit.writes = true;
+                        }
+                    }
+                    unit.uses.push(StatementUse::Use {
+                        name: statement.to_owned(),
+                    });
+                }
+                ClientMessage::Describe { kind: b'S', name } => unit.uses.push(StatementUse::Use {
+                    name: name.to_owned(),
+                }),
+                ClientMessage::Close { kind: b'S', name } => {
+                    unit.uses.push(StatementUse::Close {
+                        name: name.to_owned(),
+                    });
+                    unit.closes.push(name.to_owned());
+                }
+                _ => {}
+            }
+            let tag = frame.tag;
+            unit.frames.push(frame);
+            match tag {
+                b'S' => break,
+                b'H' => {
+                    unit.open = true;
+                    break;
+                }
+                _ if buffered > BATCH_BUFFER_BYTES => {
+                    unit.open = true;
+                    break;
+                }
+                _ => {}
+            }
+            frame = self.next_client_frame().await?;
+            if !matches!(frame.tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') {
+                return Err(ProxyError::Protocol(format!(
+                    "message type {:?} inside an extended-protocol batch",
+                    char::from(frame.tag)
+                )));
+            }
+        }
+        unit.syncs = usize::from(!unit.open);
+        // Preparing alone needs no freshness: the primary (statements follow to the replica
+        // when they are executed there).
+        unit.read = executes && !may_write;
+        let target = self.route(&unit).await;
+        self.run_unit(target, unit).await
+    }
+
+    /// Where a unit runs: the transaction's backend inside one, the primary for anything
+    /// that is not a read, and where the strategy says for reads.
+    async fn route(&mut self, unit: &Unit) -> Target {
+        if let Some(target) = self.in_transaction {
+            return target;
+        }
+        if !unit.read {
+            return Target::Primary;
+        }
+        self.route_read().await
+    }
+
+    /// The strategy's decision for a read outside a transaction.
+    async fn route_read(&mut self) -> Target {
+        let started = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let watcher = shared.watchers.get(self.replica_index);
+        let wait_timeout = shared.defaults.lsn_wait_timeout;
+        match self.strategy {
+            ProxyStrategy::Probe(Strategy::Primary) => Target::Primary,
+            ProxyStrategy::Probe(Strategy::Replica | Strategy::RemoteApply) => Target::Replica,
+            ProxyStrategy::Probe(Strategy::PinWindow) => {
+                let pinned = self
+                    .last_write
+                    .is_some_and(|wrote| wrote.elapsed() < shared.defaults.pin_window);
+                if pinned {
+                    Target::Primary
+                } else {
+                    Target::Replica
+                }
+            }
+            ProxyStrategy::Probe(Strategy::LsnRoute) => {
+                let (Some(token), Some(watcher)) = (self.token().await, watcher) else {
+                    return Target::Replica;
+                };
+                if watcher.latest().is_some_and(|replayed| replayed >= token) {
+                    return Target::Replica;
+                }
+                // One fresh look, not a wait: lsn-route never holds a read back for long.
+                let fresh = watcher
+                    .fresh(wait_timeout.min(shared.settings.connect_timeout))
+                    .await;
+                if fresh.is_some_and(|replayed| replayed >= token) {
+                    Target::Replica
+                } else {
+                    Target::Primary
+                }
+            }
+            ProxyStrategy::Probe(Strategy::LsnWait) => {
+                let (Some(token), Some(watcher)) = (self.token().await, watcher) else {
+                    return Target::Replica;
+                };
+                self.wait_or_fall_back(watcher, token, started).await
+            }
+            ProxyStrategy::Global => {
+                let Some(watcher) = watcher else {
+                    return Target::Replica;
+                };
+                let Some(position) = shared.primary_position.after(started, wait_timeout).await
+                else {
+                    shared.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    return Target::Primary;
+                };
+                let token = self
+                    .token()
+                    .await
+                    .map_or(position, |token| token.max(position));
+                self.wait_or_fall_back(watcher, token, started).await
+            }
+        }
+    }
+
+    async fn wait_or_fall_back(
+        &self,
+        watcher: &super::watcher::ReplayWatcher,
+        token: Lsn,
+        started: Instant,
+    ) -> Target {
+        let counters = &self.shared.counters;
+        if watcher.latest().is_some_and(|replayed| replayed >= token) {
+            return Target::Replica;
+        }
+        counters.waits.fetch_add(1, Ordering::Relaxed);
+        let remaining = self
+            .shared
+            .defaults
+            .lsn_wait_timeout
+            .saturating_sub(started.elapsed());
+        if watcher.wait_for(token, remaining).await {
+            Target::Replica
+        } else {
+            counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            Target::Primary
+        }
+    }
+
+    /// The session's consistency token: its last write's position (once fetched), or the
+    /// position `SET lagprobe.min_lsn` gave, whichever is later.
+    async fn token(&mut self) -> Option<Lsn> {
+        if let Some(fetch) = self.token.take()
+            && let Ok(Some(lsn)) = fetch.await
+        {
+            self.last_commit_lsn = self.last_commit_lsn.max(Some(lsn));
+        }
+        self.last_commit_lsn.max(self.min_lsn)
+    }
+
+    /// Runs a unit on `wanted`, on the primary when the replica cannot be had (a fallback);
+    /// a replica that fails before answering a read outside a transaction gets the read
+    /// sent to the primary instead.
+    async fn run_unit(&mut self, wanted: Target, unit: Unit) -> Result<(), ProxyError> {
+        let mut target = wanted;
+        if target == Target::Replica && !self.replica_ready().await {
+            if self.in_transaction == Some(Target::Replica) {
+                return Err(ProxyError::ReplicaLost(
+                    "the replica running this transaction is gone".into(),
+                ));
+            }
+            self.shared
+                .counters
+                .fallbacks
+                .fetch_add(1, Ordering::Relaxed);
+            target = Target::Primary;
+        }
+        if target == Target::Primary && self.in_transaction.is_none() {
+            self.sync_remote_apply().await?;
+        }
+        loop {
+            let plan = self.statements.plan(&unit.uses, target);
+            match self.forward(target, &unit, &plan).await {
+                Ok(relayed) => {
+                    self.after(target, &unit, &plan, relayed);
+                    return Ok(());
+                }
+                Err(RelayError::Session(error)) => return Err(error),
+                Err(RelayError::Backend { error, replied }) => {
+                    if target == Target::Primary {
+                        return Err(ProxyError::PrimaryUnavailable(error.to_string()));
+                    }
+                    self.replica_failed(&error);
+                    if replied || self.in_transaction.is_some() {
+                        return Err(ProxyError::ReplicaLost(error.to_string()));
+                    }
+                    self.shared
+                        .counters
+                        .fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                    target = Target::Primary;
+                }
+            }
+        }
+    }
+
+    fn replica_failed(&mut self, error: &BackendError) {
+        tracing::warn!(%error, "replica unavailable; reads go to the primary");
+        self.replica = None;
+        self.replica_retry_at = Some(Instant::now() + self.shared.settings.replica_retry);
+    }
+
+    /// Sends a unit (with the statements it needs prepared first) and relays the answer.
+    async fn forward(
+        &mut self,
+        target: Target,
+        unit: &Unit,
+        plan: &Plan,
+    ) -> Result<Relayed, RelayError> {
+        let mut out = BytesMut::with_capacity(
+            plan.prefix.len() + unit.frames.iter().map(|f| f.bytes.len()).sum::<usize>(),
+        );
+        out.extend_from_slice(&plan.prefix);
+        for frame in &unit.frames {
+            out.extend_from_slice(&frame.bytes);
+        }
+        let backend = match target {
+            Target::Primary => &mut self.primary,
+            Target::Replica => match self.replica.as_mut() {
+                Some(replica) => &mut replica.backend,
+                None => {
+                    return Err(RelayError::Session(ProxyError::ReplicaLost(
+                        "no replica connection".into(),
+                    )));
+                }
+            },
+        };
+        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some((backend.addr, backend.key));
+        self.busy = Some(target);
+        if let Err(error) = backend.send(&out).await {
+            return Err(RelayError::Backend {
+                error,
+                replied: false,
+            });
+        }
+        let relayed = relay(
+            &mut self.client,
+            backend,
+            plan.injected,
+            unit.syncs,
+            unit.open,
+        )
+        .await?;
+        self.busy = None;
+        Ok(relayed)
+    }
+
+    /// What a finished unit changes: the transaction state, prepared statements, settings
+    /// to replay, and the session's token after a write.
+    fn after(&mut self, target: Target, unit: &Unit, plan: &Plan, relayed: Relayed) {
+        let counters = &self.shared.counters;
+        if unit.read && self.in_transaction.is_none() {
+            let counter = match target {
+                Target::Primary => &counters.primary_reads,
+                Target::Replica => &counters.replica_reads,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        if relayed.errored {
+            self.statements.uncertain(target, &plan.touched);
+        } else if target == Target::Primary {
+            if unit.deallocates_all {
+                self.statements.deallocated_all();
+            }
+            for name in &unit.deallocates {
+                self.statements.deallocated(name);
+            }
+        }
+        for name in &unit.closes {
+            self.statements.closed(name);
+        }
+        if !relayed.errored && target == Target::Primary {
+            self.pending_sets.extend(unit.sets.iter().cloned());
+        }
+        let status = relayed.status.unwrap_or(self.status);
+        self.status = status;
+        let rolled_back = relayed.last_tag.as_deref() == Some("ROLLBACK");
+        let mut wrote = target == Target::Primary && unit.writes && !relayed.errored;
+        match status {
+            TxStatus::Idle => {
+                let ended = self.in_transaction.take();
+                wrote |= ended == Some(Target::Primary) && !rolled_back;
+                let pending = std::mem::take(&mut self.pending_sets);
+                if !rolled_back {
+                    self.replay_later(pending);
+                }
+            }
+            TxStatus::InTransaction | TxStatus::Failed => {
+                self.in_transaction = Some(target);
+                wrote = false;
+            }
+        }
+        if wrote {
+            self.wrote();
+        }
+    }
+
+    /// Adds settings to the replay list, compacted: a later SET of a variable replaces an
+    /// earlier one, RESET ALL and DISCARD ALL replace everything.
+    fn replay_later(&mut self, sets: Vec<(Option<String>, String)>) {
+        for (variable, text) in sets {
+            match &variable {
+                None => self.sets.clear(),
+                Some(name) => self
+                    .sets
+                    .retain(|(earlier, _)| earlier.as_ref() != Some(name)),
+            }
+            self.sets.push((variable, text));
+            self.sets_version += 1;
+        }
+    }
+
+    /// A write committed: the token is the primary's insert position read after the
+    /// COMMIT's acknowledgement, fetched in the background so the client's next query is
+    /// not held up unless it needs the token.
+    fn wrote(&mut self) {
+        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.last_write = Some(Instant::now());
+        let databases = self.shared.databases.clone();
+        self.token = Some(tokio::spawn(async move {
+            match databases.primary_insert_lsn().await {
+                Ok(lsn) => Some(lsn),
+                Err(error) => {
+                    tracing::warn!(%error, "reading the primary's position after a write");
+                    None
+                }
+            }
+        }));
+    }
+
+    /// The replica connection, connected (on first use or after a failure, once the retry
+    /// pause has passed) and with the session's settings replayed.
+    async fn replica_ready(&mut self) -> bool {
+        if self.replica.is_none() {
+            if self
+                .replica_retry_at
+                .is_some_and(|retry| Instant::now() < retry)
+            {
+                return false;
+            }
+            let Some(params) = self.shared.replicas.get(self.replica_index) else {
+                return false;
+            };
+            let settings = &self.shared.settings;
+            match Backend::connect(
+                params,
+                &self.startup,
+                settings.connect_timeout,
+                settings.max_message_bytes,
+            )
+            .await
+            {
+                Ok(backend) => {
+                    self.statements.reconnected(Target::Replica);
+                    self.replica = Some(ReplicaConnection {
+                        backend,
+                        sets_version: 0,
+                    });
+                }
+                Err(error) => {
+                    self.replica_failed(&error);
+                    return false;
+                }
+            }
+        }
+        let Some(replica) = self.replica.as_mut() else {
+            return false;
+        };
+        if replica.sets_version == self.sets_version {
+            return true;
+        }
+        let mut statements: Vec<&str> = Vec::new();
+        if replica.sets_version != 0 {
+            statements.push(session_sql::RESET_ALL);
+        }
+        statements.extend(self.sets.iter().map(|(_, text)| text.as_str()));
+        match run_internal(&mut replica.backend, &statements).await {
+            Ok(()) => {
+                replica.sets_version = self.sets_version;
+                true
+            }
+            Err(error) => {
+                self.replica_failed(&error);
+                false
+            }
+        }
+    }
+
+    /// remote-apply: the primary connection's COMMITs wait for the standby while the
+    /// session uses it; the setting is undone when the session leaves the strategy.
+    async fn sync_remote_apply(&mut self) -> Result<(), ProxyError> {
+        let wanted = self.strategy == ProxyStrategy::Probe(Strategy::RemoteApply);
+        if wanted == self.remote_apply_on_primary {
+            return Ok(());
+        }
+        let statement = if wanted {
+            session_sql::REMOTE_APPLY
+        } else {
+            session_sql::RESET_SYNCHRONOUS_COMMIT
+        };
+        run_internal(&mut self.primary, &[statement])
+            .await
+            .map_err(primary_lost)?;
+        self.remote_apply_on_primary = wanted;
+        Ok(())
+    }
+
+    /// `SET lagprobe.x` inside a prepared statement: the proxy applies a valid value (the
+    /// statement still runs on the primary, where the `lagprobe.` namespace is a valid
+    /// placeholder). Invalid values are ignored there: use the simple protocol to see errors.
+    fn apply_extended_command(&mut self, command: &ProxyCommand) {
+        if let ProxyCommand::Set { name, value } = command
+            && let Err(error) = self.set_variable(name, value.as_deref())
+        {
+            tracing::debug!(%error, "lagprobe setting in a prepared statement ignored");
+        }
+    }
+
+    fn set_variable(&mut self, name: &str, value: Option<&str>) -> Result<(), CommandError> {
+        match (name, value) {
+            ("strategy", None) => self.strategy = self.shared.settings.strategy,
+            ("strategy", Some(text)) => {
+                self.strategy = text.parse().map_err(|error: crate::settings::Invalid| {
+                    CommandError::InvalidValue(error.reason)
+                })?;
+            }
+            ("min_lsn", None) => self.min_lsn = None,
+            ("min_lsn", Some(text)) => {
+                let lsn = text
+                    .parse::<Lsn>()
+                    .map_err(|error| CommandError::InvalidValue(error.to_string()))?;
+                self.min_lsn = Some(lsn);
+            }
+            ("last_commit_lsn", _) => {
+                return Err(CommandError::ReadOnly("lagprobe.last_commit_lsn".into()));
+            }
+            _ => return Err(CommandError::Unknown(format!("lagprobe.{name}"))),
+        }
+        Ok(())
+    }
+
+    async fn show_variable(&mut self, name: &str) -> Result<String, CommandError> {
+        let text = |lsn: Option<Lsn>| lsn.map(|lsn| lsn.to_string()).unwrap_or_default();
+        Ok(match name {
+            "strategy" => self.strategy.name().to_owned(),
+            "min_lsn" => text(self.min_lsn),
+            "last_commit_lsn" => {
+                self.token().await;
+                text(self.last_commit_lsn)
+            }
+            _ => return Err(CommandError::Unknown(format!("lagprobe.{name}"))),
+        })
+    }
+
+    /// `SET/RESET/SHOW lagprobe.*` in a simple Query, answered by the proxy itself.
+    async fn proxy_command(&mut self, command: &ProxyCommand) -> Result<(), ProxyError> {
+        let mut out = BytesMut::new();
+        let answered = match command {
+            ProxyCommand::Set { name, value } => {
+                self.set_variable(name, value.as_deref()).map(|()| {
+                    let tag = if value.is_some() { "SET" } else { "RESET" };
+                    wire::put(&CommandComplete::new(tag.to_owned()), &mut out);
+                })
+            }
+            ProxyCommand::Show { name } => self.show_variable(name).await.map(|value| {
+                let field = FieldDescription::new(format!("lagprobe.{name}"), 0, 0, 25, -1, -1, 0);
+                wire::put(&RowDescription::new(vec![field]), &mut out);
+                let mut row = BytesMut::new();
+                row.extend_from_slice(&(value.len() as i32).to_be_bytes());
+                row.extend_from_slice(value.as_bytes());
+                wire::put(&DataRow::new(row, 1), &mut out);
+                wire::put(&CommandComplete::new("SHOW".to_owned()), &mut out);
+            }),
+        };
+        if let Err(error) = answered {
+            wire::error_response(false, error.sqlstate(), &error.to_string(), &mut out);
+        }
+        // A strategy change to or from remote-apply applies to the primary connection now.
+        if self.in_transaction.is_none() {
+            self.sync_remote_apply().await?;
+        }
+        wire::ready_for_query(self.status, &mut out);
+        self.client.send(&out).await
+    }
+}
+
+fn primary_lost(error: BackendError) -> ProxyError {
+    ProxyError::PrimaryUnavailable(error.to_string())
+}
+
+/// Statements the proxy runs on a backend for the session's sake (settings replayed on the
+/// replica, remote-apply on the primary), each its own Query so one failure does not undo
+/// the rest; their answers never reach the client.
+async fn run_internal(backend: &mut Backend, statements: &[&str]) -> Result<(), BackendError> {
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    for statement in statements {
+        wire::put(
+            &pgwire::messages::simplequery::Query::new((*statement).to_owned()),
+            &mut out,
+        );
+    }
+    backend.send(&out).await?;
+    let mut remaining = statements.len();
+    while remaining > 0 {
+        let frame = backend.next_frame().await?;
+        match frame.tag {
+            b'Z' => remaining -= 1,
+            b'E' => tracing::debug!(addr = %backend.addr, "a replayed session statement failed"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Relays a backend's answer to the client until the unit's last ReadyForQuery, swallowing
+/// the answers to statements the proxy prepared, and streaming the client's COPY data (or
+/// the rest of a Flush-ended batch) to the same backend meanwhile.
+async fn relay(
+    client: &mut Client,
+    backend: &mut Backend,
+    mut swallow: usize,
+    mut syncs: usize,
+    mut open: bool,
+) -> Result<Relayed, RelayError> {
+    let mut relayed = Relayed::default();
+    let mut out = BytesMut::new();
+    let mut replied = false;
+    let mut copy_in = false;
+    let backend_failed = |error, replied| RelayError::Backend { error, replied };
+    loop {
+        while let Some(frame) = backend
+            .buffered_frame()
+            .map_err(|error| backend_failed(error, replied))?
+        {
+            match frame.tag {
+                b'1' | b'3' if swallow > 0 => {
+                    swallow -= 1;
+                    continue;
+                }
+                b'E' => {
+                    swallow = 0;
+                    relayed.errored = true;
+                }
+                b'G' => copy_in = true,
+                b'W' => {
+                    return Err(RelayError::Session(ProxyError::Unsupported(
+                        "COPY BOTH (replication) is not supported by the proxy".into(),
+                    )));
+                }
+                b'C' => relayed.last_tag = command_tag(&frame),
+                b'Z' => {
+                    relayed.status = frame.body().first().copied().and_then(TxStatus::from_byte);
+                    syncs = syncs.saturating_sub(1);
+                }
+                _ => {}
+            }
+            out.extend_from_slice(&frame.bytes);
+            if frame.tag == b'Z' && syncs == 0 && !open {
+                client.send(&out).await?;
+                return Ok(relayed);
+            }
+        }
+        if !out.is_empty() {
+            client.send(&out).await?;
+            replied = true;
+            out.clear();
+        }
+        let from_client = copy_in || open;
+        let client_sent = tokio::select! {
+            received = backend.receive() => {
+                received.map_err(|error| backend_failed(error, replied))?;
+                false
+            }
+            filled = client.fill(), if from_client => {
+                filled?;
+                true
+            }
+        };
+        if client_sent {
+            stream_client(
+                client,
+                backend,
+                &mut copy_in,
+                &mut open,
+                &mut syncs,
+                replied,
+            )
+            .await?;
+        }
+    }
+}
+
+/// Forwards the client's buffered messages during a COPY FROM STDIN or an open batch, up
+/// to the message that ends it.
+async fn stream_client(
+    client: &mut Client,
+    backend: &mut Backend,
+    copy_in: &mut bool,
+    open: &mut bool,
+    syncs: &mut usize,
+    replied: bool,
+) -> Result<(), RelayError> {
+    let mut out = BytesMut::new();
+    while *copy_in || *open {
+        let Some(frame) = client.buffered_frame()? else {
+            break;
+        };
+        if frame.tag == b'X' {
+            return Err(RelayError::Session(ProxyError::ClientGone));
+        }
+        match frame.tag {
+            b'c' | b'f' => *copy_in = false,
+            b'S' if *open => {
+                *open = false;
+                *syncs += 1;
+            }
+            _ => {}
+        }
+        out.extend_from_slice(&frame.bytes);
+    }
+    backend
+        .send(&out)
+        .await
+        .map_err(|error| RelayError::Backend { error, replied })
+}
+
+/// A CommandComplete's tag (`INSERT 0 1`, `COMMIT`, `ROLLBACK`).
+fn command_tag(frame: &Frame) -> Option<String> {
+    wire::Reader::new(frame.body(), "CommandComplete")
+        .cstr()
+        .ok()
+        .map(str::to_owned)
+}

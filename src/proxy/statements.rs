@@ -1,0 +1,171 @@
+//! Named prepared statements across two backends, transparently: the client prepares a
+//! statement once, and whichever backend executes it gets it prepared first.
+//!
+//! The proxy remembers each statement's Parse message and which version of it each backend
+//! has. Before a batch runs on a backend, the statements it uses that the backend lacks (or
+//! has in an older version) are prepared there: a Close then a Parse at the front of the
+//! batch, whose CloseComplete and ParseComplete the proxy swallows. Close of a statement
+//! that does not exist is not an error, so an uncertain state (after a failed batch) is
+//! repaired the same way.
+
+use std::{collections::HashMap, sync::Arc};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{Target, classify::Classified};
+
+/// How one message of a batch uses a prepared statement (owned, so a batch can be planned
+/// again for another backend).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatementUse {
+    /// A Parse, with the version [`Statements::define`] gave it.
+    Parse {
+        name: String,
+        version: u64,
+    },
+    /// A Bind, or a Describe of the statement.
+    Use {
+        name: String,
+    },
+    Close {
+        name: String,
+    },
+}
+
+/// A statement as the client last prepared it.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub parse: Bytes,
+    pub classified: Arc<Classified>,
+    version: u64,
+}
+
+/// A backend holds a statement of this version; `UNKNOWN` after a failed batch.
+const UNKNOWN: u64 = u64::MAX;
+
+#[derive(Debug, Default)]
+pub struct Statements {
+    defined: HashMap<String, Statement>,
+    /// Per backend ([`Target::index`]): statement name -> version prepared there.
+    prepared: [HashMap<String, u64>; 2],
+    next_version: u64,
+}
+
+/// What to send ahead of a batch on one backend.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub prefix: BytesMut,
+    /// Responses to the prefix (CloseComplete, ParseComplete) to swallow.
+    pub injected: usize,
+    /// Statement names the batch touched on that backend (uncertain if the batch fails).
+    pub touched: Vec<String>,
+}
+
+fn close_statement(name: &str, out: &mut BytesMut) {
+    out.put_u8(b'C');
+    out.put_i32(4 + 1 + name.len() as i32 + 1);
+    out.put_u8(b'S');
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+impl Statements {
+    /// The classification of statement `name` as the client defined it.
+    pub fn get(&self, name: &str) -> Option<&Statement> {
+        self.defined.get(name)
+    }
+
+    /// Records a Parse the client sent (before the batch is planned).
+    pub fn define(&mut self, name: &str, parse: Bytes, classified: Arc<Classified>) -> u64 {
+        self.next_version += 1;
+        let version = self.next_version;
+        self.defined.insert(
+            name.to_owned(),
+            Statement {
+                parse,
+                classified,
+                version,
+            },
+        );
+        version
+    }
+
+    /// Plans a batch's statement uses for backend `target`, updating what that backend
+    /// will hold. The batch's own Parse messages were recorded with [`Statements::define`]
+    /// as the batch was read.
+    pub fn plan(&mut self, uses: &[StatementUse], target: Target) -> Plan {
+        let mut plan = Plan::default();
+        let prepared = &mut self.prepared[target.index()];
+        for usage in uses {
+            let first_use = |name: &str, plan: &Plan| !plan.touched.iter().any(|seen| seen == name);
+            match usage {
+                StatementUse::Parse { name, version } => {
+                    if first_use(name, &plan) && prepared.contains_key(name) {
+                        close_statement(name, &mut plan.prefix);
+                        plan.injected += 1;
+                    }
+                    prepared.insert(name.clone(), *version);
+                    plan.touched.push(name.clone());
+                }
+                StatementUse::Use { name } => {
+                    if !first_use(name, &plan) {
+                        continue;
+                    }
+                    plan.touched.push(name.clone());
+                    let Some(defined) = self.defined.get(name) else {
+                        continue;
+                    };
+                    match prepared.get(name) {
+                        Some(&held) if held == defined.version => {}
+                        held => {
+                            if held.is_some() {
+                                close_statement(name, &mut plan.prefix);
+                                plan.injected += 1;
+                            }
+                            plan.prefix.extend_from_slice(&defined.parse);
+                            plan.injected += 1;
+                            prepared.insert(name.clone(), defined.version);
+                        }
+                    }
+                }
+                StatementUse::Close { name } => {
+                    plan.touched.push(name.clone());
+                    prepared.remove(name);
+                }
+            }
+        }
+        plan
+    }
+
+    /// The client closed statement `name`: forget its text (backends that still hold it
+    /// get a Close before any new Parse of the name).
+    pub fn closed(&mut self, name: &str) {
+        self.defined.remove(name);
+    }
+
+    /// A batch on `target` failed: what it touched there is uncertain now.
+    pub fn uncertain(&mut self, target: Target, names: &[String]) {
+        for name in names {
+            if let Some(version) = self.prepared[target.index()].get_mut(name) {
+                *version = UNKNOWN;
+            }
+        }
+    }
+
+    /// DEALLOCATE `name` ran on the primary.
+    pub fn deallocated(&mut self, name: &str) {
+        self.defined.remove(name);
+        self.prepared[Target::Primary.index()].remove(name);
+    }
+
+    /// DISCARD ALL or DEALLOCATE ALL ran on the primary.
+    pub fn deallocated_all(&mut self) {
+        self.defined.clear();
+        self.prepared[Target::Primary.index()].clear();
+    }
+
+    /// A new connection to `target` holds nothing.
+    pub fn reconnected(&mut self, target: Target) {
+        self.prepared[target.index()].clear();
+    }
+}

@@ -1,0 +1,204 @@
+//! Shared position queries, so that waiting costs the databases the same whether one
+//! session waits or a thousand: one replay watcher per replica (one position query per poll
+//! interval for every waiting session, and none while nobody waits), and one primary
+//! position fetcher for the `global` strategy.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
+
+use crate::{db::Databases, lsn::Lsn};
+
+/// Counts a waiter while it lives and wakes the poller when it arrives.
+struct Demand<'a> {
+    count: &'a AtomicUsize,
+}
+
+impl<'a> Demand<'a> {
+    fn new(count: &'a AtomicUsize, wake: &Notify) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        wake.notify_one();
+        Demand { count }
+    }
+}
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits in a poll loop until `demand` is non-zero.
+async fn until_wanted(demand: &AtomicUsize, wake: &Notify) {
+    loop {
+        let notified = wake.notified();
+        if demand.load(Ordering::SeqCst) > 0 {
+            return;
+        }
+        notified.await;
+    }
+}
+
+struct WatcherState {
+    /// The latest replay position seen, and a count of completed polls.
+    position: watch::Sender<(u64, Option<Lsn>)>,
+    demand: AtomicUsize,
+    wake: Notify,
+}
+
+/// One replica's replay position, polled while anyone waits on it. Replay positions only
+/// grow, so any position seen is evidence: a session whose token is at or below it may read
+/// the replica without asking again.
+pub struct ReplayWatcher {
+    state: Arc<WatcherState>,
+    task: JoinHandle<()>,
+}
+
+impl ReplayWatcher {
+    /// Watches `databases.replicas()[index]`, polling every `poll_interval` while wanted.
+    pub fn spawn(databases: Databases, index: usize, poll_interval: Duration) -> Self {
+        let state = Arc::new(WatcherState {
+            position: watch::channel((0, None)).0,
+            demand: AtomicUsize::new(0),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(poll_replay(
+            Arc::clone(&state),
+            databases,
+            index,
+            poll_interval,
+        ));
+        ReplayWatcher { state, task }
+    }
+
+    /// The latest position seen, without waiting.
+    pub fn latest(&self) -> Option<Lsn> {
+        self.state.position.borrow().1
+    }
+
+    /// Waits until the replica has replayed `min_lsn`, at most `timeout`; whether it did.
+    pub async fn wait_for(&self, min_lsn: Lsn, timeout: Duration) -> bool {
+        if self.latest().is_some_and(|replayed| replayed >= min_lsn) {
+            return true;
+        }
+        let _demand = Demand::new(&self.state.demand, &self.state.wake);
+        let mut receiver = self.state.position.subscribe();
+        let reached = receiver.wait_for(|(_, replayed)| replayed.is_some_and(|lsn| lsn >= min_lsn));
+        matches!(tokio::time::timeout(timeout, reached).await, Ok(Ok(_)))
+    }
+
+    /// The position after one more poll (at most `timeout`), for a decision that cannot
+    /// wait longer (lsn-route).
+    pub async fn fresh(&self, timeout: Duration) -> Option<Lsn> {
+        let _demand = Demand::new(&self.state.demand, &self.state.wake);
+        let mut receiver = self.state.position.subscribe();
+        let polls = receiver.borrow_and_update().0;
+        let next = receiver.wait_for(|(count, _)| *count > polls);
+        let _ = tokio::time::timeout(timeout, next).await;
+        self.latest()
+    }
+}
+
+impl Drop for ReplayWatcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn poll_replay(
+    state: Arc<WatcherState>,
+    databases: Databases,
+    index: usize,
+    poll_interval: Duration,
+) {
+    loop {
+        until_wanted(&state.demand, &state.wake).await;
+        let Some(replica) = databases.replicas().get(index).cloned() else {
+            tokio::time::sleep(poll_interval).await;
+            continue;
+        };
+        match databases.replay_lsn(&replica).await {
+            Ok(replayed) => state.position.send_modify(|(count, position)| {
+                *count += 1;
+                // A restarted replica may report less for a moment; keep the evidence.
+                *position = (*position).max(replayed);
+            }),
+            Err(error) => {
+                tracing::debug!(replica = %replica.name, %error, "replay position");
+                state.position.send_modify(|(count, _)| *count += 1);
+            }
+        }
+        tokio::time::sleep(poll_interval).await;
+    }
+}
+
+struct FetcherState {
+    /// The last position fetched and when its query was sent.
+    fetched: watch::Sender<Option<(Instant, Lsn)>>,
+    demand: AtomicUsize,
+    wake: Notify,
+}
+
+/// The primary's current WAL position for `global` reads. One query at a time serves every
+/// read that started before it was sent. A read never uses a query already in flight when
+/// it started: that query may have run before a commit the reader was told about, so the
+/// reader waits for the next one, which starts as soon as the current one returns.
+pub struct PrimaryPosition {
+    state: Arc<FetcherState>,
+    task: JoinHandle<()>,
+}
+
+impl PrimaryPosition {
+    pub fn spawn(databases: Databases) -> Self {
+        let state = Arc::new(FetcherState {
+            fetched: watch::channel(None).0,
+            demand: AtomicUsize::new(0),
+            wake: Notify::new(),
+        });
+        let task = tokio::spawn(fetch_primary(Arc::clone(&state), databases));
+        PrimaryPosition { state, task }
+    }
+
+    /// A position taken after `started`; `None` if none came within `timeout`.
+    pub async fn after(&self, started: Instant, timeout: Duration) -> Option<Lsn> {
+        let _demand = Demand::new(&self.state.demand, &self.state.wake);
+        let mut receiver = self.state.fetched.subscribe();
+        let fresh = receiver.wait_for(|fetched| fetched.is_some_and(|(sent, _)| sent >= started));
+        match tokio::time::timeout(timeout, fresh).await {
+            Ok(Ok(fetched)) => fetched.map(|(_, lsn)| lsn),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for PrimaryPosition {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fetch_primary(state: Arc<FetcherState>, databases: Databases) {
+    loop {
+        until_wanted(&state.demand, &state.wake).await;
+        let sent = Instant::now();
+        match databases.primary_insert_lsn().await {
+            Ok(lsn) => {
+                state.fetched.send_replace(Some((sent, lsn)));
+            }
+            Err(error) => {
+                tracing::debug!(%error, "primary position");
+                // Do not spin on an outage: waiters time out and read the primary.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

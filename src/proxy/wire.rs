@@ -1,0 +1,327 @@
+//! The wire protocol at the proxy's edges: framing, the few client messages the proxy reads
+//! into, and the messages it writes itself.
+//!
+//! Messages pass through as raw frames (type byte, length, body): the proxy forwards bytes
+//! and looks inside only the messages that route a query (Query, Parse, Bind, Describe,
+//! Close) and the backend's ReadyForQuery. Reading those few fields is done here with
+//! bounds checks, because a client's bytes are untrusted and pgwire's decoders assume a
+//! well-formed buffer (they index past a short message). Messages the proxy sends to
+//! clients are encoded with pgwire.
+
+use bytes::{Buf, Bytes, BytesMut};
+use pgwire::messages::{
+    Message,
+    response::{ErrorResponse, ReadyForQuery, TransactionStatus},
+};
+
+/// Protocol codes in the first packet, in place of a version.
+pub const SSL_REQUEST_CODE: i32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// Protocol 3.0: major 3 in the high 16 bits.
+pub const PROTOCOL_3: i32 = 3 << 16;
+/// The largest first packet PostgreSQL accepts (its MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_STARTUP_PACKET_BYTES: usize = 10_000;
+
+/// Why bytes are not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("invalid message length {length} (at most {limit} bytes are accepted)")]
+    Length { length: i64, limit: usize },
+    #[error("malformed {what} message")]
+    Malformed { what: &'static str },
+}
+
+/// One message as it came: the type byte and the whole frame (header included), ready to be
+/// forwarded unchanged.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub tag: u8,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// The body, after the type byte and length.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+}
+
+/// Takes the next complete tagged frame off the front of `buffer`, if there is one.
+/// Lengths below 4 or above `max_bytes` are errors: the proxy never waits for (or
+/// allocates) a 2 GB message.
+pub fn split_frame(buffer: &mut BytesMut, max_bytes: usize) -> Result<Option<Frame>, WireError> {
+    if buffer.len() < 5 {
+        return Ok(None);
+    }
+    let length = i32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]);
+    let valid = usize::try_from(length)
+        .ok()
+        .filter(|length| (4..=max_bytes).contains(length));
+    let Some(length) = valid else {
+        return Err(WireError::Length {
+            length: i64::from(length),
+            limit: max_bytes,
+        });
+    };
+    if buffer.len() < 1 + length {
+        buffer.reserve(1 + length - buffer.len());
+        return Ok(None);
+    }
+    let bytes = buffer.split_to(1 + length).freeze();
+    Ok(Some(Frame {
+        tag: bytes[0],
+        bytes,
+    }))
+}
+
+/// The length of an untagged first packet (startup, SSL, cancel) from its 4 length bytes.
+pub fn startup_length(header: [u8; 4]) -> Result<usize, WireError> {
+    let length = i32::from_be_bytes(header);
+    usize::try_from(length)
+        .ok()
+        .filter(|length| (8..=MAX_STARTUP_PACKET_BYTES).contains(length))
+        .ok_or(WireError::Length {
+            length: i64::from(length),
+            limit: MAX_STARTUP_PACKET_BYTES,
+        })
+}
+
+/// A bounds-checked reader over a message body.
+pub struct Reader<'a> {
+    rest: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(body: &'a [u8], what: &'static str) -> Self {
+        Reader { rest: body, what }
+    }
+
+    fn malformed(&self) -> WireError {
+        WireError::Malformed { what: self.what }
+    }
+
+    pub fn u8(&mut self) -> Result<u8, WireError> {
+        let (&first, rest) = self.rest.split_first().ok_or_else(|| self.malformed())?;
+        self.rest = rest;
+        Ok(first)
+    }
+
+    pub fn i32(&mut self) -> Result<i32, WireError> {
+        if self.rest.len() < 4 {
+            return Err(self.malformed());
+        }
+        let (head, rest) = self.rest.split_at(4);
+        self.rest = rest;
+        Ok(i32::from_be_bytes([head[0], head[1], head[2], head[3]]))
+    }
+
+    /// A NUL-terminated string; invalid UTF-8 is malformed (PostgreSQL would refuse it too).
+    pub fn cstr(&mut self) -> Result<&'a str, WireError> {
+        let end = self
+            .rest
+            .iter()
+            .position(|&byte| byte == 0)
+            .ok_or_else(|| self.malformed())?;
+        let text = std::str::from_utf8(&self.rest[..end]).map_err(|_| self.malformed())?;
+        self.rest = &self.rest[end + 1..];
+        Ok(text)
+    }
+}
+
+/// The startup packet's parameters (`user`, `database`, `application_name`, ...).
+pub fn startup_parameters(body: &[u8]) -> Result<Vec<(String, String)>, WireError> {
+    let mut reader = Reader::new(body, "startup");
+    let mut parameters = Vec::new();
+    loop {
+        let name = reader.cstr()?;
+        if name.is_empty() {
+            return Ok(parameters);
+        }
+        parameters.push((name.to_owned(), reader.cstr()?.to_owned()));
+    }
+}
+
+/// What the proxy reads of the client messages that route a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage<'a> {
+    Query {
+        sql: &'a str,
+    },
+    Parse {
+        statement: &'a str,
+        sql: &'a str,
+    },
+    Bind {
+        statement: &'a str,
+    },
+    /// Describe or Close of a prepared statement (`S`) or portal (`P`).
+    Describe {
+        kind: u8,
+        name: &'a str,
+    },
+    Close {
+        kind: u8,
+        name: &'a str,
+    },
+    /// Execute, Sync, Flush, Terminate, copy data, ...: forwarded without a look inside.
+    Other,
+}
+
+/// Reads the routing fields of a client frame.
+pub fn client_message(frame: &Frame) -> Result<ClientMessage<'_>, WireError> {
+    let body = frame.body();
+    Ok(match frame.tag {
+        b'Q' => ClientMessage::Query {
+            sql: Reader::new(body, "Query").cstr()?,
+        },
+        b'P' => {
+            let mut reader = Reader::new(body, "Parse");
+            ClientMessage::Parse {
+                statement: reader.cstr()?,
+                sql: reader.cstr()?,
+            }
+        }
+        b'B' => {
+            let mut reader = Reader::new(body, "Bind");
+            let _portal = reader.cstr()?;
+            ClientMessage::Bind {
+                statement: reader.cstr()?,
+            }
+        }
+        b'D' | b'C' => {
+            let what = if frame.tag == b'D' {
+                "Describe"
+            } else {
+                "Close"
+            };
+            let mut reader = Reader::new(body, what);
+            let kind = reader.u8()?;
+            let name = reader.cstr()?;
+            if !matches!(kind, b'S' | b'P') {
+                return Err(WireError::Malformed { what });
+            }
+            if frame.tag == b'D' {
+                ClientMessage::Describe { kind, name }
+            } else {
+                ClientMessage::Close { kind, name }
+            }
+        }
+        _ => ClientMessage::Other,
+    })
+}
+
+/// A transaction status byte from ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// Encodes a pgwire message onto `out`. Encoding only fails on lengths the proxy never
+/// produces (over pgwire's limits), so a failure is logged and the message dropped.
+pub fn put<M: Message>(message: &M, out: &mut BytesMut) {
+    if let Err(error) = message.encode(out) {
+        tracing::error!(%error, "encoding a proxy message");
+    }
+}
+
+/// An ErrorResponse with severity ERROR (or FATAL before a close), SQLSTATE and message.
+pub fn error_response(fatal: bool, sqlstate: &str, message: &str, out: &mut BytesMut) {
+    let severity = if fatal { "FATAL" } else { "ERROR" };
+    put(
+        &ErrorResponse::new(vec![
+            (b'S', severity.to_owned()),
+            (b'V', severity.to_owned()),
+            (b'C', sqlstate.to_owned()),
+            (b'M', message.to_owned()),
+        ]),
+        out,
+    );
+}
+
+pub fn ready_for_query(status: TxStatus, out: &mut BytesMut) {
+    let status = match status {
+        TxStatus::Idle => TransactionStatus::Idle,
+        TxStatus::InTransaction => TransactionStatus::Transaction,
+        TxStatus::Failed => TransactionStatus::Error,
+    };
+    put(&ReadyForQuery::new(status), out);
+}
+
+/// Reads a 32-bit big-endian integer at the front of an untagged packet body.
+pub fn leading_i32(body: &[u8]) -> Option<i32> {
+    let mut slice = body;
+    (slice.len() >= 4).then(|| slice.get_i32())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> BytesMut {
+        let mut bytes = BytesMut::new();
+        bytes.extend_from_slice(&[tag]);
+        bytes.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    #[test]
+    fn frames_split_when_complete_and_lengths_are_bounded() {
+        let mut buffer = frame(b'Q', b"SELECT 1\0");
+        buffer.extend_from_slice(&frame(b'S', b"")[..3]);
+        let first = split_frame(&mut buffer, 1024).unwrap().unwrap();
+        assert_eq!(first.tag, b'Q');
+        assert_eq!(
+            client_message(&first).unwrap(),
+            ClientMessage::Query { sql: "SELECT 1" }
+        );
+        assert!(split_frame(&mut buffer, 1024).unwrap().is_none());
+        let mut huge = BytesMut::from(&[b'Q', 0x80, 0, 0, 0][..]);
+        assert!(matches!(
+            split_frame(&mut huge, 1024),
+            Err(WireError::Length { .. })
+        ));
+        let mut over = BytesMut::from(&[b'Q', 0, 0, 8, 0][..]);
+        assert!(split_frame(&mut over, 1024).is_err());
+        let mut under = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert!(split_frame(&mut under, 1024).is_err());
+    }
+
+    #[test]
+    fn short_or_unterminated_bodies_are_malformed_not_panics() {
+        for (tag, body) in [
+            (b'Q', &b"no terminator"[..]),
+            (b'P', b"name\0"),
+            (b'B', b""),
+            (b'D', b""),
+            (b'C', b"X\0"),
+            (b'D', b"S"),
+        ] {
+            let mut buffer = frame(tag, body);
+            let frame = split_frame(&mut buffer, 1024).unwrap().unwrap();
+            assert!(client_message(&frame).is_err(), "{}", tag as char);
+        }
+        assert!(startup_parameters(b"user\0postgres").is_err());
+        assert_eq!(
+            startup_parameters(b"user\0postgres\0\0").unwrap(),
+            vec![("user".to_owned(), "postgres".to_owned())]
+        );
+        assert!(startup_length([0x7f, 0xff, 0xff, 0xff]).is_err());
+        assert!(startup_length([0, 0, 0, 4]).is_err());
+    }
+}

@@ -1,0 +1,385 @@
+//! The PostgreSQL-protocol proxy on a real lab, with real clients: psql scripts, pgbench in
+//! every query mode, and sqlx (named prepared statements).
+
+use std::{
+    path::Path,
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use sqlx::{Connection, Row};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    process::Command,
+};
+
+use crate::harness::{TestApp, spawn_app};
+
+const PSQL: &str = "/usr/bin/psql";
+const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
+
+fn require(binary: &str, package: &str) {
+    assert!(
+        Path::new(binary).exists(),
+        "{binary} is missing: install it with `apt-get install {package}`"
+    );
+}
+
+fn proxy_url(app: &TestApp) -> String {
+    let addr = app.app.proxy_addr.expect("the test app runs the proxy");
+    format!("postgres://postgres@{addr}/lagprobe?sslmode=disable&connect_timeout=10")
+}
+
+/// Runs a psql script on one connection; stdout is unaligned, tuples only.
+async fn psql(url: &str, script: &str) -> Output {
+    require(PSQL, "postgresql-client");
+    let mut child = Command::new(PSQL)
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            url,
+            "-f",
+            "-",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql starts");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(script.as_bytes()).await.unwrap();
+    drop(stdin);
+    child.wait_with_output().await.unwrap()
+}
+
+/// The script's output lines; panics with psql's stderr when it failed.
+async fn psql_lines(url: &str, script: &str) -> Vec<String> {
+    let output = psql(url, script).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "psql failed: {stderr}\nscript:\n{script}"
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_replica_and_transactions_and_writes_to_the_primary() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    let lines = psql_lines(
+        &url,
+        "SELECT 'read', pg_is_in_recovery();
+         BEGIN;
+         SELECT 'in transaction', pg_is_in_recovery();
+         CREATE TEMP TABLE scratch (x int);
+         SELECT 'after a write', pg_is_in_recovery();
+         COMMIT;
+         BEGIN READ ONLY;
+         SELECT 'read only', pg_is_in_recovery();
+         SELECT 'still read only', pg_is_in_recovery();
+         COMMIT;
+         CREATE TEMP SEQUENCE counter;
+         SELECT 'nextval', pg_is_in_recovery(), nextval('counter');
+         /* lagprobe:primary */ SELECT 'hinted', pg_is_in_recovery();
+         SET timezone = 'Asia/Tokyo';
+         SELECT 'timezone', current_setting('TimeZone'), pg_is_in_recovery();
+         /* lagprobe:replica */ SHOW timezone;",
+    )
+    .await;
+    assert_eq!(
+        lines,
+        [
+            "read|t",
+            "in transaction|f",
+            "after a write|f",
+            "read only|t",
+            "still read only|t",
+            "nextval|f|1",
+            "hinted|f",
+            "timezone|Asia/Tokyo|t",
+            "Asia/Tokyo",
+        ],
+        "{lines:?}"
+    );
+    app.shutdown().await;
+}
+
+/// Runs pgbench against `url`; its output, asserting success.
+async fn pgbench(url: &str, args: &[&str]) -> String {
+    require(PGBENCH, "postgresql");
+    let output = Command::new(PGBENCH)
+        .args(args)
+        .arg(url)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("pgbench starts");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
+}
+
+/// "tps = N (without initial connection time)" from pgbench's report.
+fn tps(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in {report}"))
+}
+
+fn assert_no_failures(report: &str) {
+    let processed = report
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|number| number.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no transaction count in {report}"));
+    assert!(processed > 0, "{report}");
+    assert!(
+        report.contains("number of failed transactions: 0 "),
+        "{report}"
+    );
+}
+
+/// Waits until the replica has what the primary has now (pgbench's tables after -i).
+async fn until_replica_has(app: &TestApp, table: &str) {
+    let replica = app.replica_urls().remove(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lines = psql_lines(
+            &replica,
+            &format!("SELECT to_regclass('{table}') IS NOT NULL"),
+        )
+        .await;
+        if lines == ["t"] {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{table} never reached the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_the_proxy_in_every_query_mode_without_failures() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    pgbench(&url, &["-i", "-s", "1", "-q"]).await;
+    until_replica_has(&app, "pgbench_branches").await;
+    let direct = app.replica_urls().remove(0);
+    for mode in ["simple", "extended", "prepared"] {
+        let args = ["-S", "-M", mode, "-c", "4", "-j", "2", "-T", "2"];
+        let proxied = pgbench(&url, &args).await;
+        assert_no_failures(&proxied);
+        let straight = pgbench(&direct, &args).await;
+        println!(
+            "pgbench -S -M {mode}: {:.0} tps through the proxy, {:.0} tps direct to the replica",
+            tps(&proxied),
+            tps(&straight)
+        );
+    }
+    let tpcb = pgbench(&url, &["-c", "4", "-j", "2", "-T", "2"]).await;
+    assert_no_failures(&tpcb);
+    println!("pgbench TPC-B: {:.0} tps through the proxy", tps(&tpcb));
+    let counts = app.app.proxy().unwrap().counts();
+    assert!(counts.replica_reads > 100, "{counts:?}");
+    assert!(counts.writes > 100, "{counts:?}");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_prepared_statement_runs_on_both_backends() {
+    let app = spawn_app(0).await;
+    let mut connection = sqlx::PgConnection::connect(&proxy_url(&app)).await.unwrap();
+    let query = "SELECT pg_is_in_recovery(), current_setting('application_name')";
+    // sqlx prepares each statement once under a name and reuses it.
+    let outside: bool = sqlx::query(query)
+        .fetch_one(&mut connection)
+        .await
+        .unwrap()
+        .get(0);
+    let mut transaction = connection.begin().await.unwrap();
+    sqlx::query("CREATE TEMP TABLE t (x int)")
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    let inside: bool = sqlx::query(query)
+        .fetch_one(&mut *transaction)
+        .await
+        .unwrap()
+        .get(0);
+    transaction.commit().await.unwrap();
+    let again: bool = sqlx::query(query)
+        .fetch_one(&mut connection)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((outside, inside, again), (true, false, true));
+    connection.close().await.unwrap();
+    app.shutdown().await;
+}
+
+/// Whether the proxy still answers a query.
+async fn still_serves(url: &str) {
+    assert_eq!(psql_lines(url, "SELECT 40 + 2").await, ["42"]);
+}
+
+/// Sends raw bytes to the proxy and returns what it answered before closing.
+async fn raw_exchange(app: &TestApp, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(app.app.proxy_addr.unwrap())
+        .await
+        .unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    read.await.expect("the proxy closes the connection").ok();
+    answer
+}
+
+/// A startup packet for the lab's database, then `after`.
+fn startup_then(after: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(3i32 << 16).to_be_bytes());
+    for part in ["user", "postgres", "database", "lagprobe", ""] {
+        body.extend_from_slice(part.as_bytes());
+        body.push(0);
+    }
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet.extend_from_slice(after);
+    packet
+}
+
+fn has_sqlstate(answer: &[u8], sqlstate: &str) -> bool {
+    let needle = format!("C{sqlstate}\0");
+    answer
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_protocol_gets_08p01_and_the_proxy_keeps_serving_everyone_else() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    let garbage = raw_exchange(&app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(has_sqlstate(&garbage, "08P01"), "{garbage:?}");
+    // A Query claiming 2 GB: refused at once, nothing allocated or awaited.
+    let huge = raw_exchange(&app, &startup_then(&[b'Q', 0x7f, 0xff, 0xff, 0xff])).await;
+    assert!(has_sqlstate(&huge, "08P01"), "{huge:?}");
+    let malformed = raw_exchange(&app, &startup_then(&[b'P', 0, 0, 0, 6, b'x', 0])).await;
+    assert!(has_sqlstate(&malformed, "08P01"), "{malformed:?}");
+    let replication = {
+        let mut body = (3i32 << 16).to_be_bytes().to_vec();
+        for part in ["user", "postgres", "replication", "true", ""] {
+            body.extend_from_slice(part.as_bytes());
+            body.push(0);
+        }
+        let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        raw_exchange(&app, &packet).await
+    };
+    assert!(has_sqlstate(&replication, "0A000"), "{replication:?}");
+    // An SSLRequest is declined with 'N', and the session goes on in plain text.
+    let mut ssl = vec![0, 0, 0, 8];
+    ssl.extend_from_slice(&80_877_103i32.to_be_bytes());
+    ssl.extend_from_slice(&startup_then(b"X\0\0\0\x04"));
+    assert_eq!(raw_exchange(&app, &ssl).await.first(), Some(&b'N'));
+
+    // A client that leaves in the middle of a query.
+    let mut leaving = Command::new(PSQL)
+        .args(["-X", "-c", "SELECT pg_sleep(30)", &url])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    leaving.kill().await.unwrap();
+    still_serves(&url).await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_the_backend_running_the_query() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    let started = Instant::now();
+    let child = Command::new(PSQL)
+        .args(["-X", "-c", "SELECT pg_sleep(30)", &url])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id().unwrap() as i32;
+    // psql sends a CancelRequest with the key the proxy gave it on SIGINT.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let output = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_down_sends_reads_to_the_primary_and_primary_down_is_08006() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    assert_eq!(psql_lines(&url, "SELECT pg_is_in_recovery()").await, ["t"]);
+    let (status, body) = app
+        .post_json(
+            "/api/lab/servers/replica1/stop",
+            serde_json::json!({"mode": "immediate"}),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    // A session that had a replica connection and a new one both read the primary.
+    assert_eq!(
+        psql_lines(
+            &url,
+            "SELECT pg_is_in_recovery(); SELECT pg_is_in_recovery()"
+        )
+        .await,
+        ["f", "f"]
+    );
+    assert!(app.app.proxy().unwrap().counts().fallbacks >= 1);
+
+    let (status, body) = app
+        .post_json(
+            "/api/lab/servers/primary/stop",
+            serde_json::json!({"mode": "immediate"}),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    let error = sqlx::PgConnection::connect(&url).await.unwrap_err();
+    let database = error.as_database_error().expect("an ErrorResponse");
+    assert_eq!(database.code().as_deref(), Some("08006"), "{error}");
+    assert!(
+        database.message().contains("primary unavailable"),
+        "{error}"
+    );
+    app.shutdown().await;
+}
