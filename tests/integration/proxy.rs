@@ -383,3 +383,93 @@ async fn replica_down_sends_reads_to_the_primary_and_primary_down_is_08006() {
     );
     app.shutdown().await;
 }
+
+/// `INSERT` then an immediate read of the same row on one connection with `strategy`:
+/// what the read saw (`count|in_recovery`).
+async fn write_then_read(url: &str, strategy: &str, id: u32) -> String {
+    let lines = psql_lines(
+        url,
+        &format!(
+            "SET lagprobe.strategy = '{strategy}';
+             INSERT INTO items VALUES ({id});
+             SELECT count(*), pg_is_in_recovery() FROM items WHERE id = {id};"
+        ),
+    )
+    .await;
+    lines.join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_1000_ms_only_the_replica_strategy_reads_its_own_write_stale() {
+    let app = spawn_app(1000).await;
+    let url = proxy_url(&app);
+    psql_lines(&url, "CREATE TABLE items (id int PRIMARY KEY)").await;
+    until_replica_has(&app, "items").await;
+
+    assert_eq!(write_then_read(&url, "replica", 1).await, "0|t", "stale");
+    assert_eq!(write_then_read(&url, "lsn-wait", 2).await, "1|t", "waited");
+    assert_eq!(write_then_read(&url, "lsn-route", 3).await, "1|f", "routed");
+    assert_eq!(write_then_read(&url, "global", 4).await, "1|t", "global");
+    assert_eq!(
+        write_then_read(&url, "pin-window", 5).await,
+        "1|f",
+        "pinned"
+    );
+    assert_eq!(write_then_read(&url, "primary", 6).await, "1|f", "primary");
+    let counts = app.app.proxy().unwrap().counts();
+    assert!(counts.waits >= 2, "{counts:?}");
+
+    // global: a write on one connection, a read on another.
+    psql_lines(&url, "INSERT INTO items VALUES (7)").await;
+    let other = psql_lines(
+        &url,
+        "SET lagprobe.strategy = 'global';
+         SELECT count(*), pg_is_in_recovery() FROM items WHERE id = 7;",
+    )
+    .await;
+    assert_eq!(other, ["1|t"]);
+
+    // The token carried to another connection, as an app carries it between requests.
+    let token = psql_lines(
+        &url,
+        "INSERT INTO items VALUES (8); SHOW lagprobe.last_commit_lsn;",
+    )
+    .await;
+    assert_eq!(token.len(), 1, "{token:?}");
+    token[0].parse::<lagprobe::Lsn>().expect("an LSN");
+    let carried = psql_lines(
+        &url,
+        &format!(
+            "SET lagprobe.strategy = 'lsn-wait';
+             SET lagprobe.min_lsn = '{}';
+             SELECT count(*), pg_is_in_recovery() FROM items WHERE id = 8;
+             SHOW lagprobe.strategy;",
+            token[0]
+        ),
+    )
+    .await;
+    assert_eq!(carried, ["1|t", "lsn-wait"]);
+
+    let refused = psql(&url, "SET lagprobe.strategy = 'sometimes';").await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("global"),
+        "{stderr}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_apply_makes_the_commit_wait_so_the_replica_read_is_fresh() {
+    let app = crate::harness::spawn_app_with(lagprobe::settings::LabSettings {
+        sync_replica: true,
+        ..lagprobe::settings::LabSettings::with_delay(Duration::from_millis(300))
+    })
+    .await;
+    let url = proxy_url(&app);
+    psql_lines(&url, "CREATE TABLE items (id int PRIMARY KEY)").await;
+    until_replica_has(&app, "items").await;
+    assert_eq!(write_then_read(&url, "remote-apply", 1).await, "1|t");
+    assert_eq!(write_then_read(&url, "replica", 2).await, "0|t");
+    app.shutdown().await;
+}
