@@ -13,7 +13,9 @@ use crate::{
     lab::Lab,
     proxy::{self, Backends, ProxyHandle},
     service::Service,
-    settings::{DatabaseSettings, LabSettings, PoolSettings, Settings},
+    settings::{
+        DatabaseSettings, LabSettings, PoolSettings, ProxySettings, Settings, StrategyDefaults,
+    },
 };
 
 /// A running lagprobe: the lab (if it started one), the service and its servers. Stop it
@@ -122,6 +124,61 @@ async fn connect(settings: &Settings) -> Result<(Option<Arc<Lab>>, Service)> {
     }
 }
 
+/// `lagprobe proxy`: the proxy alone, in front of databases someone else runs. Stop it with
+/// [`ProxyApp::shutdown`].
+#[derive(Debug)]
+pub struct ProxyApp {
+    pub addr: SocketAddr,
+    handle: ProxyHandle,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<()>>,
+}
+
+/// Validates the proxy settings, binds, and serves on `primary_url` and `replica_urls`.
+pub async fn build_proxy(
+    primary_url: &str,
+    replica_urls: &[String],
+    pool: &PoolSettings,
+    defaults: StrategyDefaults,
+    proxy: &ProxySettings,
+) -> Result<ProxyApp> {
+    proxy.validate()?;
+    let Some(addr) = proxy.addr else {
+        return Err(Error::invalid("listen", "the proxy needs an address"));
+    };
+    let listener = bind(addr, "listen").await?;
+    let addr = local_addr(&listener, "proxy")?;
+    let backends = Backends::from_urls(primary_url, replica_urls)
+        .map_err(|reason| Error::invalid("proxy_backends", reason))?;
+    let databases = Databases::connect_lazy(primary_url, &db::name_replicas(replica_urls), pool)?;
+    let handle = proxy::handle(proxy, defaults, backends, databases);
+    let (stop, mut stopped) = watch::channel(false);
+    let until_stopped = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let task = tokio::spawn(proxy::serve(listener, handle.clone(), until_stopped));
+    tracing::info!(%addr, "proxy serving");
+    Ok(ProxyApp {
+        addr,
+        handle,
+        stop,
+        task,
+    })
+}
+
+impl ProxyApp {
+    /// A psql connection string for the proxy.
+    pub fn psql_url(&self) -> String {
+        self.handle.psql_url(self.addr)
+    }
+
+    /// Stops accepting clients.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
 /// The proxy's backends: the lab's servers, or the URLs the settings name.
 fn proxy_backends(settings: &Settings, lab: Option<&Lab>) -> Result<Backends> {
     let (primary_url, replica_urls) = match (&settings.databases, lab) {
@@ -181,6 +238,12 @@ impl App {
     /// The proxy, when it runs.
     pub fn proxy(&self) -> Option<&ProxyHandle> {
         self.proxy.as_ref().map(|(handle, _)| handle)
+    }
+
+    /// A psql connection string for the proxy, when it runs.
+    pub fn proxy_psql_url(&self) -> Option<String> {
+        let handle = self.proxy()?;
+        Some(handle.psql_url(self.proxy_addr?))
     }
 
     /// The lab, when this app started one.

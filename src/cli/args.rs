@@ -134,6 +134,84 @@ impl ProxyArgs {
     }
 }
 
+/// `lagprobe proxy`: the proxy alone.
+#[derive(Debug, Clone, Args)]
+pub struct ProxyCommandArgs {
+    /// Where clients connect.
+    #[arg(long, env = "LAGPROBE_PROXY_LISTEN", default_value = settings::PROXY_ADDR)]
+    pub listen: SocketAddr,
+
+    /// The primary: writes, transactions and session commands go here (postgres:// URL).
+    #[arg(long, env = "LAGPROBE_PROXY_PRIMARY_URL", hide_env_values = true)]
+    pub primary_url: String,
+
+    /// A replica: reads go here. Repeat the flag (or separate URLs with commas in the
+    /// variable) for several; sessions use them in turn.
+    #[arg(
+        long,
+        env = "LAGPROBE_PROXY_REPLICA_URL",
+        hide_env_values = true,
+        value_delimiter = ',',
+        required = true
+    )]
+    pub replica_url: Vec<String>,
+
+    /// Sessions' default strategy: replica, primary, pin-window, lsn-wait, lsn-route,
+    /// remote-apply or global.
+    #[arg(long, env = "LAGPROBE_PROXY_STRATEGY", default_value = "replica", value_parser = parse_proxy_strategy)]
+    pub strategy: ProxyStrategy,
+
+    /// pin-window: reads stay on the primary this long after a session's write (ms).
+    #[arg(long, env = "LAGPROBE_PROXY_PIN_WINDOW_MS", default_value_t = settings::PIN_WINDOW_MS.default, value_parser = within(&settings::PIN_WINDOW_MS))]
+    pub pin_window_ms: u64,
+
+    /// lsn-wait and global: wait this long for the replica before reading the primary (ms).
+    #[arg(long, env = "LAGPROBE_PROXY_LSN_WAIT_TIMEOUT_MS", default_value_t = settings::LSN_WAIT_TIMEOUT_MS.default, value_parser = within(&settings::LSN_WAIT_TIMEOUT_MS))]
+    pub lsn_wait_timeout_ms: u64,
+
+    /// The password clients must give; required to listen on a non-loopback address.
+    #[arg(long, env = "LAGPROBE_PROXY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// Longest message accepted from a client or a server (bytes).
+    #[arg(long, env = "LAGPROBE_PROXY_MAX_MESSAGE_BYTES", default_value_t = settings::PROXY_MAX_MESSAGE_BYTES.default, value_parser = within(&settings::PROXY_MAX_MESSAGE_BYTES))]
+    pub max_message_bytes: u64,
+
+    /// How long to wait for a backend to accept and authenticate a connection (ms).
+    #[arg(long, env = "LAGPROBE_PROXY_CONNECT_TIMEOUT_MS", default_value_t = settings::PROXY_CONNECT_TIMEOUT_MS.default, value_parser = within(&settings::PROXY_CONNECT_TIMEOUT_MS))]
+    pub connect_timeout_ms: u64,
+
+    /// The shared replay watcher's poll interval while sessions wait (ms).
+    #[arg(long, env = "LAGPROBE_PROXY_POLL_INTERVAL_MS", default_value_t = settings::PROXY_POLL_INTERVAL_MS.default, value_parser = within(&settings::PROXY_POLL_INTERVAL_MS))]
+    pub poll_interval_ms: u64,
+
+    #[command(flatten)]
+    pub pool: PoolArgs,
+}
+
+impl ProxyCommandArgs {
+    pub fn settings(&self) -> ProxySettings {
+        ProxySettings {
+            addr: Some(self.listen),
+            strategy: self.strategy,
+            password: self.password.clone().map(Secret),
+            // In range by the flags' parsers.
+            max_message_bytes: self.max_message_bytes as usize,
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            ..ProxySettings::default()
+        }
+    }
+
+    pub fn defaults(&self) -> StrategyDefaults {
+        StrategyDefaults {
+            pin_window: Duration::from_millis(self.pin_window_ms),
+            lsn_wait_timeout: Duration::from_millis(self.lsn_wait_timeout_ms),
+            ..StrategyDefaults::default()
+        }
+    }
+}
+
 impl ProxyOptions {
     pub fn settings(&self, addr: Option<SocketAddr>) -> ProxySettings {
         ProxySettings {

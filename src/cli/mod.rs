@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use args::{
-    DatabaseArgs, DelayLinkArgs, LabArgs, LogFormat, PoolArgs, RunArgs, RunKind, ServiceArgs,
-    StrategyArgs,
+    DatabaseArgs, DelayLinkArgs, LabArgs, LogFormat, PoolArgs, ProxyCommandArgs, RunArgs, RunKind,
+    ServiceArgs, StrategyArgs,
 };
 use clap::{Parser, Subcommand};
 use lagprobe::{
@@ -74,6 +74,12 @@ enum Command {
         #[command(flatten)]
         strategy: StrategyArgs,
     },
+    /// A PostgreSQL-protocol proxy: reads to a replica, everything else to the primary, with
+    /// a read-your-writes strategy.
+    Proxy {
+        #[command(flatten)]
+        proxy: ProxyCommandArgs,
+    },
     /// Relay TCP connections to an upstream, holding upstream-to-client bytes for a delay.
     DelayLink {
         #[command(flatten)]
@@ -129,6 +135,7 @@ pub async fn main() -> anyhow::Result<()> {
             pool,
             strategy,
         } => run_probes(&databases, &run, &pool, &strategy).await,
+        Command::Proxy { proxy } => run_proxy(&proxy).await,
         Command::DelayLink { link } => delay_link(&link).await,
         Command::Bench {
             lab_starts,
@@ -187,6 +194,12 @@ async fn run_lab(lab_args: &LabArgs, settings: lagprobe::settings::Settings) -> 
 
 fn print_lab_banner(app: &App, lab_args: &LabArgs) {
     let Some(lab) = app.lab() else { return };
+    let proxy = app
+        .proxy_psql_url()
+        .map(|url| {
+            format!("\n  proxy      psql \"{url}\" (reads to the replica, writes to the primary)")
+        })
+        .unwrap_or_default();
     let replicas: String = lab
         .replica_urls()
         .iter()
@@ -198,7 +211,7 @@ fn print_lab_banner(app: &App, lab_args: &LabArgs) {
          \n  test page  http://{}/test/\
          \n  faults     http://{}/api/lab (stop, start, kill, fail over: see the README)\
          \n  gRPC       {} (try: grpcurl -plaintext {} list)\
-         \n  primary    psql \"{}\"{replicas}\
+         \n  primary    psql \"{}\"{replicas}{proxy}\
          \n  data       {}{}\n\nCtrl-C stops everything.",
         lab.startup.as_secs_f64(),
         lab.binaries().version,
@@ -240,6 +253,9 @@ async fn serve(
         "lagprobe serving: http://{}/test/ and gRPC {}",
         app.http_addr, app.grpc_addr
     );
+    if let Some(url) = app.proxy_psql_url() {
+        println!("proxy: psql \"{url}\"");
+    }
     let outcome = tokio::select! {
         () = stop => Ok(()),
         error = app.failed() => Err(anyhow::Error::new(error)),
@@ -284,6 +300,33 @@ async fn run_probes(
             }
         }
     }
+    Ok(())
+}
+
+async fn run_proxy(args: &ProxyCommandArgs) -> anyhow::Result<()> {
+    tracing::info!(
+        primary = %lagprobe::redact_url(&args.primary_url),
+        replicas = ?args.replica_url.iter().map(|url| lagprobe::redact_url(url)).collect::<Vec<_>>(),
+        "proxy in front of external databases"
+    );
+    let stop = stop_requested()?;
+    let proxy = server::build_proxy(
+        &args.primary_url,
+        &args.replica_url,
+        &args.pool.settings(),
+        args.defaults(),
+        &args.settings(),
+    )
+    .await
+    .context("starting the proxy")?;
+    println!(
+        "lagprobe proxy on {} (strategy {}): psql \"{}\"",
+        proxy.addr,
+        args.strategy,
+        proxy.psql_url()
+    );
+    stop.await;
+    proxy.shutdown().await;
     Ok(())
 }
 

@@ -229,6 +229,16 @@ impl ProxyHandle {
     pub fn counts(&self) -> ProxyCounts {
         self.shared.counters.snapshot()
     }
+
+    /// A psql connection string for the proxy at `addr` (the primary URL's user and
+    /// database; no password in it).
+    pub fn psql_url(&self, addr: SocketAddr) -> String {
+        let primary = &self.shared.primary;
+        format!(
+            "postgres://{}@{addr}/{}?sslmode=disable",
+            primary.user, primary.database
+        )
+    }
 }
 
 /// The backends a proxy forwards to, as URLs (replicas in the order of

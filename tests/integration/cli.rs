@@ -101,6 +101,7 @@ fn lab_stops_on_sigterm_with_exit_0_and_leaves_no_postmaster() {
     let banner = read_until(&mut child, "Ctrl-C stops everything");
     assert!(banner.contains("lagprobe lab is up"), "{banner}");
     assert!(banner.contains("1000 ms delay"), "{banner}");
+    assert!(banner.contains("proxy      psql \"postgres://"), "{banner}");
     let data_dir = banner_field(&banner, "data");
     assert_eq!(postgres_processes_under(&data_dir), 2, "{banner}");
     terminate_and_check_nothing_is_left(&mut child, &data_dir);

@@ -473,3 +473,44 @@ async fn remote_apply_makes_the_commit_wait_so_the_replica_read_is_fresh() {
     assert_eq!(write_then_read(&url, "replica", 2).await, "0|t");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagprobe_proxy_serves_a_lab_and_refuses_a_public_address_without_a_password() {
+    let app = spawn_app(0).await;
+    let replica = app.replica_urls().remove(0);
+    let primary = app.lab().primary_url();
+    let binary = env!("CARGO_BIN_EXE_lagprobe");
+    let refused = Command::new(binary)
+        .args(["proxy", "--listen", "0.0.0.0:0", "--primary-url", &primary])
+        .args(["--replica-url", &replica])
+        .env_remove("LAGPROBE_PROXY_PASSWORD")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("LAGPROBE_PROXY_PASSWORD"), "{stderr}");
+
+    let mut child = Command::new(binary)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--strategy", "lsn-wait"])
+        .env("LAGPROBE_PROXY_PRIMARY_URL", &primary)
+        .env("LAGPROBE_PROXY_REPLICA_URL", &replica)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut banner)
+        .await
+        .unwrap();
+    let url = banner
+        .split('"')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no psql URL in {banner:?}"));
+    assert!(banner.contains("strategy lsn-wait"), "{banner}");
+    let lines = psql_lines(url, "SHOW lagprobe.strategy; SELECT pg_is_in_recovery();").await;
+    assert_eq!(lines, ["lsn-wait", "t"]);
+    child.kill().await.unwrap();
+    app.shutdown().await;
+}
