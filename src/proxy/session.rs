@@ -490,10 +490,15 @@ impl Session {
                     self.client.send(&out).await?;
                 }
                 Event::Replica(received) => {
+                    // An idle replica only has notices to say: drop them all.
                     let frames = match self.replica.as_mut() {
-                        Some(replica) if received.is_ok() => {
-                            replica.backend.buffered_frame().map(|_| ())
-                        }
+                        Some(replica) if received.is_ok() => loop {
+                            match replica.backend.buffered_frame() {
+                                Ok(Some(_)) => continue,
+                                Ok(None) => break Ok(()),
+                                Err(error) => break Err(error),
+                            }
+                        },
                         _ => Ok(()),
                     };
                     if let Err(error) = received.and(frames) {
