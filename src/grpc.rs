@@ -19,9 +19,9 @@ use crate::{
         self, LagMeasures, Percentiles, ProbeResult, ReplicaSummary, RunSummary, ServedBy, Verdict,
     },
     service::{
-        CompareRequest, DelayRequest, FailoverReport, FailoverRequest, ProbeParams, ReadRequest,
-        RunRequest, Schedule, ServerAction, ServerRequest, Service, StrategyParams, WatchRequest,
-        WriteRequest,
+        CompareRequest, DelayRequest, FailoverReport, FailoverRequest, ProbeParams, ProxyReport,
+        QueryCounts, ReadRequest, RunRequest, Schedule, ServerAction, ServerRequest, Service,
+        StrategyParams, WatchRequest, WriteRequest,
     },
     settings::Strategy,
 };
@@ -488,6 +488,15 @@ impl ConsistencyProbe for Transport {
         let report = self.service.failover(&request).await.map_err(status_of)?;
         Ok(Response::new(failover_message(report)))
     }
+
+    async fn proxy_stats(
+        &self,
+        _: Request<pb::ProxyStatsRequest>,
+    ) -> Result<Response<pb::ProxyStatsReport>, Status> {
+        Ok(Response::new(proxy_stats_message(
+            self.service.proxy_report(),
+        )))
+    }
 }
 
 impl Transport {
@@ -566,6 +575,51 @@ fn failover_message(report: FailoverReport) -> pb::FailoverReport {
                 commit_lsn: lsn_text(write.commit_lsn),
             })
             .collect(),
+    }
+}
+
+fn proxy_counts_message(counts: &QueryCounts) -> pb::ProxyQueryCounts {
+    pb::ProxyQueryCounts {
+        reads: counts.reads,
+        replica_reads: counts.replica_reads,
+        primary_reads: counts.primary_reads,
+        reads_at_risk: counts.reads_at_risk,
+        reads_unsure: counts.reads_unsure,
+        reads_replayed: counts.reads_replayed,
+        waits: counts.waits,
+        wait_seconds: counts.wait_seconds,
+        fallbacks: counts.fallbacks,
+    }
+}
+
+fn proxy_stats_message(report: ProxyReport) -> pb::ProxyStatsReport {
+    let totals = report.totals;
+    pb::ProxyStatsReport {
+        running: report.running,
+        totals: Some(pb::ProxyTotals {
+            sessions: totals.sessions,
+            primary_reads: totals.primary_reads,
+            replica_reads: totals.replica_reads,
+            fallbacks: totals.fallbacks,
+            waits: totals.waits,
+            writes: totals.writes,
+        }),
+        queries: report
+            .queries
+            .into_iter()
+            .map(|query| pb::ProxyQuery {
+                counts: Some(proxy_counts_message(&query.counts)),
+                last_at_risk: query.last_at_risk.map(|evidence| pb::ReplayEvidence {
+                    token: evidence.token.to_string(),
+                    watcher_lsn: lsn_text(evidence.watcher_lsn),
+                    watcher_age_ms: evidence.watcher_age_ms,
+                }),
+                fingerprint: query.fingerprint,
+                text: query.text,
+            })
+            .collect(),
+        other: Some(proxy_counts_message(&report.other)),
+        max_queries: report.max_queries as u64,
     }
 }
 

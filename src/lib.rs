@@ -41,4 +41,5 @@ pub use probe::{
     ReadOutcome, ReplicaLag, ReplicaSummary, RunReport, RunSummary, ServedBy, StrategyReport,
     Verdict, VisibilityPoint, WaitMethod, WriteOutcome, markdown_table,
 };
-pub use proxy::{ProxyCounts, ProxyHandle};
+pub use proxy::ProxyHandle;
+pub use service::ProxyCounts;

@@ -12,7 +12,7 @@ use crate::{
     error::{Error, Result},
     lab::Lab,
     proxy::{self, Backends, ProxyHandle},
-    service::Service,
+    service::{ProxyStats, Service},
     settings::{
         DatabaseSettings, LabSettings, PoolSettings, ProxySettings, Settings, StrategyDefaults,
     },
@@ -78,6 +78,7 @@ pub async fn build(settings: Settings) -> Result<App> {
                 settings.defaults,
                 proxy_backends(&settings, lab.as_deref())?,
                 service.engine().databases().clone(),
+                service.proxy_stats().clone(),
             );
             let task = proxy::serve(listener, handle.clone(), until_stopped(stopped));
             Some((handle, tokio::spawn(task)))
@@ -107,7 +108,8 @@ async fn connect(settings: &Settings) -> Result<(Option<Arc<Lab>>, Service)> {
             replica_urls,
         } => {
             let service =
-                Service::connect(primary_url, replica_urls, &settings.pool, settings.defaults)?;
+                Service::connect(primary_url, replica_urls, &settings.pool, settings.defaults)?
+                    .with_proxy_audit_queries(settings.proxy.audit_queries);
             if settings.migrate {
                 service.engine().databases().migrate().await?;
                 tracing::info!("migrations applied on the primary");
@@ -118,7 +120,8 @@ async fn connect(settings: &Settings) -> Result<(Option<Arc<Lab>>, Service)> {
             let lab = Arc::new(start_lab(lab_settings, settings.migrate, &settings.pool).await?);
             let databases =
                 Databases::connect_lazy(&lab.primary_url(), &lab.replica_urls(), &settings.pool)?;
-            let service = Service::new(databases, Some(Arc::clone(&lab)), settings.defaults);
+            let service = Service::new(databases, Some(Arc::clone(&lab)), settings.defaults)
+                .with_proxy_audit_queries(settings.proxy.audit_queries);
             Ok((Some(lab), service))
         }
     }
@@ -151,7 +154,8 @@ pub async fn build_proxy(
     let backends = Backends::from_urls(primary_url, replica_urls)
         .map_err(|reason| Error::invalid("proxy_backends", reason))?;
     let databases = Databases::connect_lazy(primary_url, &db::name_replicas(replica_urls), pool)?;
-    let handle = proxy::handle(proxy, defaults, backends, databases);
+    let stats = ProxyStats::new(proxy.audit_queries);
+    let handle = proxy::handle(proxy, defaults, backends, databases, stats);
     let (stop, mut stopped) = watch::channel(false);
     let until_stopped = async move {
         let _ = stopped.wait_for(|stop| *stop).await;

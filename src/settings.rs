@@ -165,6 +165,9 @@ pub const PROXY_POLL_INTERVAL_MS: Bound = Bound::new("proxy_poll_interval_ms", 1
 /// After a replica connection fails, a session reads the primary this long before trying
 /// the replica again (so an outage does not add a connect timeout to every read).
 pub const PROXY_REPLICA_RETRY_MS: Bound = Bound::new("proxy_replica_retry_ms", 0, 600_000, 1000);
+/// Distinct normalized queries the proxy's audit keeps counts for; reads of any later one
+/// are counted together (about 1 KB each with its text, so 1 MB at the default).
+pub const PROXY_AUDIT_QUERIES: Bound = Bound::new("proxy_audit_queries", 1, 100_000, 1000);
 /// The default proxy address (PgBouncer's port).
 pub const PROXY_ADDR: &str = "127.0.0.1:6432";
 
@@ -321,6 +324,8 @@ pub struct ProxySettings {
     pub startup_timeout: Duration,
     pub poll_interval: Duration,
     pub replica_retry: Duration,
+    /// The audit's cap on distinct fingerprints ([`PROXY_AUDIT_QUERIES`]).
+    pub audit_queries: usize,
 }
 
 impl Default for ProxySettings {
@@ -334,6 +339,7 @@ impl Default for ProxySettings {
             startup_timeout: PROXY_STARTUP_TIMEOUT_MS.default_duration(),
             poll_interval: PROXY_POLL_INTERVAL_MS.default_duration(),
             replica_retry: PROXY_REPLICA_RETRY_MS.default_duration(),
+            audit_queries: PROXY_AUDIT_QUERIES.default as usize,
         }
     }
 }
@@ -346,6 +352,7 @@ impl ProxySettings {
         PROXY_STARTUP_TIMEOUT_MS.check_duration(self.startup_timeout)?;
         PROXY_POLL_INTERVAL_MS.check_duration(self.poll_interval)?;
         PROXY_REPLICA_RETRY_MS.check_duration(self.replica_retry)?;
+        PROXY_AUDIT_QUERIES.check(Some(self.audit_queries as u64))?;
         match self.addr {
             Some(addr) if !addr.ip().is_loopback() && self.password.is_none() => Err(Invalid::new(
                 "proxy_addr",

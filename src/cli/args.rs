@@ -126,6 +126,11 @@ pub struct ProxyOptions {
     /// The shared replay watcher's poll interval while sessions wait (ms).
     #[arg(long, env = "LAGPROBE_PROXY_POLL_INTERVAL_MS", default_value_t = settings::PROXY_POLL_INTERVAL_MS.default, value_parser = within(&settings::PROXY_POLL_INTERVAL_MS))]
     pub proxy_poll_interval_ms: u64,
+
+    /// Distinct normalized queries the proxy's audit keeps counts for (later ones are
+    /// counted together as "other").
+    #[arg(long, env = "LAGPROBE_PROXY_AUDIT_QUERIES", default_value_t = settings::PROXY_AUDIT_QUERIES.default, value_parser = within(&settings::PROXY_AUDIT_QUERIES))]
+    pub proxy_audit_queries: u64,
 }
 
 impl ProxyArgs {
@@ -185,6 +190,10 @@ pub struct ProxyCommandArgs {
     #[arg(long, env = "LAGPROBE_PROXY_POLL_INTERVAL_MS", default_value_t = settings::PROXY_POLL_INTERVAL_MS.default, value_parser = within(&settings::PROXY_POLL_INTERVAL_MS))]
     pub poll_interval_ms: u64,
 
+    /// Distinct normalized queries the audit keeps counts for.
+    #[arg(long, env = "LAGPROBE_PROXY_AUDIT_QUERIES", default_value_t = settings::PROXY_AUDIT_QUERIES.default, value_parser = within(&settings::PROXY_AUDIT_QUERIES))]
+    pub audit_queries: u64,
+
     #[command(flatten)]
     pub pool: PoolArgs,
 }
@@ -199,6 +208,7 @@ impl ProxyCommandArgs {
             max_message_bytes: self.max_message_bytes as usize,
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
+            audit_queries: self.audit_queries as usize,
             ..ProxySettings::default()
         }
     }
@@ -222,6 +232,7 @@ impl ProxyOptions {
             max_message_bytes: self.proxy_max_message_bytes as usize,
             connect_timeout: Duration::from_millis(self.proxy_connect_timeout_ms),
             poll_interval: Duration::from_millis(self.proxy_poll_interval_ms),
+            audit_queries: self.proxy_audit_queries as usize,
             ..ProxySettings::default()
         }
     }

@@ -61,7 +61,7 @@ pub fn render(
 }
 
 /// `key="value"` pairs for inside a sample's braces, the values escaped.
-fn labels(pairs: &[(&str, &str)]) -> String {
+pub(super) fn labels(pairs: &[(&str, &str)]) -> String {
     pairs
         .iter()
         .map(|(key, value)| format!("{key}=\"{}\"", label(value)))
@@ -79,7 +79,7 @@ fn sample(out: &mut String, name: &str, labels: &str, value: impl std::fmt::Disp
 }
 
 /// A family of plain samples: its header, then one line per `(labels, value)`.
-fn family<V: std::fmt::Display>(
+pub(super) fn family<V: std::fmt::Display>(
     out: &mut String,
     name: &str,
     kind: &str,

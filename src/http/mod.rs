@@ -5,6 +5,8 @@
 
 mod fields;
 mod metrics;
+mod proxy_metrics;
+mod proxy_page;
 mod test_page;
 
 use std::future::Future;
@@ -246,14 +248,24 @@ async fn metrics_text(State(service): State<Service>) -> Response {
             settings.link_down,
         )
     });
+    let mut text = metrics::render(&snapshot, lag.as_ref().map_err(Clone::clone), link);
+    proxy_metrics::render(&mut text, &service.proxy_report());
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        metrics::render(&snapshot, lag.as_ref().map_err(Clone::clone), link),
+        text,
     )
         .into_response()
+}
+
+async fn api_proxy(State(service): State<Service>) -> Response {
+    Json(service.proxy_report()).into_response()
+}
+
+async fn proxy_page(State(service): State<Service>) -> Response {
+    Html(proxy_page::render(&service.proxy_report())).into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -290,6 +302,9 @@ fn router(service: Service) -> Router {
         .route("/api/lab", get(api_lab))
         .route("/api/lab/servers/{name}/{action}", post(api_lab_server))
         .route("/api/lab/failover", post(api_failover))
+        .route("/api/proxy", get(api_proxy))
+        .route("/proxy", get(|| async { Redirect::permanent("/proxy/") }))
+        .route("/proxy/", get(proxy_page))
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -45,6 +45,9 @@ pub struct Classified {
     pub deallocates: Vec<String>,
     /// Set when the whole string is one `lagprobe.*` command.
     pub command: Option<ProxyCommand>,
+    /// A read's pg_query fingerprint, the audit's key: the same for every constant and
+    /// parameter value, so `WHERE id = 1` and `WHERE id = 2` count as one query.
+    pub fingerprint: Option<u64>,
 }
 
 impl Classified {
@@ -56,6 +59,7 @@ impl Classified {
             deallocates_all: false,
             deallocates: Vec::new(),
             command: None,
+            fingerprint: None,
         }
     }
 }
@@ -285,7 +289,19 @@ pub fn classify(sql: &str) -> Classified {
         classified.route = Route::Read;
         classified.writes = false;
     }
+    if classified.route == Route::Read {
+        // A second parse, but only for reads, and once per text per session (the cache).
+        classified.fingerprint = pg_query::fingerprint(sql, 0, 0)
+            .ok()
+            .map(|fingerprint| fingerprint.value);
+    }
     classified
+}
+
+/// The query as the audit shows it: constants replaced by `$1`, `$2`, ... (a query that
+/// cannot be normalized is shown as given).
+pub fn normalized(sql: &str) -> String {
+    pg_query::normalize(sql).unwrap_or_else(|_| sql.to_owned())
 }
 
 /// The source text of one statement of a multi-statement string.

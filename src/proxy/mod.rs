@@ -10,6 +10,7 @@
 //! replay uses one shared watcher per replica ([`watcher`]). The proxy has no SQL of its
 //! own: positions come from [`Databases`], the pools every other layer uses.
 
+mod audit;
 mod backend;
 mod classify;
 mod session;
@@ -20,18 +21,15 @@ mod wire;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicUsize},
     time::Duration,
 };
 
-use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::{
     db::Databases,
+    service::{ProxyCounts, ProxyStats},
     settings::{ProxySettings, StrategyDefaults},
 };
 pub use backend::BackendParams;
@@ -119,44 +117,6 @@ impl From<wire::WireError> for ProxyError {
     }
 }
 
-/// Counters over every session, for logs and (later) the audit.
-#[derive(Debug, Default)]
-pub struct ProxyCounters {
-    pub sessions: AtomicU64,
-    pub primary_reads: AtomicU64,
-    pub replica_reads: AtomicU64,
-    /// Reads the strategy sent to a replica that went to the primary instead (the replica
-    /// was unreachable, or lsn-wait timed out).
-    pub fallbacks: AtomicU64,
-    pub waits: AtomicU64,
-    pub writes: AtomicU64,
-}
-
-/// A snapshot of [`ProxyCounters`].
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct ProxyCounts {
-    pub sessions: u64,
-    pub primary_reads: u64,
-    pub replica_reads: u64,
-    pub fallbacks: u64,
-    pub waits: u64,
-    pub writes: u64,
-}
-
-impl ProxyCounters {
-    pub fn snapshot(&self) -> ProxyCounts {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        ProxyCounts {
-            sessions: get(&self.sessions),
-            primary_reads: get(&self.primary_reads),
-            replica_reads: get(&self.replica_reads),
-            fallbacks: get(&self.fallbacks),
-            waits: get(&self.waits),
-            writes: get(&self.writes),
-        }
-    }
-}
-
 /// Where a session's query runs now, for forwarding a cancel: the server and its key.
 pub type CancelTarget = Arc<Mutex<Option<(SocketAddr, (i32, i32))>>>;
 
@@ -210,7 +170,8 @@ struct Shared {
     primary_position: PrimaryPosition,
     cancels: CancelRegistry,
     next_replica: AtomicUsize,
-    counters: ProxyCounters,
+    /// The service's: counters and the per-query audit.
+    stats: ProxyStats,
 }
 
 /// A running proxy's handle: its counters.
@@ -227,7 +188,7 @@ impl std::fmt::Debug for ProxyHandle {
 
 impl ProxyHandle {
     pub fn counts(&self) -> ProxyCounts {
-        self.shared.counters.snapshot()
+        self.shared.stats.counters().snapshot()
     }
 
     /// A psql connection string for the proxy at `addr` (the primary URL's user and
@@ -273,7 +234,9 @@ pub fn handle(
     defaults: StrategyDefaults,
     backends: Backends,
     databases: Databases,
+    stats: ProxyStats,
 ) -> ProxyHandle {
+    stats.mark_running();
     let watchers = (0..backends.replicas.len())
         .map(|index| ReplayWatcher::spawn(databases.clone(), index, settings.poll_interval))
         .collect();
@@ -288,7 +251,7 @@ pub fn handle(
             watchers,
             cancels: CancelRegistry::default(),
             next_replica: AtomicUsize::new(0),
-            counters: ProxyCounters::default(),
+            stats,
         }),
     }
 }

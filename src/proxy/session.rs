@@ -23,11 +23,12 @@ use tokio::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
-    task::JoinHandle,
+    sync::watch,
 };
 
 use super::{
     CancelTarget, CommandError, ProxyError, Shared, Target,
+    audit::{self, ReadNote, ReplicaRead, TokenAtRead, TokenFetch},
     backend::{self, Backend, BackendError},
     classify::{self, Classified, ProxyCommand, Route},
     statements::{Plan, StatementUse, Statements},
@@ -130,6 +131,8 @@ struct Unit {
     writes: bool,
     /// Whether the unit is a read the strategy placed.
     read: bool,
+    /// The read's fingerprint, for the audit.
+    fingerprint: Option<u64>,
     /// A batch ended by Flush (or too long to buffer): more messages follow to the same
     /// backend until a Sync.
     open: bool,
@@ -190,8 +193,10 @@ struct Session {
     min_lsn: Option<Lsn>,
     last_commit_lsn: Option<Lsn>,
     last_write: Option<Instant>,
-    token: Option<JoinHandle<Option<Lsn>>>,
+    token: Option<TokenFetch>,
     cache: HashMap<String, Arc<Classified>>,
+    /// What routing the current read learnt, for the audit.
+    read_note: ReadNote,
 }
 
 /// Runs one client connection to its end; never panics the proxy and never outlives it
@@ -218,7 +223,11 @@ pub(super) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
             return;
         }
     };
-    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .counters()
+        .sessions
+        .fetch_add(1, Ordering::Relaxed);
     let result = session.serve().await;
     let error = result.err().unwrap_or(ProxyError::ClientGone);
     log_end(peer, &error);
@@ -398,6 +407,7 @@ impl Session {
             last_write: None,
             token: None,
             cache: HashMap::new(),
+            read_note: ReadNote::default(),
         }
     }
 
@@ -515,6 +525,11 @@ impl Session {
             return Arc::clone(classified);
         }
         let classified = Arc::new(classify::classify(sql));
+        if let Some(fingerprint) = classified.fingerprint {
+            self.shared
+                .stats
+                .admit(fingerprint, || classify::normalized(sql));
+        }
         if self.cache.len() >= CLASSIFY_CACHE_ENTRIES {
             self.cache.clear();
         }
@@ -534,6 +549,7 @@ impl Session {
             frames: vec![frame],
             writes: classified.writes,
             read: classified.route == Route::Read,
+            fingerprint: classified.fingerprint,
             sets: classified.session_sets.clone(),
             deallocates_all: classified.deallocates_all,
             deallocates: classified.deallocates.clone(),
@@ -571,6 +587,7 @@ impl Session {
                         Some(defined) => {
                             let classified = Arc::clone(&defined.classified);
                             may_write |= classified.route == Route::Primary;
+                            unit.fingerprint = unit.fingerprint.or(classified.fingerprint);
                             unit.writes |= classified.writes;
                             unit.sets.extend(classified.session_sets.iter().cloned());
                             unit.deallocates_all |= classified.deallocates_all;
@@ -645,6 +662,7 @@ impl Session {
     /// The strategy's decision for a read outside a transaction.
     async fn route_read(&mut self) -> Target {
         let started = Instant::now();
+        self.read_note = ReadNote::default();
         let shared = Arc::clone(&self.shared);
         let watcher = shared.watchers.get(self.replica_index);
         let wait_timeout = shared.defaults.lsn_wait_timeout;
@@ -690,7 +708,12 @@ impl Session {
                 };
                 let Some(position) = shared.primary_position.after(started, wait_timeout).await
                 else {
-                    shared.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .stats
+                        .counters()
+                        .fallbacks
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.read_note.fallback = true;
                     return Target::Primary;
                 };
                 let token = self
@@ -703,12 +726,12 @@ impl Session {
     }
 
     async fn wait_or_fall_back(
-        &self,
+        &mut self,
         watcher: &super::watcher::ReplayWatcher,
         token: Lsn,
         started: Instant,
     ) -> Target {
-        let counters = &self.shared.counters;
+        let counters = self.shared.stats.counters();
         if watcher.latest().is_some_and(|replayed| replayed >= token) {
             return Target::Replica;
         }
@@ -718,10 +741,14 @@ impl Session {
             .defaults
             .lsn_wait_timeout
             .saturating_sub(started.elapsed());
-        if watcher.wait_for(token, remaining).await {
+        let waiting = Instant::now();
+        let replayed = watcher.wait_for(token, remaining).await;
+        self.read_note.waited = Some(waiting.elapsed());
+        if replayed {
             Target::Replica
         } else {
             counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+            self.read_note.fallback = true;
             Target::Primary
         }
     }
@@ -729,8 +756,8 @@ impl Session {
     /// The session's consistency token: its last write's position (once fetched), or the
     /// position `SET lagprobe.min_lsn` gave, whichever is later.
     async fn token(&mut self) -> Option<Lsn> {
-        if let Some(fetch) = self.token.take()
-            && let Ok(Some(lsn)) = fetch.await
+        if let Some(mut fetch) = self.token.take()
+            && let Some(lsn) = audit::fetched(&mut fetch).await
         {
             self.last_commit_lsn = self.last_commit_lsn.max(Some(lsn));
         }
@@ -748,19 +775,32 @@ impl Session {
                     "the replica running this transaction is gone".into(),
                 ));
             }
-            self.shared
-                .counters
-                .fallbacks
-                .fetch_add(1, Ordering::Relaxed);
+            self.fell_back();
             target = Target::Primary;
         }
         if target == Target::Primary && self.in_transaction.is_none() {
             self.sync_remote_apply().await?;
         }
+        let audited = unit.read && self.in_transaction.is_none();
         loop {
             let plan = self.statements.plan(&unit.uses, target);
+            let sent = Instant::now();
+            let seen_before = self
+                .shared
+                .watchers
+                .get(self.replica_index)
+                .and_then(|watcher| watcher.seen());
             match self.forward(target, &unit, &plan).await {
                 Ok(relayed) => {
+                    if audited {
+                        let read = (target == Target::Replica).then(|| ReplicaRead {
+                            replica_index: self.replica_index,
+                            sent,
+                            answered: Instant::now(),
+                            seen_before,
+                        });
+                        self.audit(unit.fingerprint, read);
+                    }
                     self.after(target, &unit, &plan, relayed);
                     return Ok(());
                 }
@@ -773,14 +813,31 @@ impl Session {
                     if replied || self.in_transaction.is_some() {
                         return Err(ProxyError::ReplicaLost(error.to_string()));
                     }
-                    self.shared
-                        .counters
-                        .fallbacks
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.fell_back();
                     target = Target::Primary;
                 }
             }
         }
+    }
+
+    /// A read the strategy sent to a replica goes to the primary instead.
+    fn fell_back(&mut self) {
+        let counters = self.shared.stats.counters();
+        counters.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.read_note.fallback = true;
+    }
+
+    /// Hands a finished read to the audit with the session's token as it stands.
+    fn audit(&mut self, fingerprint: Option<u64>, read: Option<ReplicaRead>) {
+        let note = ReadNote {
+            fingerprint,
+            ..self.read_note
+        };
+        let token = TokenAtRead {
+            known: self.last_commit_lsn.max(self.min_lsn),
+            pending: self.token.clone(),
+        };
+        audit::record(&self.shared, note, read, token);
     }
 
     fn replica_failed(&mut self, error: &BackendError) {
@@ -837,7 +894,7 @@ impl Session {
     /// What a finished unit changes: the transaction state, prepared statements, settings
     /// to replay, and the session's token after a write.
     fn after(&mut self, target: Target, unit: &Unit, plan: &Plan, relayed: Relayed) {
-        let counters = &self.shared.counters;
+        let counters = self.shared.stats.counters();
         if unit.read && self.in_transaction.is_none() {
             let counter = match target {
                 Target::Primary => &counters.primary_reads,
@@ -903,18 +960,25 @@ impl Session {
     /// COMMIT's acknowledgement, fetched in the background so the client's next query is
     /// not held up unless it needs the token.
     fn wrote(&mut self) {
-        self.shared.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .stats
+            .counters()
+            .writes
+            .fetch_add(1, Ordering::Relaxed);
         self.last_write = Some(Instant::now());
         let databases = self.shared.databases.clone();
-        self.token = Some(tokio::spawn(async move {
-            match databases.primary_insert_lsn().await {
+        let (fetched, fetch) = watch::channel(None);
+        tokio::spawn(async move {
+            let lsn = match databases.primary_insert_lsn().await {
                 Ok(lsn) => Some(lsn),
                 Err(error) => {
                     tracing::warn!(%error, "reading the primary's position after a write");
                     None
                 }
-            }
-        }));
+            };
+            fetched.send_replace(Some(lsn));
+        });
+        self.token = Some(fetch);
     }
 
     /// The replica connection, connected (on first use or after a failure, once the retry

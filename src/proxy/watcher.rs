@@ -48,9 +48,20 @@ async fn until_wanted(demand: &AtomicUsize, wake: &Notify) {
     }
 }
 
+/// What the watcher has seen so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Seen {
+    /// Completed polls.
+    polls: u64,
+    /// The highest replay position seen, and when the last poll that saw it answered:
+    /// the replica had replayed at least that much by then.
+    best: Option<(Lsn, Instant)>,
+    /// The last poll that answered: when it was sent, and what it said.
+    last: Option<(Instant, Lsn)>,
+}
+
 struct WatcherState {
-    /// The latest replay position seen, and a count of completed polls.
-    position: watch::Sender<(u64, Option<Lsn>)>,
+    position: watch::Sender<Seen>,
     demand: AtomicUsize,
     wake: Notify,
 }
@@ -67,7 +78,7 @@ impl ReplayWatcher {
     /// Watches `databases.replicas()[index]`, polling every `poll_interval` while wanted.
     pub fn spawn(databases: Databases, index: usize, poll_interval: Duration) -> Self {
         let state = Arc::new(WatcherState {
-            position: watch::channel((0, None)).0,
+            position: watch::channel(Seen::default()).0,
             demand: AtomicUsize::new(0),
             wake: Notify::new(),
         });
@@ -82,7 +93,26 @@ impl ReplayWatcher {
 
     /// The latest position seen, without waiting.
     pub fn latest(&self) -> Option<Lsn> {
-        self.state.position.borrow().1
+        self.seen().map(|(lsn, _)| lsn)
+    }
+
+    /// The latest position seen, and when the poll that saw it answered (its age is the
+    /// evidence's uncertainty: the replica may have replayed more since).
+    pub fn seen(&self) -> Option<(Lsn, Instant)> {
+        self.state.position.borrow().best
+    }
+
+    /// The answer of the first poll sent at or after `after` (at most `timeout`): the
+    /// replica had replayed no more than that when `after` came. Asks for the poll, so it
+    /// costs one position query shared by every caller waiting at the time.
+    pub async fn polled_after(&self, after: Instant, timeout: Duration) -> Option<(Instant, Lsn)> {
+        let _demand = Demand::new(&self.state.demand, &self.state.wake);
+        let mut receiver = self.state.position.subscribe();
+        let polled = receiver.wait_for(|seen| seen.last.is_some_and(|(sent, _)| sent >= after));
+        match tokio::time::timeout(timeout, polled).await {
+            Ok(Ok(seen)) => seen.last,
+            _ => None,
+        }
     }
 
     /// Waits until the replica has replayed `min_lsn`, at most `timeout`; whether it did.
@@ -92,7 +122,7 @@ impl ReplayWatcher {
         }
         let _demand = Demand::new(&self.state.demand, &self.state.wake);
         let mut receiver = self.state.position.subscribe();
-        let reached = receiver.wait_for(|(_, replayed)| replayed.is_some_and(|lsn| lsn >= min_lsn));
+        let reached = receiver.wait_for(|seen| seen.best.is_some_and(|(lsn, _)| lsn >= min_lsn));
         matches!(tokio::time::timeout(timeout, reached).await, Ok(Ok(_)))
     }
 
@@ -101,8 +131,8 @@ impl ReplayWatcher {
     pub async fn fresh(&self, timeout: Duration) -> Option<Lsn> {
         let _demand = Demand::new(&self.state.demand, &self.state.wake);
         let mut receiver = self.state.position.subscribe();
-        let polls = receiver.borrow_and_update().0;
-        let next = receiver.wait_for(|(count, _)| *count > polls);
+        let polls = receiver.borrow_and_update().polls;
+        let next = receiver.wait_for(|seen| seen.polls > polls);
         let _ = tokio::time::timeout(timeout, next).await;
         self.latest()
     }
@@ -126,15 +156,25 @@ async fn poll_replay(
             tokio::time::sleep(poll_interval).await;
             continue;
         };
+        let sent = Instant::now();
         match databases.replay_lsn(&replica).await {
-            Ok(replayed) => state.position.send_modify(|(count, position)| {
-                *count += 1;
-                // A restarted replica may report less for a moment; keep the evidence.
-                *position = (*position).max(replayed);
-            }),
+            Ok(replayed) => {
+                let answered = Instant::now();
+                state.position.send_modify(|seen| {
+                    seen.polls += 1;
+                    if let Some(lsn) = replayed {
+                        seen.last = Some((sent, lsn));
+                        // A restarted replica may report less for a moment; keep the
+                        // evidence.
+                        if seen.best.is_none_or(|(best, _)| lsn >= best) {
+                            seen.best = Some((lsn, answered));
+                        }
+                    }
+                });
+            }
             Err(error) => {
                 tracing::debug!(replica = %replica.name, %error, "replay position");
-                state.position.send_modify(|(count, _)| *count += 1);
+                state.position.send_modify(|seen| seen.polls += 1);
             }
         }
         tokio::time::sleep(poll_interval).await;

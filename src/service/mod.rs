@@ -3,7 +3,13 @@
 //! control; each operation takes one request type ([`RunRequest`] and its kin) and validates it once, so
 //! HTTP, gRPC and the CLI behave the same. Starting servers is [`crate::server`]'s job.
 
+mod proxy_stats;
 mod request;
+
+pub use proxy_stats::{
+    Evidence, ProxyCounters, ProxyCounts, ProxyReport, ProxyStats, QueryCounts, QueryReport,
+    ReadRecord, ReplayVerdict,
+};
 
 pub use request::{
     CompareRequest, DelayRequest, FailoverRequest, ProbeParams, ProbeRequest, ReadRequest,
@@ -37,6 +43,8 @@ pub struct Service {
     defaults: StrategyDefaults,
     /// client id -> when it last wrote through the Write API (pin-window across calls).
     last_writes: Arc<Mutex<HashMap<String, Instant>>>,
+    /// What the proxy in front of the same databases records.
+    proxy_stats: ProxyStats,
 }
 
 /// What a failover did, and what it cost: the acknowledged writes the new primary lacks.
@@ -78,7 +86,24 @@ impl Service {
             lab,
             defaults,
             last_writes: Arc::default(),
+            proxy_stats: ProxyStats::new(settings::PROXY_AUDIT_QUERIES.default as usize),
         }
+    }
+
+    /// The same service, its proxy statistics keeping at most `max_queries` queries.
+    pub fn with_proxy_audit_queries(mut self, max_queries: usize) -> Self {
+        self.proxy_stats = ProxyStats::new(max_queries);
+        self
+    }
+
+    /// Where the proxy records its reads.
+    pub fn proxy_stats(&self) -> &ProxyStats {
+        &self.proxy_stats
+    }
+
+    /// The proxy's counters and its per-query audit, at-risk queries first.
+    pub fn proxy_report(&self) -> ProxyReport {
+        self.proxy_stats.report()
     }
 
     /// A service on databases someone else runs, without servers (`lagprobe run`).

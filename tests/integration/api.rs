@@ -109,13 +109,14 @@ async fn run_compare_lag_delay_and_metrics_over_http() {
     app.shutdown().await;
 }
 
-/// `/metrics` text as Python's prometheus_client reads it: `[{name, type, samples}]`.
-fn parsed_by_prometheus_client(text: &str) -> Vec<serde_json::Value> {
+/// `/metrics` text as Python's prometheus_client reads it: `[{name, type, samples}]`, each
+/// sample `[name, value, labels]`.
+pub(crate) fn parsed_by_prometheus_client(text: &str) -> Vec<serde_json::Value> {
     use std::io::Write;
     const SCRIPT: &str = "import json, sys\n\
         from prometheus_client.parser import text_string_to_metric_families as parse\n\
         print(json.dumps([{'name': f.name, 'type': f.type, \
-        'samples': [[s.name, s.value] for s in f.samples]} for f in parse(sys.stdin.read())]))";
+        'samples': [[s.name, s.value, s.labels] for s in f.samples]} for f in parse(sys.stdin.read())]))";
     let mut child = std::process::Command::new("python3")
         .args(["-c", SCRIPT])
         .stdin(std::process::Stdio::piped())

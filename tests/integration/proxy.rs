@@ -514,3 +514,123 @@ async fn lagprobe_proxy_serves_a_lab_and_refuses_a_public_address_without_a_pass
     child.kill().await.unwrap();
     app.shutdown().await;
 }
+
+/// The audit's entry for the query on `table`, once its reads are all recorded (verdicts
+/// that need one more watcher poll are recorded a moment after the read).
+async fn audited(app: &TestApp, table: &str, reads: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, report) = app.get_json("/api/proxy").await;
+        assert_eq!(status, 200, "{report}");
+        let query = report["queries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|query| query["text"].as_str().unwrap().contains(table))
+            .cloned();
+        if let Some(query) = query.filter(|query| query["reads"] == reads) {
+            return query;
+        }
+        assert!(Instant::now() < deadline, "{table} not audited: {report}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_counts_the_replica_strategys_read_at_risk_and_lsn_waits_not() {
+    let app = spawn_app(1000).await;
+    let url = proxy_url(&app);
+    psql_lines(
+        &url,
+        "CREATE TABLE stale_reads (id int); CREATE TABLE waited_reads (id int);",
+    )
+    .await;
+    until_replica_has(&app, "waited_reads").await;
+    let lines = psql_lines(
+        &url,
+        "SET lagprobe.strategy = 'replica';
+         INSERT INTO stale_reads VALUES (1);
+         SELECT count(*) FROM stale_reads WHERE id = 1 AND '<b>' <> '';
+         SET lagprobe.strategy = 'lsn-wait';
+         INSERT INTO waited_reads VALUES (1);
+         SELECT count(*) FROM waited_reads WHERE id = 1;",
+    )
+    .await;
+    assert_eq!(lines, ["0", "1"]);
+
+    let stale = audited(&app, "stale_reads", 1).await;
+    assert_eq!(stale["replica_reads"], 1, "{stale}");
+    assert_eq!(stale["reads_at_risk"], 1, "{stale}");
+    // The normalized text, and the evidence: the token and a watcher position short of it.
+    assert_eq!(
+        stale["text"],
+        "SELECT count(*) FROM stale_reads WHERE id = $1 AND $2 <> $3;"
+    );
+    let evidence = &stale["last_at_risk"];
+    let token: lagprobe::Lsn = evidence["token"].as_str().unwrap().parse().unwrap();
+    let watcher: lagprobe::Lsn = evidence["watcher_lsn"].as_str().unwrap().parse().unwrap();
+    assert!(watcher < token, "{evidence}");
+    assert!(evidence["watcher_age_ms"].as_f64().is_some(), "{evidence}");
+
+    let waited = audited(&app, "waited_reads", 1).await;
+    assert_eq!(waited["reads_at_risk"], 0, "{waited}");
+    assert_eq!(waited["reads_replayed"], 1, "{waited}");
+    assert_eq!(waited["waits"], 1, "{waited}");
+    assert_eq!(waited["fallbacks"], 0, "{waited}");
+
+    // The same numbers over gRPC, at-risk queries first.
+    let report = app
+        .grpc()
+        .await
+        .proxy_stats(lagprobe::pb::ProxyStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.running);
+    let first = &report.queries[0];
+    assert!(first.text.contains("stale_reads"), "{report:?}");
+    assert_eq!(first.counts.as_ref().unwrap().reads_at_risk, 1);
+    assert_eq!(first.fingerprint, stale["fingerprint"].as_str().unwrap());
+    assert!(report.totals.unwrap().writes >= 2, "{report:?}");
+
+    // /metrics, read by a real Prometheus parser.
+    let text = reqwest::get(app.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let families = crate::api::parsed_by_prometheus_client(&text);
+    let at_risk = families
+        .iter()
+        .find(|family| family["name"] == "lagprobe_proxy_query_reads_at_risk")
+        .unwrap_or_else(|| panic!("no at-risk family in {families:?}"));
+    assert_eq!(at_risk["type"], "counter");
+    let sample = at_risk["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|sample| sample[2]["fingerprint"] == stale["fingerprint"])
+        .unwrap_or_else(|| panic!("{at_risk}"));
+    assert_eq!(sample[1].as_f64(), Some(1.0), "{sample}");
+    assert!(
+        families.iter().all(|family| family["type"] != "unknown"),
+        "{families:?}"
+    );
+
+    // The page: at-risk first, the text escaped.
+    let page = reqwest::get(app.http_url("/proxy/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stale_at = page
+        .find("stale_reads")
+        .expect("the at-risk query is listed");
+    let waited_at = page
+        .find("waited_reads")
+        .expect("the waited query is listed");
+    assert!(stale_at < waited_at, "{page}");
+    app.shutdown().await;
+}
