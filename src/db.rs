@@ -20,7 +20,10 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
 };
 
-use crate::{lsn::Lsn, settings::PoolSettings};
+use crate::{
+    lsn::Lsn,
+    settings::{PoolSettings, Secret},
+};
 
 /// Which database an operation talked to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,6 +148,19 @@ pub struct Databases {
 struct Topology {
     primary: PgPool,
     replicas: Arc<[Replica]>,
+    urls: Arc<TopologyUrls>,
+}
+
+/// The URLs of one arrangement of servers, numbered so that a holder that connects by URL
+/// rather than through the pools (the proxy's sessions) can tell when a failover has
+/// re-pointed them. Secrets, because the URLs may carry passwords.
+#[derive(Debug)]
+pub struct TopologyUrls {
+    /// 0 at first, one more at each [`Databases::repoint`].
+    pub generation: u64,
+    pub primary: Secret,
+    /// In the order of [`Databases::replicas`].
+    pub replicas: Vec<Secret>,
 }
 
 /// A row as a server returned it.
@@ -356,7 +372,16 @@ impl Topology {
         primary_url: &str,
         replicas: &[(String, String)],
         settings: &PoolSettings,
+        generation: u64,
     ) -> Result<Self> {
+        let urls = Arc::new(TopologyUrls {
+            generation,
+            primary: Secret(primary_url.to_owned()),
+            replicas: replicas
+                .iter()
+                .map(|(_, url)| Secret(url.clone()))
+                .collect(),
+        });
         let replicas = replicas
             .iter()
             .map(|(name, url)| {
@@ -371,6 +396,7 @@ impl Topology {
         Ok(Topology {
             primary: lazy_pool(primary_url, Role::Primary, settings)?,
             replicas: replicas.into(),
+            urls,
         })
     }
 }
@@ -390,6 +416,7 @@ impl Databases {
                 primary_url,
                 replicas,
                 settings,
+                0,
             )?))),
             settings: *settings,
         })
@@ -397,6 +424,11 @@ impl Databases {
 
     fn topology(&self) -> Arc<Topology> {
         Arc::clone(&self.topology.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The servers' URLs now, and how many times they have been re-pointed.
+    pub fn urls(&self) -> Arc<TopologyUrls> {
+        Arc::clone(&self.topology().urls)
     }
 
     /// The replicas now (none after a failover that left no standby).
@@ -407,11 +439,16 @@ impl Databases {
     /// Points every holder of these pools at a new primary and replicas, as after a
     /// failover. Operations already running finish on the old pools, which then close.
     pub fn repoint(&self, primary_url: &str, replicas: &[(String, String)]) -> Result<()> {
-        let topology = Arc::new(Topology::lazy(primary_url, replicas, &self.settings)?);
-        let old = std::mem::replace(
-            &mut *self.topology.write().unwrap_or_else(|p| p.into_inner()),
-            topology,
-        );
+        let mut current = self.topology.write().unwrap_or_else(|p| p.into_inner());
+        let generation = current.urls.generation + 1;
+        let topology = Arc::new(Topology::lazy(
+            primary_url,
+            replicas,
+            &self.settings,
+            generation,
+        )?);
+        let old = std::mem::replace(&mut *current, topology);
+        drop(current);
         tokio::spawn(async move {
             old.primary.close().await;
             for replica in old.replicas.iter() {

@@ -21,16 +21,16 @@ mod wire;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{Arc, Mutex, RwLock, atomic::AtomicUsize},
     time::Duration,
 };
 
 use tokio::net::TcpListener;
 
 use crate::{
-    db::Databases,
+    db::{Databases, TopologyUrls},
     service::{ProxyCounts, ProxyStats},
-    settings::{ProxySettings, StrategyDefaults},
+    settings::{ProxySettings, Secret, StrategyDefaults},
 };
 pub use backend::BackendParams;
 use watcher::{PrimaryPosition, ReplayWatcher};
@@ -163,8 +163,8 @@ impl CancelRegistry {
 struct Shared {
     settings: ProxySettings,
     defaults: StrategyDefaults,
-    primary: BackendParams,
-    replicas: Vec<BackendParams>,
+    /// Where new sessions connect, and the topology generation it came from.
+    backends: RwLock<(u64, Arc<Backends>)>,
     databases: Databases,
     watchers: Vec<ReplayWatcher>,
     primary_position: PrimaryPosition,
@@ -194,7 +194,8 @@ impl ProxyHandle {
     /// A psql connection string for the proxy at `addr` (the primary URL's user and
     /// database; no password in it).
     pub fn psql_url(&self, addr: SocketAddr) -> String {
-        let primary = &self.shared.primary;
+        let backends = self.shared.backends();
+        let primary = &backends.primary;
         format!(
             "postgres://{}@{addr}/{}?sslmode=disable",
             primary.user, primary.database
@@ -226,6 +227,46 @@ impl Backends {
         }
         Ok(Backends { primary, replicas })
     }
+
+    /// The backends of the databases' topology now; a failover may have left no replica.
+    fn of(urls: &TopologyUrls) -> Result<Self, String> {
+        let parse = |url: &Secret| BackendParams::from_url(&url.0);
+        Ok(Backends {
+            primary: parse(&urls.primary)?,
+            replicas: urls.replicas.iter().map(parse).collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl Shared {
+    /// Where a new session connects: the databases' topology, re-read after a failover
+    /// re-pointed it ([`Databases::repoint`]), so that new sessions follow the new primary
+    /// and replicas while sessions already open keep (and lose) theirs.
+    fn backends(&self) -> Arc<Backends> {
+        let urls = self.databases.urls();
+        {
+            let current = self.backends.read().unwrap_or_else(|p| p.into_inner());
+            if current.0 == urls.generation {
+                return Arc::clone(&current.1);
+            }
+        }
+        let mut current = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 != urls.generation {
+            match Backends::of(&urls) {
+                Ok(backends) => {
+                    tracing::info!(
+                        generation = urls.generation,
+                        replicas = backends.replicas.len(),
+                        "proxy: new sessions follow the re-pointed primary and replicas"
+                    );
+                    *current = (urls.generation, Arc::new(backends));
+                }
+                // Cannot happen with URLs the pools accepted; keep the old ones if it does.
+                Err(reason) => tracing::error!(%reason, "proxy: re-pointed URLs unusable"),
+            }
+        }
+        Arc::clone(&current.1)
+    }
 }
 
 /// Builds the proxy's shared state (watchers included) for `listener`'s sessions.
@@ -244,8 +285,7 @@ pub fn handle(
         shared: Arc::new(Shared {
             settings: settings.clone(),
             defaults,
-            primary: backends.primary,
-            replicas: backends.replicas,
+            backends: RwLock::new((databases.urls().generation, Arc::new(backends))),
             primary_position: PrimaryPosition::spawn(databases.clone()),
             databases,
             watchers,

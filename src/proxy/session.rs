@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use super::{
-    CancelTarget, CommandError, ProxyError, Shared, Target,
+    Backends, CancelTarget, CommandError, ProxyError, Shared, Target,
     audit::{self, ReadNote, ReplicaRead, TokenAtRead, TokenFetch},
     backend::{self, Backend, BackendError},
     classify::{self, Classified, ProxyCommand, Route},
@@ -170,6 +170,7 @@ impl From<ProxyError> for RelayError {
 
 struct Session {
     shared: Arc<Shared>,
+    backends: Arc<Backends>,
     client: Client,
     startup: Vec<(String, String)>,
     primary: Backend,
@@ -246,6 +247,8 @@ fn log_end(peer: SocketAddr, error: &ProxyError) {
 
 /// What a successful startup hands the session.
 struct Started {
+    /// The topology the session connected to, for its replica connection later.
+    backends: Arc<Backends>,
     startup: Vec<(String, String)>,
     primary: Backend,
     cancel: CancelTarget,
@@ -270,10 +273,11 @@ async fn start(shared: &Shared, client: &mut Client) -> Result<Option<Started>, 
     };
     let version = wire::leading_i32(&body).unwrap_or(wire::PROTOCOL_3);
     let parameters = wire::startup_parameters(&body[4..])?;
-    let startup = check_startup(shared, &parameters)?;
+    let backends = shared.backends();
+    let startup = check_startup(&backends, &parameters)?;
     authenticate(shared, client).await?;
     let primary = Backend::connect(
-        &shared.primary,
+        &backends.primary,
         &startup,
         shared.settings.connect_timeout,
         shared.settings.max_message_bytes,
@@ -302,6 +306,7 @@ async fn start(shared: &Shared, client: &mut Client) -> Result<Option<Started>, 
         return Err(error);
     }
     Ok(Some(Started {
+        backends,
         startup,
         primary,
         cancel,
@@ -313,7 +318,7 @@ async fn start(shared: &Shared, client: &mut Client) -> Result<Option<Started>, 
 /// the client's user is replaced by the URL's, and a database other than the URL's is an
 /// error rather than a silent switch.
 fn check_startup(
-    shared: &Shared,
+    backends: &Backends,
     parameters: &[(String, String)],
 ) -> Result<Vec<(String, String)>, ProxyError> {
     let mut forwarded = Vec::new();
@@ -324,10 +329,10 @@ fn check_startup(
                     "replication connections are not supported by the proxy".into(),
                 ));
             }
-            "database" if value != &shared.primary.database => {
+            "database" if value != &backends.primary.database => {
                 return Err(ProxyError::WrongDatabase(format!(
                     "database \"{value}\" is not served here: the proxy serves \"{}\"",
-                    shared.primary.database
+                    backends.primary.database
                 )));
             }
             "user" | "database" | "replication" => {}
@@ -380,11 +385,12 @@ async fn forward_cancel(shared: &Shared, body: &[u8]) {
 
 impl Session {
     fn new(shared: Arc<Shared>, client: Client, started: Started) -> Self {
-        let replicas = shared.replicas.len().max(1);
+        let replicas = started.backends.replicas.len().max(1);
         let replica_index = shared.next_replica.fetch_add(1, Ordering::Relaxed) % replicas;
         let strategy = shared.settings.strategy;
         Session {
             shared,
+            backends: started.backends,
             client,
             startup: started.startup,
             primary: started.primary,
@@ -680,8 +686,12 @@ impl Session {
                 }
             }
             ProxyStrategy::Probe(Strategy::LsnRoute) => {
-                let (Some(token), Some(watcher)) = (self.token().await, watcher) else {
+                let Some(token) = self.token().await else {
                     return Target::Replica;
+                };
+                // A replica added by a failover has no watcher: nothing can vouch for it.
+                let Some(watcher) = watcher else {
+                    return Target::Primary;
                 };
                 if watcher.latest().is_some_and(|replayed| replayed >= token) {
                     return Target::Replica;
@@ -697,14 +707,17 @@ impl Session {
                 }
             }
             ProxyStrategy::Probe(Strategy::LsnWait) => {
-                let (Some(token), Some(watcher)) = (self.token().await, watcher) else {
+                let Some(token) = self.token().await else {
                     return Target::Replica;
+                };
+                let Some(watcher) = watcher else {
+                    return Target::Primary;
                 };
                 self.wait_or_fall_back(watcher, token, started).await
             }
             ProxyStrategy::Global => {
                 let Some(watcher) = watcher else {
-                    return Target::Replica;
+                    return Target::Primary;
                 };
                 let Some(position) = shared.primary_position.after(started, wait_timeout).await
                 else {
@@ -991,7 +1004,7 @@ impl Session {
             {
                 return false;
             }
-            let Some(params) = self.shared.replicas.get(self.replica_index) else {
+            let Some(params) = self.backends.replicas.get(self.replica_index) else {
                 return false;
             };
             let settings = &self.shared.settings;

@@ -150,8 +150,19 @@ async fn poll_replay(
     index: usize,
     poll_interval: Duration,
 ) {
+    let mut generation = databases.urls().generation;
     loop {
         until_wanted(&state.demand, &state.wake).await;
+        // After a failover the index names another server: what the old one had replayed
+        // is no evidence about it.
+        let now = databases.urls().generation;
+        if now != generation {
+            generation = now;
+            state.position.send_modify(|seen| {
+                seen.best = None;
+                seen.last = None;
+            });
+        }
         let Some(replica) = databases.replicas().get(index).cloned() else {
             tokio::time::sleep(poll_interval).await;
             continue;

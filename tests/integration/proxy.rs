@@ -634,3 +634,43 @@ async fn the_audit_counts_the_replica_strategys_read_at_risk_and_lsn_waits_not()
     assert!(stale_at < waited_at, "{page}");
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lab_failover_new_sessions_use_the_new_primary_and_replica() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    let port_of = |server: serde_json::Value| server["port"].as_u64().unwrap().to_string();
+    let old_primary = port_of(app.lab_server("primary").await);
+    let promoted = port_of(app.lab_server("replica1").await);
+    let before = psql_lines(
+        &url,
+        "/* lagprobe:primary */ SELECT inet_server_port(); SELECT inet_server_port();",
+    )
+    .await;
+    assert_eq!(before, [old_primary.clone(), promoted.clone()]);
+
+    let (status, report) = app
+        .post_json(
+            "/api/lab/failover",
+            serde_json::json!({"promote": "replica1", "rejoin": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    until_replica_has(&app, "pg_class").await;
+
+    // Writes reach the promoted server; reads the old primary, rejoined as its replica.
+    let after = psql_lines(
+        &url,
+        "CREATE TABLE after_failover (id int);
+         INSERT INTO after_failover VALUES (1);
+         /* lagprobe:primary */ SELECT inet_server_port(), pg_is_in_recovery();
+         SELECT inet_server_port(), pg_is_in_recovery();",
+    )
+    .await;
+    assert_eq!(
+        after,
+        [format!("{promoted}|f"), format!("{old_primary}|t")],
+        "{report}"
+    );
+    app.shutdown().await;
+}
