@@ -317,7 +317,8 @@ pub struct ProxySettings {
     pub addr: Option<SocketAddr>,
     /// Sessions start with this strategy (`SET lagprobe.strategy` changes a session's).
     pub strategy: ProxyStrategy,
-    /// Clients must give this password; required when `addr` is not loopback.
+    /// Clients must prove they know this password (SCRAM-SHA-256); required when `addr`
+    /// is not loopback.
     pub password: Option<Secret>,
     pub max_message_bytes: usize,
     pub connect_timeout: Duration,

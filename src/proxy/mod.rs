@@ -13,6 +13,7 @@
 mod audit;
 mod backend;
 mod classify;
+mod scram;
 mod session;
 mod statements;
 mod watcher;
@@ -162,6 +163,8 @@ impl CancelRegistry {
 /// What every session shares.
 struct Shared {
     settings: ProxySettings,
+    /// The password's SCRAM verifier, when clients must give one.
+    verifier: Option<scram::Verifier>,
     defaults: StrategyDefaults,
     /// Where new sessions connect, and the topology generation it came from.
     backends: RwLock<(u64, Arc<Backends>)>,
@@ -284,6 +287,10 @@ pub fn handle(
     ProxyHandle {
         shared: Arc::new(Shared {
             settings: settings.clone(),
+            verifier: settings
+                .password
+                .as_ref()
+                .map(|password| scram::Verifier::new(&password.0)),
             defaults,
             backends: RwLock::new((databases.urls().generation, Arc::new(backends))),
             primary_position: PrimaryPosition::spawn(databases.clone()),

@@ -9,7 +9,7 @@ use std::{
     time::Instant,
 };
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use pgwire::messages::{
     data::{DataRow, FieldDescription, RowDescription},
     response::CommandComplete,
@@ -31,6 +31,7 @@ use super::{
     audit::{self, ReadNote, ReplicaRead, TokenAtRead, TokenFetch},
     backend::{self, Backend, BackendError},
     classify::{self, Classified, ProxyCommand, Route},
+    scram,
     statements::{Plan, StatementUse, Statements},
     wire::{self, ClientMessage, Frame, TxStatus},
 };
@@ -343,28 +344,54 @@ fn check_startup(
     Ok(forwarded)
 }
 
-/// Trust on loopback; with a password configured, the client must give it (cleartext in
-/// the protocol's PasswordMessage: SCRAM-SHA-256 is not implemented yet).
+/// Trust without a password (only allowed on loopback); with one, SCRAM-SHA-256: the
+/// client proves it knows the password without sending it.
 async fn authenticate(shared: &Shared, client: &mut Client) -> Result<(), ProxyError> {
-    let Some(password) = &shared.settings.password else {
+    let Some(verifier) = &shared.verifier else {
         return Ok(());
     };
     let mut out = BytesMut::new();
-    wire::put(&Authentication::CleartextPassword, &mut out);
+    wire::put(
+        &Authentication::SASL(vec![scram::MECHANISM.to_owned()]),
+        &mut out,
+    );
     client.send(&out).await?;
-    let frame = client.next_frame().await?;
-    if frame.tag != b'p' {
-        return Err(ProxyError::Protocol("expected a password message".into()));
+    let frame = password_message(client).await?;
+    let mut reader = wire::Reader::new(frame.body(), "SASLInitialResponse");
+    if reader.cstr()? != scram::MECHANISM {
+        return Err(ProxyError::Protocol(format!(
+            "only {} is offered",
+            scram::MECHANISM
+        )));
     }
-    let given = wire::Reader::new(frame.body(), "PasswordMessage").cstr()?;
-    if !constant_time_eq(given.as_bytes(), password.0.as_bytes()) {
-        return Err(ProxyError::AuthFailed);
-    }
-    Ok(())
+    let exchange = verifier
+        .start(reader.sized_bytes()?)
+        .map_err(scram_failed)?;
+    out.clear();
+    let server_first = Bytes::copy_from_slice(exchange.server_first());
+    wire::put(&Authentication::SASLContinue(server_first), &mut out);
+    client.send(&out).await?;
+    let frame = password_message(client).await?;
+    let server_final = exchange.finish(frame.body()).map_err(scram_failed)?;
+    out.clear();
+    wire::put(&Authentication::SASLFinal(server_final.into()), &mut out);
+    client.send(&out).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The client's next message, which must be a password message ('p').
+async fn password_message(client: &mut Client) -> Result<Frame, ProxyError> {
+    let frame = client.next_frame().await?;
+    if frame.tag != b'p' {
+        return Err(ProxyError::Protocol("expected a SASL response".into()));
+    }
+    Ok(frame)
+}
+
+fn scram_failed(error: scram::ScramError) -> ProxyError {
+    match error {
+        scram::ScramError::WrongPassword => ProxyError::AuthFailed,
+        scram::ScramError::Malformed(_) => ProxyError::Protocol(error.to_string()),
+    }
 }
 
 /// A CancelRequest on a new connection: forwarded to the backend running that session's

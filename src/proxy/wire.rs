@@ -128,6 +128,21 @@ impl<'a> Reader<'a> {
         self.rest = &self.rest[end + 1..];
         Ok(text)
     }
+
+    /// An Int32 length then that many bytes (SASLInitialResponse's data); -1 is none.
+    pub fn sized_bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let length = self.i32()?;
+        if length == -1 {
+            return Ok(&[]);
+        }
+        let length = usize::try_from(length).map_err(|_| self.malformed())?;
+        if self.rest.len() < length {
+            return Err(self.malformed());
+        }
+        let (bytes, rest) = self.rest.split_at(length);
+        self.rest = rest;
+        Ok(bytes)
+    }
 }
 
 /// The startup packet's parameters (`user`, `database`, `application_name`, ...).

@@ -674,3 +674,73 @@ async fn after_a_lab_failover_new_sessions_use_the_new_primary_and_replica() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_password_clients_authenticate_with_scram_sha_256() {
+    let app = spawn_app(0).await;
+    let proxy_settings = lagprobe::settings::ProxySettings {
+        password: Some(lagprobe::settings::Secret("pa$$ wörd".into())),
+        ..lagprobe::settings::ProxySettings::default()
+    };
+    let proxy = lagprobe::server::build_proxy(
+        &app.lab().primary_url(),
+        &app.replica_urls(),
+        &lagprobe::settings::PoolSettings::default(),
+        lagprobe::settings::StrategyDefaults::default(),
+        &proxy_settings,
+    )
+    .await
+    .unwrap();
+    let url = format!("{}&connect_timeout=10", proxy.psql_url());
+
+    // The first thing a client hears is AuthenticationSASL offering SCRAM-SHA-256 (code 10),
+    // not a request for a cleartext password (code 3).
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(&startup_then(&[])).await.unwrap();
+    let mut answer = vec![0u8; 64];
+    let read = stream.read(&mut answer).await.unwrap();
+    let answer = &answer[..read];
+    assert_eq!(answer[0], b'R', "{answer:?}");
+    assert_eq!(&answer[5..9], &10i32.to_be_bytes(), "{answer:?}");
+    assert!(
+        answer.windows(13).any(|window| window == b"SCRAM-SHA-256"),
+        "{answer:?}"
+    );
+
+    let with_password = |password: &str| {
+        let mut command = Command::new(PSQL);
+        command
+            .args(["-X", "-A", "-t", &url, "-c", "SELECT pg_is_in_recovery()"])
+            .env("PGPASSWORD", password)
+            .kill_on_drop(true);
+        command
+    };
+    let right = with_password("pa$$ wörd").output().await.unwrap();
+    assert!(
+        right.status.success(),
+        "{}",
+        String::from_utf8_lossy(&right.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&right.stdout).trim(), "t");
+    let wrong = with_password("guess").output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(!wrong.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+
+    // sqlx, another client's SCRAM implementation.
+    let sqlx_url = format!(
+        "postgres://postgres:pa%24%24%20w%C3%B6rd@{}/lagprobe?sslmode=disable",
+        proxy.addr
+    );
+    let mut connection = sqlx::PgConnection::connect(&sqlx_url).await.unwrap();
+    let row = sqlx::query("SELECT 1::int4")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(row.get::<i32, _>(0), 1);
+    proxy.shutdown().await;
+    app.shutdown().await;
+}
