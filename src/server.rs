@@ -79,7 +79,8 @@ pub async fn build(settings: Settings) -> Result<App> {
                 proxy_backends(&settings, lab.as_deref())?,
                 service.engine().databases().clone(),
                 service.proxy_stats().clone(),
-            );
+            )
+            .await;
             let task = proxy::serve(listener, handle.clone(), until_stopped(stopped));
             Some((handle, tokio::spawn(task)))
         }
@@ -155,7 +156,7 @@ pub async fn build_proxy(
         .map_err(|reason| Error::invalid("proxy_backends", reason))?;
     let databases = Databases::connect_lazy(primary_url, &db::name_replicas(replica_urls), pool)?;
     let stats = ProxyStats::new(proxy.audit_queries);
-    let handle = proxy::handle(proxy, defaults, backends, databases, stats);
+    let handle = proxy::handle(proxy, defaults, backends, databases, stats).await;
     let (stop, mut stopped) = watch::channel(false);
     let until_stopped = async move {
         let _ = stopped.wait_for(|stop| *stop).await;

@@ -272,14 +272,26 @@ impl Shared {
     }
 }
 
-/// Builds the proxy's shared state (watchers included) for `listener`'s sessions.
-pub fn handle(
+/// Builds the proxy's shared state (watchers included) for `listener`'s sessions. The
+/// password's PBKDF2 (4096 rounds of HMAC) runs on the blocking pool, off the runtime.
+pub async fn handle(
     settings: &ProxySettings,
     defaults: StrategyDefaults,
     backends: Backends,
     databases: Databases,
     stats: ProxyStats,
 ) -> ProxyHandle {
+    let verifier = match settings.password.as_ref() {
+        Some(password) => {
+            let password = password.0.clone();
+            // Never `None` on failure: that would let clients in without the password.
+            match tokio::task::spawn_blocking(move || scram::Verifier::new(&password)).await {
+                Ok(verifier) => Some(verifier),
+                Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+            }
+        }
+        None => None,
+    };
     stats.mark_running();
     let watchers = (0..backends.replicas.len())
         .map(|index| ReplayWatcher::spawn(databases.clone(), index, settings.poll_interval))
@@ -287,10 +299,7 @@ pub fn handle(
     ProxyHandle {
         shared: Arc::new(Shared {
             settings: settings.clone(),
-            verifier: settings
-                .password
-                .as_ref()
-                .map(|password| scram::Verifier::new(&password.0)),
+            verifier,
             defaults,
             backends: RwLock::new((databases.urls().generation, Arc::new(backends))),
             primary_position: PrimaryPosition::spawn(databases.clone()),
