@@ -89,6 +89,22 @@ impl Bound {
         Duration::from_millis(self.default)
     }
 
+    /// Checks a byte count a caller gave against a setting in MiB (the link's buffer).
+    pub fn check_mib(&self, bytes: u64) -> Result<u64, Invalid> {
+        let range = self.min.saturating_mul(MIB)..=self.max.saturating_mul(MIB);
+        if range.contains(&bytes) {
+            Ok(bytes)
+        } else {
+            Err(Invalid::new(
+                self.field,
+                format!(
+                    "{bytes} bytes is out of range {}..={} MiB",
+                    self.min, self.max
+                ),
+            ))
+        }
+    }
+
     /// Checks a duration a caller gave (the delay link's settings).
     pub fn check_duration(&self, value: Duration) -> Result<Duration, Invalid> {
         let ms = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
@@ -118,6 +134,11 @@ pub const PIN_WINDOW_MS: Bound = Bound::new("pin_window_ms", 0, 600_000, 2000);
 pub const LSN_WAIT_TIMEOUT_MS: Bound = Bound::new("lsn_wait_timeout_ms", 1, 600_000, 10_000);
 /// The lab's one-way delay from primary to replica (the old demo's 1 s).
 pub const DELAY_MS: Bound = Bound::new("delay_ms", 0, 600_000, 1000);
+/// What the delay link holds per connection and direction at most, in MiB; beyond it the
+/// link stops reading from the sender. At 1000 ms, 64 MiB lets about 64 MiB/s through.
+pub const LINK_BUFFER_MB: Bound = Bound::new("link_buffer_mb", 1, 16_384, 64);
+/// Bytes in a MiB.
+pub const MIB: u64 = 1024 * 1024;
 /// Uniform jitter on the lab's delay.
 pub const JITTER_MS: Bound = Bound::new("jitter_ms", 0, 600_000, 0);
 /// Heartbeat period on the primary; 0 turns it off.
@@ -604,5 +625,7 @@ mod tests {
         };
         let settings = Settings::on_free_ports(DatabaseSettings::Lab(lab));
         assert_eq!(settings.validate().unwrap_err().field, "replicas");
+        assert_eq!(LINK_BUFFER_MB.check_mib(64 * MIB), Ok(64 * MIB));
+        assert!(LINK_BUFFER_MB.check_mib(16_385 * MIB).is_err());
     }
 }
