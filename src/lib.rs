@@ -34,7 +34,7 @@ pub mod settings;
 pub use db::{Databases, DbError, Replica, Role, TopologyUrls, migrate, redact_url};
 pub use error::{Error, ErrorKind, Result};
 pub use grpc::pb;
-pub use lab::{DelayControl, DelayLink, DelaySettings, Lab, LabError, PgBinaries};
+pub use lab::{BufferStats, DelayControl, DelayLink, DelaySettings, Lab, LabError, PgBinaries};
 pub use lsn::{Lsn, LsnParseError};
 pub use probe::{
     CompareReport, LagMeasures, LagReport, Percentiles, ProbeEngine, ProbeOptions, ProbeResult,

@@ -7,6 +7,17 @@
 //! database traffic are not slowed. Bytes keep their order: each chunk is stamped when it is
 //! read and written once its time has come, after every chunk read before it. The delay is
 //! read per chunk, so changing it takes effect for the next bytes without reconnecting.
+//!
+//! Each connection holds at most its buffer's worth of bytes (`--link-buffer-mb`, counted in
+//! bytes, not chunks); when it is full the link stops reading from the upstream, so the
+//! upstream's sends block as they would behind a slow network, instead of the link growing.
+//! At delay D a full buffer of B bytes passes at most B / D: 64 MiB at 1 s is 64 MiB/s.
+//!
+//! Tokio accepts and connects; each relayed connection then runs on a thread of its own
+//! (`relay`), which is what keeps the delay exact at the tail.
+
+mod relay;
+mod sys;
 
 use std::{
     net::SocketAddr,
@@ -18,21 +29,15 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpListener, TcpStream, ToSocketAddrs,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-    sync::{mpsc, watch},
+    net::{TcpListener, TcpStream, ToSocketAddrs},
+    sync::watch,
     task::JoinSet,
 };
 
-use bytes::{Bytes, BytesMut};
+use crate::settings::{LINK_BUFFER_MB, MIB};
 
-/// Chunks held per connection (twice: before and after their time) before the reader waits:
-/// with reads of up to 256 KiB, enough for a WAL stream of well over 100 MiB/s at 1 s.
-const CHUNKS_IN_FLIGHT: usize = 1024;
-const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// The smallest buffer a link takes.
+pub const MIN_BUFFER_BYTES: u64 = 64 * 1024;
 
 /// A delay link's settings at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -65,11 +70,29 @@ mod duration_ms {
     }
 }
 
+/// How full a link's buffers are, in the held (upstream-to-client) direction; the other
+/// direction passes at once and waits with at most one read's worth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct BufferStats {
+    /// The cap per connection and direction.
+    pub buffer_bytes: u64,
+    /// Held now, over every connection (bytes plus a small charge per chunk).
+    pub held_bytes: u64,
+    /// The most one connection has held at once since the link started.
+    pub peak_held_bytes: u64,
+    /// Times a connection's buffer filled up and the link stopped reading its upstream.
+    pub full_count: u64,
+}
+
 #[derive(Debug)]
 struct ControlState {
     delay_us: AtomicU64,
     jitter_us: AtomicU64,
     down: watch::Sender<bool>,
+    buffer_bytes: u64,
+    held_bytes: AtomicU64,
+    peak_held_bytes: AtomicU64,
+    full_count: AtomicU64,
 }
 
 /// The live settings of a delay link, shared by every connection through it.
@@ -83,14 +106,58 @@ fn micros(duration: Duration) -> u64 {
 }
 
 impl DelayControl {
+    /// A control with the default buffer (`LINK_BUFFER_MB`).
     pub fn new(delay: Duration) -> Self {
+        Self::with_buffer(delay, LINK_BUFFER_MB.default * MIB)
+    }
+
+    /// A control whose connections hold at most `buffer_bytes` each way (at least
+    /// [`MIN_BUFFER_BYTES`]: below a few reads' worth the link could not read at all).
+    pub fn with_buffer(delay: Duration, buffer_bytes: u64) -> Self {
         DelayControl {
             state: Arc::new(ControlState {
                 delay_us: AtomicU64::new(micros(delay)),
                 jitter_us: AtomicU64::new(0),
                 down: watch::channel(false).0,
+                buffer_bytes: buffer_bytes.max(MIN_BUFFER_BYTES),
+                held_bytes: AtomicU64::new(0),
+                peak_held_bytes: AtomicU64::new(0),
+                full_count: AtomicU64::new(0),
             }),
         }
+    }
+
+    pub fn buffer_bytes(&self) -> u64 {
+        self.state.buffer_bytes
+    }
+
+    pub fn buffer_stats(&self) -> BufferStats {
+        BufferStats {
+            buffer_bytes: self.state.buffer_bytes,
+            held_bytes: self.state.held_bytes.load(Ordering::Relaxed),
+            peak_held_bytes: self.state.peak_held_bytes.load(Ordering::Relaxed),
+            full_count: self.state.full_count.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A connection now holds `connection_bytes`, `delta` more than before.
+    fn held_changed(&self, delta: i64, connection_bytes: u64) {
+        if delta >= 0 {
+            self.state
+                .held_bytes
+                .fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.state
+                .held_bytes
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+        self.state
+            .peak_held_bytes
+            .fetch_max(connection_bytes, Ordering::Relaxed);
+    }
+
+    fn buffer_was_full(&self) {
+        self.state.full_count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How long primary-to-replica bytes are held now (without jitter).
@@ -136,6 +203,12 @@ impl DelayControl {
         )
     }
 
+    /// No delay and no jitter: bytes are due the moment they arrive.
+    fn holds_nothing(&self) -> bool {
+        self.state.delay_us.load(Ordering::Relaxed) == 0
+            && self.state.jitter_us.load(Ordering::Relaxed) == 0
+    }
+
     fn is_down(&self) -> bool {
         *self.state.down.borrow()
     }
@@ -160,15 +233,23 @@ pub struct DelayLink {
 
 impl DelayLink {
     /// Listens on `listen` and relays every connection to `upstream` (resolved per
-    /// connection, so a recreated upstream host is followed).
+    /// connection, so a recreated upstream host is followed), with the default buffer.
     pub async fn bind(
         listen: impl ToSocketAddrs,
         upstream: String,
         delay: Duration,
     ) -> std::io::Result<Self> {
+        Self::bind_with(listen, upstream, DelayControl::new(delay)).await
+    }
+
+    /// [`DelayLink::bind`] with a control of the caller's (its buffer size, say).
+    pub async fn bind_with(
+        listen: impl ToSocketAddrs,
+        upstream: String,
+        control: DelayControl,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
-        let control = DelayControl::new(delay);
         let (upstream, upstream_changes) = watch::channel(Some(upstream));
         let accept_loop = tokio::spawn(accept_loop(listener, upstream_changes, control.clone()));
         Ok(DelayLink {
@@ -253,99 +334,20 @@ async fn relay(inbound: TcpStream, upstream: &str, control: DelayControl) -> std
     // Small WAL messages must not wait for Nagle's algorithm: that would add its own delay.
     inbound.set_nodelay(true)?;
     outbound.set_nodelay(true)?;
-    let (mut from_client, to_client) = inbound.into_split();
-    let (from_upstream, mut to_upstream) = outbound.into_split();
-
-    let client_to_upstream = async move {
-        tokio::io::copy(&mut from_client, &mut to_upstream).await?;
-        to_upstream.shutdown().await
-    };
-    let cut = control.clone();
+    // Both stay non-blocking: the relay thread waits in ppoll, never in a read or write.
+    let mut relayed = relay::spawn(inbound.into_std()?, outbound.into_std()?, control.clone())?;
+    // Returning (or this future being dropped: redirect, link dropped) drops the handle,
+    // which stops the thread and closes both sockets.
     tokio::select! {
-        relayed = async {
-            tokio::try_join!(client_to_upstream, delayed_copy(from_upstream, to_client, control))
-        } => relayed.map(|_| ()),
-        () = cut.cut() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "delay link cut")),
+        finished = relayed.finished() => finished,
+        () = control.cut() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "delay link cut")),
     }
-}
-
-/// Copies `from` to `to`, delivering each chunk `control.hold()` after it was read.
-///
-/// The hold is timed by a thread of its own: tokio's timer ticks in whole milliseconds and
-/// would add up to a millisecond (more under load) to every chunk, while a thread's sleep
-/// is accurate to tens of microseconds. The thread only times; reading and writing stay
-/// asynchronous. Chunks go reader -> timer thread -> writer through bounded channels, in
-/// order, so a slow replica still pushes back on the primary.
-async fn delayed_copy(
-    mut from: OwnedReadHalf,
-    to: OwnedWriteHalf,
-    control: DelayControl,
-) -> std::io::Result<()> {
-    let (held_sender, mut held) = mpsc::channel::<(std::time::Instant, Bytes)>(CHUNKS_IN_FLIGHT);
-    let (due_sender, mut due) = mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
-    // Chunks read but not yet taken by the writer; at 0 with no hold, a chunk may skip the
-    // timer thread without overtaking anything.
-    let pending = Arc::new(AtomicU64::new(0));
-    let timer_due_sender = due_sender.clone();
-    std::thread::Builder::new()
-        .name("lagprobe-delay".into())
-        .spawn(move || {
-            while let Some((deliver_at, chunk)) = held.blocking_recv() {
-                let now = std::time::Instant::now();
-                if deliver_at > now {
-                    std::thread::sleep(deliver_at - now);
-                }
-                if timer_due_sender.blocking_send(chunk).is_err() {
-                    return;
-                }
-            }
-        })?;
-    // The writer half is shared: with nothing pending and no hold, the reader writes the
-    // chunk itself, saving a task hand-off per chunk (the link's zero-delay throughput).
-    let to = Arc::new(tokio::sync::Mutex::new(to));
-    let reader_to = to.clone();
-    let reader_pending = pending.clone();
-    let reader = async move {
-        let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
-        loop {
-            buffer.reserve(READ_BUFFER_BYTES);
-            let read = from.read_buf(&mut buffer).await?;
-            if read == 0 {
-                return Ok(());
-            }
-            let hold = control.hold();
-            let chunk = buffer.split().freeze();
-            let sent = if hold.is_zero() && reader_pending.load(Ordering::Acquire) == 0 {
-                reader_to.lock().await.write_all(&chunk).await?;
-                true
-            } else {
-                reader_pending.fetch_add(1, Ordering::AcqRel);
-                held_sender
-                    .send((std::time::Instant::now() + hold, chunk))
-                    .await
-                    .is_ok()
-            };
-            if !sent {
-                return Ok(());
-            }
-        }
-    };
-    drop(due_sender);
-    let writer = async move {
-        while let Some(chunk) = due.recv().await {
-            to.lock().await.write_all(&chunk).await?;
-            // Only now is the chunk out: a zero-hold chunk read next may go straight after it.
-            pending.fetch_sub(1, Ordering::AcqRel);
-        }
-        to.lock().await.shutdown().await
-    };
-    tokio::try_join!(reader, writer)?;
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn echo_server() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -504,5 +506,134 @@ mod tests {
             .await
             .expect("connection closed promptly");
         assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+
+    /// Bytes of the test stream: byte `n` of the stream is `n % 251`, so any loss,
+    /// duplication or reordering shows.
+    const PATTERN_BYTES: usize = 251 * 1024;
+
+    /// An upstream that streams `chunks` patterns to its first client, counting what its
+    /// socket accepted.
+    async fn pattern_upstream(chunks: usize) -> (SocketAddr, Arc<AtomicU64>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let pattern: Vec<u8> = (0..PATTERN_BYTES).map(|n| (n % 251) as u8).collect();
+            for _ in 0..chunks {
+                // Small writes, so the count follows what the socket really took.
+                for piece in pattern.chunks(16 * 1024) {
+                    if socket.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                }
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// Reads the whole stream and checks every byte; returns how many came.
+    async fn read_pattern(client: &mut TcpStream) -> u64 {
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut offset = 0u64;
+        loop {
+            let read = client.read(&mut buffer).await.unwrap();
+            if read == 0 {
+                return offset;
+            }
+            for &byte in &buffer[..read] {
+                assert_eq!(byte, (offset % 251) as u8, "byte {offset}");
+                offset += 1;
+            }
+        }
+    }
+
+    /// Waits until `count` has not grown for a while (the sender is blocked).
+    async fn until_stalled(count: &AtomicU64) -> u64 {
+        let mut last = count.load(Ordering::Relaxed);
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = count.load(Ordering::Relaxed);
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        panic!("the sender never stopped: {last} bytes accepted");
+    }
+
+    /// Streams more than every buffer on the way can take into a link whose client does
+    /// not read; once the sender is stuck, checks it was pushed back and what the link
+    /// holds, then reads everything and checks it.
+    async fn stalled_receiver(delay: Duration, buffer_bytes: u64) -> BufferStats {
+        // 61 MiB: more than the link's buffer and every socket buffer on the way.
+        let chunks = 256;
+        let total = (chunks * PATTERN_BYTES) as u64;
+        let (upstream, accepted) = pattern_upstream(chunks).await;
+        let control = DelayControl::with_buffer(delay, buffer_bytes);
+        let link = DelayLink::bind_with("127.0.0.1:0", upstream.to_string(), control)
+            .await
+            .unwrap();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+
+        let stalled_at = until_stalled(&accepted).await;
+        assert!(stalled_at < total, "the link took all {total} bytes");
+        let stalled = link.control().buffer_stats();
+        assert_eq!(read_pattern(&mut client).await, total);
+        let after = link.control().buffer_stats();
+        assert!(after.peak_held_bytes <= buffer_bytes, "{after:?}");
+        stalled
+    }
+
+    #[tokio::test]
+    async fn a_stalled_receiver_fills_the_buffer_and_no_more() {
+        const BUFFER_BYTES: u64 = 1024 * 1024;
+        let stats = stalled_receiver(Duration::from_millis(50), BUFFER_BYTES).await;
+        // Full, less at most what one read would have needed room for.
+        let read_bytes = relay::READ_BUFFER_BYTES as u64 + relay::CHUNK_OVERHEAD_BYTES;
+        assert!(stats.held_bytes > BUFFER_BYTES - read_bytes, "{stats:?}");
+        assert!(stats.peak_held_bytes <= BUFFER_BYTES, "{stats:?}");
+        assert!(stats.full_count >= 1, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn at_zero_delay_a_stalled_receiver_paces_the_link_without_buffering() {
+        let stats = stalled_receiver(Duration::ZERO, 64 * 1024 * 1024).await;
+        // What one read left over when the client's socket filled, nothing more.
+        let read_bytes = relay::READ_BUFFER_BYTES as u64 + relay::CHUNK_OVERHEAD_BYTES;
+        assert!(stats.peak_held_bytes <= read_bytes, "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn at_a_delay_the_buffer_bounds_what_is_held_and_everything_arrives_in_order() {
+        const BUFFER_BYTES: u64 = 1024 * 1024;
+        let delay = Duration::from_millis(200);
+        // 4 MiB through a 1 MiB buffer held 200 ms: at least three full holds.
+        let chunks = 16;
+        let total = (chunks * PATTERN_BYTES) as u64;
+        let (upstream, _) = pattern_upstream(chunks).await;
+        let control = DelayControl::with_buffer(delay, BUFFER_BYTES);
+        let link = DelayLink::bind_with("127.0.0.1:0", upstream.to_string(), control)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut client = TcpStream::connect(link.local_addr()).await.unwrap();
+        assert_eq!(read_pattern(&mut client).await, total);
+        // A lower bound only: the link must not let more than its buffer through per delay.
+        let holds = total / BUFFER_BYTES;
+        assert!(
+            started.elapsed() >= delay * holds as u32,
+            "{:?}",
+            started.elapsed()
+        );
+        let stats = link.control().buffer_stats();
+        assert!(stats.peak_held_bytes <= BUFFER_BYTES, "{stats:?}");
+        assert!(stats.full_count >= 1, "{stats:?}");
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(link.control().buffer_stats().held_bytes, 0);
     }
 }

@@ -27,7 +27,7 @@ use tokio::process::Command;
 
 use crate::settings::{self, LabSettings};
 pub use binaries::PgBinaries;
-pub use delay_link::{DelayControl, DelayLink, DelaySettings};
+pub use delay_link::{BufferStats, DelayControl, DelayLink, DelaySettings};
 pub use faults::{LabStatus, Promotion, ServerStatus};
 pub use node::{NodeState, StopMode};
 use node::{PgNode, RunAs, lab_command, reap_in_background, run_to_completion};
