@@ -431,6 +431,8 @@ pub struct LabSettings {
     pub data_dir: Option<PathBuf>,
     /// One-way delay from primary to replica once the lab is up.
     pub delay: Duration,
+    /// What the delay link holds per connection and direction at most ([`LINK_BUFFER_MB`]).
+    pub link_buffer_bytes: u64,
     /// Loopback ports; 0 picks a free one. Replica `i` (from 0) gets `replica_port + i`.
     pub primary_port: u16,
     pub replica_port: u16,
@@ -470,6 +472,7 @@ impl Default for LabSettings {
             data_dir: None,
             cache_dir: default_cache_dir(),
             delay: DELAY_MS.default_duration(),
+            link_buffer_bytes: LINK_BUFFER_MB.default * MIB,
             primary_port: 0,
             replica_port: 0,
             replicas: REPLICAS.default as u8,
@@ -490,6 +493,7 @@ impl LabSettings {
     pub fn validate(&self) -> Result<(), Invalid> {
         REPLICAS.check(Some(u64::from(self.replicas)))?;
         DELAY_MS.check_duration(self.delay)?;
+        LINK_BUFFER_MB.check_mib(self.link_buffer_bytes)?;
         Ok(())
     }
 }
@@ -625,6 +629,12 @@ mod tests {
         };
         let settings = Settings::on_free_ports(DatabaseSettings::Lab(lab));
         assert_eq!(settings.validate().unwrap_err().field, "replicas");
+        let no_buffer = LabSettings {
+            link_buffer_bytes: MIB - 1,
+            ..LabSettings::default()
+        };
+        let settings = Settings::on_free_ports(DatabaseSettings::Lab(no_buffer));
+        assert_eq!(settings.validate().unwrap_err().field, "link_buffer_mb");
         assert_eq!(LINK_BUFFER_MB.check_mib(64 * MIB), Ok(64 * MIB));
         assert!(LINK_BUFFER_MB.check_mib(16_385 * MIB).is_err());
     }

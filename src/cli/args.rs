@@ -361,6 +361,25 @@ pub struct LabArgs {
     /// Ordinary writes still commit locally (synchronous_commit = local).
     #[arg(long, env = "LAGPROBE_SYNC_REPLICA")]
     pub sync_replica: bool,
+
+    #[command(flatten)]
+    pub link_buffer: LinkBufferArgs,
+}
+
+/// The delay link's memory cap (the lab's and the standalone link's).
+#[derive(Debug, Clone, Args)]
+pub struct LinkBufferArgs {
+    /// MiB the delay link holds per connection and direction at most; when full it stops
+    /// reading from the primary (backpressure). At delay D it passes at most this much per
+    /// D: 64 MiB at 1000 ms is about 0.5 Gbit/s.
+    #[arg(long, env = "LAGPROBE_LINK_BUFFER_MB", default_value_t = settings::LINK_BUFFER_MB.default, value_parser = within(&settings::LINK_BUFFER_MB))]
+    pub link_buffer_mb: u64,
+}
+
+impl LinkBufferArgs {
+    pub fn buffer_bytes(&self) -> u64 {
+        self.link_buffer_mb * settings::MIB
+    }
 }
 
 impl LabArgs {
@@ -373,6 +392,7 @@ impl LabArgs {
                 false => self.cache_dir.clone().or_else(settings::default_cache_dir),
             },
             delay: Duration::from_millis(self.delay_ms),
+            link_buffer_bytes: self.link_buffer.buffer_bytes(),
             primary_port: self.primary_port,
             replica_port: self.replica_port,
             // In range by the flag's parser.
@@ -497,4 +517,7 @@ pub struct DelayLinkArgs {
     /// Milliseconds to hold bytes flowing from the primary to the replica.
     #[arg(long, env = "LAGPROBE_DELAY_MS", default_value_t = settings::DELAY_MS.default, value_parser = within(&settings::DELAY_MS))]
     pub delay_ms: u64,
+
+    #[command(flatten)]
+    pub link_buffer: LinkBufferArgs,
 }

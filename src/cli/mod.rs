@@ -15,7 +15,7 @@ use args::{
 };
 use clap::{Parser, Subcommand};
 use lagprobe::{
-    DelayLink, markdown_table,
+    DelayControl, DelayLink, markdown_table,
     server::{self, App},
     service::Service,
     settings::DatabaseSettings,
@@ -332,18 +332,19 @@ async fn run_proxy(args: &ProxyCommandArgs) -> anyhow::Result<()> {
 
 async fn delay_link(args: &DelayLinkArgs) -> anyhow::Result<()> {
     let stop = stop_requested()?;
-    let link = DelayLink::bind(
-        args.listen.as_str(),
-        args.upstream.clone(),
+    let control = DelayControl::with_buffer(
         Duration::from_millis(args.delay_ms),
-    )
-    .await
-    .with_context(|| format!("listening on {}", args.listen))?;
+        args.link_buffer.buffer_bytes(),
+    );
+    let link = DelayLink::bind_with(args.listen.as_str(), args.upstream.clone(), control)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     println!(
-        "delay link {} -> {}: holding upstream-to-client bytes {} ms",
+        "delay link {} -> {}: holding upstream-to-client bytes {} ms, at most {} MiB per connection",
         link.local_addr(),
         args.upstream,
-        args.delay_ms
+        args.delay_ms,
+        args.link_buffer.link_buffer_mb
     );
     stop.await;
     drop(link);

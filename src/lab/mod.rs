@@ -794,9 +794,12 @@ impl Programs<'_> {
         tracing::debug!(elapsed = ?started.elapsed(), "primary accepting connections");
         let upstream = format!("127.0.0.1:{}", primary.port);
         let link = match create_lab_database(&primary).await {
-            Ok(()) => DelayLink::bind("127.0.0.1:0", upstream, Duration::ZERO)
-                .await
-                .map_err(LabError::io("starting the delay link")),
+            Ok(()) => {
+                let control = DelayControl::with_buffer(Duration::ZERO, options.link_buffer_bytes);
+                DelayLink::bind_with("127.0.0.1:0", upstream, control)
+                    .await
+                    .map_err(LabError::io("starting the delay link"))
+            }
             Err(error) => Err(error),
         };
         match link {
