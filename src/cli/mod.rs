@@ -4,6 +4,7 @@
 mod args;
 mod bench;
 mod healthcheck;
+mod link_ping;
 mod telemetry;
 
 use std::time::Duration;
@@ -102,6 +103,12 @@ enum Command {
         #[arg(long, env = "LAGPROBE_PG_BINDIR")]
         pg_bindir: Option<std::path::PathBuf>,
     },
+    /// The benchmark's outside client for the delay link (an echo server and pingers).
+    #[command(hide = true)]
+    LinkPing {
+        #[command(flatten)]
+        ping: link_ping::LinkPingArgs,
+    },
     /// GET a URL and exit 0 on a 2xx answer (for container health checks).
     Healthcheck {
         #[arg(long, default_value = "http://127.0.0.1:8000/readyz")]
@@ -155,6 +162,7 @@ pub async fn main() -> anyhow::Result<()> {
             print!("{}", bench::run(&options, &binary).await?);
             Ok(())
         }
+        Command::LinkPing { ping } => link_ping::run(&ping),
         Command::Healthcheck { url } => {
             let status = healthcheck::http_get_status(&url, Duration::from_secs(5)).await?;
             anyhow::ensure!((200..300).contains(&status), "GET {url} answered {status}");
