@@ -9,8 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod link;
+
 use lagprobe::{
-    DelayLink, Error, ProbeOptions, Result, RunSummary, markdown_table,
+    Error, ProbeOptions, Result, RunSummary, markdown_table,
     server::{self, App},
     service::{CompareRequest, RunRequest, Schedule, Service},
     settings::{DatabaseSettings, LabSettings, PoolSettings, Settings, Strategy},
@@ -58,7 +60,15 @@ fn lab_of(app: &App) -> &lagprobe::Lab {
 
 /// Runs every measurement and returns the report as markdown.
 pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<String> {
-    const SECTIONS: [&str; 5] = ["startup", "memory", "strategies", "link", "rate"];
+    const SECTIONS: [&str; 7] = [
+        "startup",
+        "memory",
+        "strategies",
+        "link",
+        "link-memory",
+        "pgbench",
+        "rate",
+    ];
     if let Some(unknown) = options
         .sections
         .iter()
@@ -83,7 +93,13 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
         report.push_str(&strategy_table(options).await?);
     }
     if wanted("link") {
-        report.push_str(&delay_link_accuracy().await?);
+        report.push_str(&link::accuracy(options, lagprobe_binary).await?);
+    }
+    if wanted("link-memory") {
+        report.push_str(&link::throughput(lagprobe_binary).await?);
+    }
+    if wanted("pgbench") {
+        report.push_str(&link::pgbench(options).await?);
     }
     if wanted("rate") {
         report.push_str(&probe_rate(options).await?);
@@ -226,165 +242,6 @@ async fn strategy_table(options: &BenchOptions) -> Result<String> {
         options.strategy_probes,
         markdown_table(&rows)
     ))
-}
-
-/// An upstream that echoes whatever it is sent.
-async fn echo_upstream() -> Result<std::net::SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(Error::io("binding the echo server"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(Error::io("echo server address"))?;
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let _ = socket.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = socket.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// Per-message one-way latency added by the link: messages sent every 5 ms through the
-/// link to an echo server come back `delay` later; the same run against the echo server
-/// directly is the baseline subtracted.
-async fn echo_latencies(addr: std::net::SocketAddr, messages: u32) -> Result<Vec<Duration>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(Error::io("connecting for the latency run"))?;
-    stream.set_nodelay(true).map_err(Error::io("nodelay"))?;
-    let (mut reader, mut writer) = stream.into_split();
-    let started = Instant::now();
-    // Each message carries the moment it was really sent (ns since `started`), so the
-    // sender's own timer lateness does not count as link delay.
-    let sender = tokio::spawn(async move {
-        for index in 0..messages {
-            tokio::time::sleep_until((started + Duration::from_millis(5) * index).into()).await;
-            let sent_ns = started.elapsed().as_nanos() as u64;
-            if writer.write_all(&sent_ns.to_le_bytes()).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut latencies = Vec::with_capacity(messages as usize);
-    let mut buffer = [0u8; 8];
-    for _ in 0..messages {
-        reader
-            .read_exact(&mut buffer)
-            .await
-            .map_err(Error::io("reading an echo"))?;
-        let sent = started + Duration::from_nanos(u64::from_le_bytes(buffer));
-        latencies.push(sent.elapsed());
-    }
-    let _ = sender.await;
-    Ok(latencies)
-}
-
-/// Bytes per second from an upstream that streams `total` bytes to each client, read at
-/// `addr` (directly or through a link).
-async fn streamed_throughput(addr: std::net::SocketAddr, total: u64) -> Result<f64> {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(Error::io("connecting for the throughput run"))?;
-    let started = Instant::now();
-    let mut buffer = vec![0u8; 256 * 1024];
-    let mut received = 0u64;
-    while received < total {
-        let read = stream
-            .read(&mut buffer)
-            .await
-            .map_err(Error::io("reading the stream"))?;
-        if read == 0 {
-            break;
-        }
-        received += read as u64;
-    }
-    Ok(received as f64 / started.elapsed().as_secs_f64())
-}
-
-async fn streaming_upstream(total: u64) -> Result<std::net::SocketAddr> {
-    use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(Error::io("binding the stream server"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(Error::io("stream server address"))?;
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let chunk = vec![7u8; 256 * 1024];
-                let mut sent = 0u64;
-                while sent < total {
-                    if socket.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                    sent += chunk.len() as u64;
-                }
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// How exactly the delay link holds bytes, and how fast it passes them at D = 0.
-async fn delay_link_accuracy() -> Result<String> {
-    let echo = echo_upstream().await?;
-    let mut direct = echo_latencies(echo, 200).await?;
-    let (_, baseline_ms, _) = spread_ms(&mut direct);
-    let mut table = String::from(
-        "## Delay link accuracy\n\n\
-         Added delay = latency through the link minus the configured delay minus the direct \
-         loopback round trip (median). Target: within 1 ms at p99.\n\n\
-         | configured ms | messages | added p50 ms | added p99 ms | added max ms |\n\
-         |---:|---:|---:|---:|---:|\n",
-    );
-    for delay_ms in [50u64, 1000] {
-        let link = DelayLink::bind(
-            "127.0.0.1:0",
-            echo.to_string(),
-            Duration::from_millis(delay_ms),
-        )
-        .await
-        .map_err(Error::io("starting a delay link"))?;
-        let mut through = echo_latencies(link.local_addr(), 400).await?;
-        through.sort();
-        let added = |quantile: f64| {
-            let index = ((through.len() - 1) as f64 * quantile).round() as usize;
-            through[index].as_secs_f64() * 1000.0 - delay_ms as f64 - baseline_ms
-        };
-        let _ = writeln!(
-            table,
-            "| {delay_ms} | {} | {:.3} | {:.3} | {:.3} |",
-            through.len(),
-            added(0.5),
-            added(0.99),
-            added(1.0)
-        );
-    }
-
-    let total = 512 * 1024 * 1024;
-    let source = streaming_upstream(total).await?;
-    let direct_rate = streamed_throughput(source, total).await?;
-    let link = DelayLink::bind("127.0.0.1:0", source.to_string(), Duration::ZERO)
-        .await
-        .map_err(Error::io("starting a delay link"))?;
-    let link_rate = streamed_throughput(link.local_addr(), total).await?;
-    let _ = write!(
-        table,
-        "\n| throughput at D = 0 (512 MiB, primary to replica direction) | MiB/s |\n|---|---:|\n\
-         | direct loopback | {:.0} |\n| through the delay link | {:.0} ({:.0}% of direct; target >= 50%) |\n\n",
-        direct_rate / 1048576.0,
-        link_rate / 1048576.0,
-        100.0 * link_rate / direct_rate
-    );
-    Ok(table)
 }
 
 /// Probes per second with the replica strategy at D = 0 from 1, 8 and 32 concurrent
