@@ -53,6 +53,7 @@ pub async fn build(settings: Settings) -> Result<App> {
         .map(|listener| local_addr(listener, "proxy"))
         .transpose()?;
     let (lab, service) = connect(&settings).await?;
+    let service = service.with_history(settings.probe_history);
     let (stop, stopped) = watch::channel(false);
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;

@@ -159,6 +159,8 @@ pub const KEY_CHARS: Bound = Bound::new("key", 1, 64, 1);
 pub const SERVER_NAME_CHARS: Bound = Bound::new("name", 1, 64, 1);
 /// The same, for the replica a failover promotes.
 pub const PROMOTE_CHARS: Bound = Bound::new("promote", 1, 64, 1);
+/// Probes the service keeps for the `/test/` page's history charts (0: none).
+pub const PROBE_HISTORY: Bound = Bound::new("probe_history", 0, 10_000, 100);
 /// Clients remembered for pin-window at most; all are forgotten when it fills.
 pub const PINNED_CLIENTS: usize = 100_000;
 /// Acknowledged writes the service remembers for counting lost writes after a failover:
@@ -524,6 +526,8 @@ pub struct Settings {
     pub defaults: StrategyDefaults,
     /// The PostgreSQL-protocol proxy in front of the same databases.
     pub proxy: ProxySettings,
+    /// Probes kept for the `/test/` page's history ([`PROBE_HISTORY`]).
+    pub probe_history: usize,
 }
 
 /// The default HTTP address (the old demo's port).
@@ -547,6 +551,7 @@ impl Settings {
             pool: PoolSettings::default(),
             defaults: StrategyDefaults::default(),
             proxy: ProxySettings::default(),
+            probe_history: PROBE_HISTORY.default as usize,
         }
     }
 
@@ -570,6 +575,7 @@ impl Settings {
         PIN_WINDOW_MS.check_duration(self.defaults.pin_window)?;
         LSN_WAIT_TIMEOUT_MS.check_duration(self.defaults.lsn_wait_timeout)?;
         self.proxy.validate()?;
+        PROBE_HISTORY.check(Some(self.probe_history as u64))?;
         Ok(())
     }
 }

@@ -48,6 +48,10 @@ pub struct ServiceArgs {
     #[arg(long, env = "LAGPROBE_HEARTBEAT_MS", default_value_t = settings::HEARTBEAT_MS.default, value_parser = within(&settings::HEARTBEAT_MS))]
     pub heartbeat_ms: u64,
 
+    /// Probes kept for the /test/ page's history charts; 0 keeps none.
+    #[arg(long, env = "LAGPROBE_PROBE_HISTORY", default_value_t = settings::PROBE_HISTORY.default, value_parser = within(&settings::PROBE_HISTORY))]
+    pub probe_history: u64,
+
     #[command(flatten)]
     pub pool: PoolArgs,
 
@@ -70,6 +74,7 @@ impl ServiceArgs {
             pool: self.pool.settings(),
             defaults: self.strategy.defaults(),
             proxy: self.proxy.settings(self.proxy.proxy_addr.0),
+            probe_history: self.probe_history as usize,
         }
     }
 }

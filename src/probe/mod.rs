@@ -8,16 +8,20 @@
 //! gRPC; transports turn its results into their own shapes.
 
 mod acked;
+mod history;
 mod lag;
 mod metrics;
 mod run;
 mod stats;
 mod strategy;
 
+pub use history::ProbeHistory;
 pub use lag::{LagMeasures, LagReport, ReplicaLag};
 pub use metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot};
 pub use run::{CompareReport, CompareSpec, RunReport, RunSpec, StrategyReport, WatchSpec};
-pub use stats::{Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table};
+pub use stats::{
+    Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table, visibility_steps,
+};
 pub use strategy::{ReadContext, ServedBy, StrategySettings, WaitMethod};
 
 use std::{
@@ -182,6 +186,7 @@ pub struct ProbeEngine {
     next_replica: Arc<AtomicUsize>,
     metrics: Arc<metrics::ProbeMetrics>,
     acked: Arc<AckedWrites>,
+    history: Arc<ProbeHistory>,
 }
 
 /// A replica read with its send and return times relative to the commit.
@@ -264,7 +269,19 @@ impl ProbeEngine {
             next_replica: Arc::default(),
             metrics: Arc::default(),
             acked: Arc::default(),
+            history: Arc::new(ProbeHistory::new(settings::PROBE_HISTORY.default as usize)),
         }
+    }
+
+    /// The same engine keeping the last `capacity` probes instead (0: none).
+    pub fn with_history(mut self, capacity: usize) -> Self {
+        self.history = Arc::new(ProbeHistory::new(capacity));
+        self
+    }
+
+    /// The last probes, oldest first.
+    pub fn history(&self) -> &ProbeHistory {
+        &self.history
     }
 
     pub fn databases(&self) -> &Databases {
@@ -496,6 +513,7 @@ impl ProbeEngine {
             tracing::warn!(%error, "could not delete old probe rows; a later batch sweeps them by age");
         }
         self.metrics.record(result);
+        self.history.record(result);
     }
 
     /// Writes `value` on the primary; the result's commit LSN is the consistency token.
@@ -535,5 +553,40 @@ impl ProbeEngine {
             waited: routed.waited.unwrap_or_default(),
             read_latency: started.elapsed(),
         })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A stale replica-strategy probe that saw its row 1003 ms after the commit, for the
+    /// unit tests of what consumes results (the history, the `/test/` page).
+    pub(crate) fn probe_with_token(token: &str) -> ProbeResult {
+        ProbeResult {
+            token: token.into(),
+            strategy: Strategy::Replica,
+            replica: "replica1".into(),
+            written_value: format!("2026-01-01 00:00:00+00 {token}"),
+            read_value: None,
+            verdict: Verdict::Stale,
+            served_by: Some(ServedBy::Replica),
+            commit_lsn: Lsn(2),
+            replica_replay_lsn: Some(Lsn(1)),
+            lsn_gap_bytes: Some(1),
+            replay_timestamp_lag_ms: None,
+            write_latency: Duration::from_millis(1),
+            read_latency: Some(Duration::from_millis(1)),
+            waited: None,
+            wait_method: None,
+            visible_after: Some(Duration::from_millis(1003)),
+            still_stale_at: Some(Duration::from_millis(1000)),
+            visibility_resolution: Some(Duration::from_millis(3)),
+            visibility_timed_out: false,
+            replica_reads: 3,
+            remote_apply_effective: None,
+            lag: LagMeasures::default(),
+            error: None,
+        }
     }
 }

@@ -107,6 +107,23 @@ pub fn wilson_interval_95(successes: u32, trials: u32) -> (f64, f64) {
     )
 }
 
+/// The visibility curve at every probe's own commit-to-visible time: steps `(t, P(visible
+/// | read issued t after the commit))`, sorted by `t`, over the probes whose visibility was
+/// followed to an end (a probe that timed out counts, and never becomes visible). Empty
+/// when there is none.
+pub fn visibility_steps(probes: &[ProbeResult]) -> Vec<(Duration, f64)> {
+    let measured = probes
+        .iter()
+        .filter(|p| p.visible_after.is_some() || p.visibility_timed_out)
+        .count();
+    let mut seen: Vec<Duration> = probes.iter().filter_map(|p| p.visible_after).collect();
+    seen.sort_unstable();
+    seen.iter()
+        .enumerate()
+        .map(|(index, &after)| (after, (index + 1) as f64 / measured as f64))
+        .collect()
+}
+
 impl RunSummary {
     pub fn of(probes: &[ProbeResult], elapsed: Duration) -> Self {
         let count_where = |predicate: &dyn Fn(&ProbeResult) -> bool| {
@@ -310,6 +327,20 @@ mod tests {
 
         let table = markdown_table(&[("remote-apply".into(), &effective)]);
         assert!(!table.contains("ineffective"), "{table}");
+    }
+
+    #[test]
+    fn visibility_steps_count_timeouts_but_not_errors() {
+        let probes = [
+            probe(Verdict::Stale, Some(30), ServedBy::Replica),
+            probe(Verdict::Fresh, Some(10), ServedBy::Replica),
+            probe(Verdict::Stale, None, ServedBy::Replica),
+            probe(Verdict::ReplicaError, None, ServedBy::Replica),
+        ];
+        let steps = visibility_steps(&probes);
+        let ms = Duration::from_millis;
+        assert_eq!(steps, [(ms(10), 1.0 / 3.0), (ms(30), 2.0 / 3.0)]);
+        assert!(visibility_steps(&[]).is_empty());
     }
 
     #[test]

@@ -118,6 +118,27 @@ impl Service {
         Ok(Service::new(databases, None, defaults))
     }
 
+    /// The same service keeping the last `capacity` probes for the `/test/` page.
+    pub fn with_history(mut self, capacity: usize) -> Self {
+        self.engine = self.engine.with_history(capacity);
+        self
+    }
+
+    /// The strategy of a request that names none.
+    pub fn default_strategy(&self) -> settings::Strategy {
+        self.defaults.strategy
+    }
+
+    /// The last probes the engine ran, oldest first.
+    pub fn history(&self) -> Vec<ProbeResult> {
+        self.engine.history().snapshot()
+    }
+
+    /// How many probes [`Service::history`] keeps at most.
+    pub fn history_capacity(&self) -> usize {
+        self.engine.history().capacity()
+    }
+
     pub fn engine(&self) -> &ProbeEngine {
         &self.engine
     }
