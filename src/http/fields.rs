@@ -12,10 +12,28 @@ use crate::{
     lab::StopMode,
     service::{
         CompareRequest, DelayRequest, FailoverRequest, ProbeParams, ProbeRequest, ReadRequest,
-        RunRequest, Schedule, ServerAction, ServerRequest, StrategyParams, WriteRequest,
+        RunRequest, Schedule, ServerAction, ServerRequest, StrategyParams, WatchRequest,
+        WriteRequest,
     },
     settings::Strategy,
 };
+
+/// What the `/test/` page was asked for: one probe, and live mode's stream of them.
+pub(super) struct TestPageRequest {
+    pub watch: bool,
+    /// The probe's fields, and live mode's `interval_ms`.
+    pub watch_request: WatchRequest,
+}
+
+impl TestPageRequest {
+    /// The page's own probe.
+    pub fn probe_request(&self) -> ProbeRequest {
+        ProbeRequest {
+            strategy: self.watch_request.strategy,
+            probe: self.watch_request.probe,
+        }
+    }
+}
 
 /// The fields of one request, consumed as they are converted, and where they came from
 /// (`query` or `body`): errors about a field name the field; only a body that is not a
@@ -25,19 +43,28 @@ pub(super) struct Fields(BTreeMap<String, Value>, &'static str);
 impl Fields {
     /// A query string's fields; a field given twice is an error, not a silent choice.
     pub(super) fn from_query(query: Option<&str>) -> Result<Self> {
+        Self::from_urlencoded(query.unwrap_or("").as_bytes(), "query")
+    }
+
+    /// An HTML form's fields (`application/x-www-form-urlencoded`, the `/test/` controls).
+    pub(super) fn from_form(body: &[u8]) -> Result<Self> {
+        Self::from_urlencoded(body, "form")
+    }
+
+    fn from_urlencoded(text: &[u8], source: &'static str) -> Result<Self> {
         let mut fields = BTreeMap::new();
-        for (name, value) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        for (name, value) in url::form_urlencoded::parse(text) {
             if fields
                 .insert(name.to_string(), Value::String(value.into_owned()))
                 .is_some()
             {
                 return Err(Error::invalid(
                     name.into_owned(),
-                    "given twice in the query (give it once)",
+                    format!("given twice in the {source} (give it once)"),
                 ));
             }
         }
-        Ok(Fields(fields, "query"))
+        Ok(Fields(fields, source))
     }
 
     /// A JSON body's fields; the body must be an object.
@@ -158,6 +185,26 @@ impl Fields {
         let request = ProbeRequest {
             strategy: self.strategy()?,
             probe: self.probe_params()?,
+        };
+        self.finish().map(|()| request)
+    }
+
+    /// The `/test/` page's query: a probe's fields, plus live mode (`watch`, 1 or 0) and
+    /// its probes' spacing (`interval_ms`).
+    pub(super) fn test_page_request(mut self) -> Result<TestPageRequest> {
+        let watch = match self.text("watch")?.as_deref() {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => return Err(Error::invalid("watch", format!("{other:?} is not 1 or 0"))),
+        };
+        let interval_ms = self.u64("interval_ms")?;
+        let request = TestPageRequest {
+            watch,
+            watch_request: WatchRequest {
+                strategy: self.strategy()?,
+                probe: self.probe_params()?,
+                interval_ms,
+            },
         };
         self.finish().map(|()| request)
     }

@@ -5,6 +5,7 @@
 
 mod fields;
 mod metrics;
+mod page;
 mod proxy_metrics;
 mod proxy_page;
 mod test_page;
@@ -16,7 +17,7 @@ use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State},
     http::{StatusCode, header},
-    response::{Html, IntoResponse, Redirect, Response},
+    response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use serde::Serialize;
@@ -69,28 +70,33 @@ impl From<Error> for ApiError {
     }
 }
 
-/// A JSON body's fields, read up to [`HTTP_BODY_LIMIT_BYTES`]: a bigger body is a 413 in the
+/// A request's body, read up to [`HTTP_BODY_LIMIT_BYTES`]: a bigger body is a 413 in the
 /// API's JSON error shape (axum alone answers it in plain text), one that cannot be read a
-/// 400, and what it holds is converted by [`Fields`], which names the field at fault.
+/// 400.
+async fn body_bytes<S: Send + Sync>(mut request: Request, state: &S) -> Result<Bytes> {
+    DefaultBodyLimit::max(HTTP_BODY_LIMIT_BYTES).apply(&mut request);
+    Bytes::from_request(request, state)
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::TooLarge {
+                    what: "body",
+                    limit_bytes: HTTP_BODY_LIMIT_BYTES,
+                }
+            } else {
+                Error::invalid("body", rejection.body_text())
+            }
+        })
+}
+
+/// A JSON body's fields, converted by [`Fields`], which names the field at fault.
 struct JsonBody(Fields);
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(mut request: Request, state: &S) -> Result<Self, ApiError> {
-        DefaultBodyLimit::max(HTTP_BODY_LIMIT_BYTES).apply(&mut request);
-        let body = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    Error::TooLarge {
-                        what: "body",
-                        limit_bytes: HTTP_BODY_LIMIT_BYTES,
-                    }
-                } else {
-                    Error::invalid("body", rejection.body_text())
-                }
-            })?;
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let body = body_bytes(request, state).await?;
         Ok(JsonBody(Fields::from_json(&body)?))
     }
 }
@@ -129,26 +135,6 @@ async fn api_probe(
         }),
     )
         .into_response())
-}
-
-async fn test_page(State(service): State<Service>, RawQuery(query): RawQuery) -> Response {
-    let lab_delay_ms = service.lab_delay_ms();
-    let outcome = match Fields::from_query(query.as_deref()).and_then(Fields::probe_request) {
-        Ok(request) => service.probe(&request).await,
-        Err(error) => Err(error),
-    };
-    match outcome {
-        Ok(probe) => (
-            probe_status(&probe),
-            Html(test_page::render(&probe, lab_delay_ms)),
-        )
-            .into_response(),
-        Err(error) => (
-            status_of(&error),
-            Html(test_page::render_error(&error, lab_delay_ms)),
-        )
-            .into_response(),
-    }
 }
 
 async fn api_run_get(
@@ -291,7 +277,11 @@ fn router(service: Service) -> Router {
     Router::new()
         .route("/", get(|| async { Redirect::to("/test/") }))
         .route("/test", get(|| async { Redirect::permanent("/test/") }))
-        .route("/test/", get(test_page))
+        .route("/test/", get(page::test_page))
+        .route("/test/events", get(page::test_events))
+        .route("/test/live.js", get(page::live_js))
+        .route("/test/delay", post(page::set_delay))
+        .route("/test/servers/{name}/{action}", post(page::control_server))
         .route("/api/probe", get(api_probe))
         .route("/api/run", get(api_run_get).post(api_run_post))
         .route("/api/compare", get(api_compare_get).post(api_compare_post))

@@ -1,13 +1,32 @@
-//! The `/test/` page: the old demo's view, done right. It shows one probe: what was written
-//! to the primary, what the replica returned straight after the commit, the verdict, how long
-//! the write took to become visible, and the lag by two measures with their caveats.
+//! The `/test/` page: the old demo's view, done right, and one you can watch and steer. It
+//! shows one probe (what was written to the primary, what the replica returned straight
+//! after the commit, the verdict, how long the write took to become visible, the lag by two
+//! measures with their caveats) as a table and as a timeline picture; the recent history as
+//! charts; and the controls: the strategy, and in a lab the delay link and the servers.
+//! With `?watch=1` the live part is redrawn as probes stream in (`live.js`, server-sent
+//! events); without JavaScript that page reloads itself instead.
+
+mod charts;
+mod controls;
+pub(super) mod query;
+mod svg;
+mod timeline;
 
 use std::fmt::Write as _;
 
 use crate::{
     error::Error,
+    lab::{DelaySettings, ServerStatus},
     probe::{ProbeResult, ServedBy, Verdict, millis},
+    settings::Strategy,
 };
+use query::{PAGE_ONLY_FIELDS, PageQuery};
+
+/// The live mode's script, served by lagprobe itself at `/test/live.js`.
+pub const LIVE_JS: &str = include_str!("test_page/live.js");
+
+/// Seconds between reloads of the live page when JavaScript is off.
+const NOSCRIPT_REFRESH_SECONDS: u32 = 2;
 
 /// Escapes text for HTML element content and attribute values.
 fn escape(text: &str) -> String {
@@ -25,27 +44,133 @@ fn escape(text: &str) -> String {
     escaped
 }
 
+// Narrow screens (390 px phones) stack each table row's label over its value, and every
+// long word (tokens, LSNs, error text) may break so that nothing scrolls sideways; breaks
+// still fall at word boundaries where there are any.
 const STYLE: &str = "\
-body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#1d1d1f}\
-h1{font-size:1.3rem;font-weight:600}\
+*{box-sizing:border-box}\
+body{font-family:system-ui,sans-serif;max-width:52rem;margin:1.5rem auto;padding:0 .75rem;color:#1d1d1f}\
+h1{font-size:1.3rem;font-weight:600}h2{font-size:1.1rem;margin:1.5rem 0 .5rem}\
 .verdict{font-size:2.4rem;font-weight:800;padding:1rem 1.5rem;border-radius:.6rem;color:#fff;margin:1rem 0}\
-.verdict small{display:block;font-size:1rem;font-weight:400;opacity:.95}\
+.verdict small{display:block;font-size:1rem;font-weight:400;opacity:.95;overflow-wrap:anywhere}\
 .stale{background:#c62828}.consistent{background:#2e7d32}.error{background:#ef6c00}\
-table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #ddd;vertical-align:top}\
-th{width:16rem;font-weight:600}td code{word-break:break-all}.note{color:#666;font-size:.85rem}\
-a.button{display:inline-block;margin-top:1rem;padding:.5rem 1rem;background:#1d1d1f;color:#fff;border-radius:.4rem;text-decoration:none}";
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #ddd;vertical-align:top;overflow-wrap:anywhere}\
+th{width:16rem;font-weight:600}.data th{width:auto}caption{text-align:left;font-weight:600;padding:.3rem 0}\
+.note{color:#555;font-size:.85rem}\
+a.button{display:inline-block;margin-top:1rem;padding:.5rem 1rem;background:#1d1d1f;color:#fff;border-radius:.4rem;text-decoration:none}\
+nav{display:flex;flex-wrap:wrap;gap:.4rem;align-items:center;margin:.5rem 0}\
+a.strategy{padding:.3rem .6rem;border:1px solid #999;border-radius:.4rem;text-decoration:none;color:#1d1d1f}\
+a.strategy.current{border:2px solid #1d1d1f;font-weight:700;background:#eee}.hint{font-weight:400;font-size:.8rem}\
+svg.chart{display:block;width:100%;height:auto;margin:.5rem 0}\
+svg text{font-size:17px;fill:#1d1d1f}svg .tick{font-size:15px;fill:#444}svg .lane{font-weight:600}\
+svg .axis{stroke:#444}svg .grid{stroke:#ddd}svg .commit{stroke:#1d1d1f;stroke-width:2}\
+svg .read{fill:#9e9e9e}svg .wait{fill:#ffb74d}svg .polling{fill:#e0e0e0}svg .bracket{fill:#ffe082}\
+svg .curve{fill:none;stroke:#1565c0;stroke-width:3}svg .cut{fill:#c62828;font-weight:700}\
+form{margin:.3rem 0}form.inline{display:inline-block;margin-right:.6rem}\
+input[type=number]{width:7rem}button{font:inherit;padding:.3rem .7rem}\
+details{margin:.3rem 0 1rem}\
+@media (max-width:40rem){#probe th,#probe td{display:block;width:auto}#probe th{border-bottom:0;padding-bottom:0}.verdict{font-size:1.8rem;padding:.8rem 1rem}}";
 
-fn page(title: &str, body: &str, again: &str) -> String {
-    format!(
+/// Everything one view of the page shows; the handlers gather it from the service.
+pub struct PageView {
+    /// The probe this view ran, or why none could run.
+    pub probe: Result<ProbeResult, Error>,
+    /// The page's strategy (asked for, or the server's default).
+    pub strategy: Strategy,
+    /// The lab's delay link; `None` outside a lab.
+    pub link: Option<DelaySettings>,
+    /// The lab's servers; `None` outside a lab.
+    pub servers: Option<Vec<ServerStatus>>,
+    /// The service's last probes, oldest first, and how many it keeps.
+    pub history: Vec<ProbeResult>,
+    pub history_capacity: usize,
+    pub query: PageQuery,
+    /// Live mode (`?watch=1`).
+    pub watch: bool,
+}
+
+/// The whole page.
+pub fn render(view: &PageView) -> String {
+    let title = match &view.probe {
+        Ok(probe) => verdict_text(probe.verdict).1,
+        Err(_) => "no probe",
+    };
+    let mut html = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-         <title>{title}</title><style>{STYLE}</style></head><body>\
-         <h1>lagprobe: read-after-write on a replica</h1>{body}\
-         <p><a class=\"button\" href=\"{again}\">Write and read again</a> \
-         <a href=\"/api/probe\">same probe as JSON</a></p></body></html>\n",
-        title = escape(title),
-        again = escape(again),
+         <link rel=\"icon\" href=\"data:,\">\
+         <title>lagprobe: {}</title><style>{STYLE}</style>{}</head><body>\
+         <h1>lagprobe: read-after-write on a replica</h1>",
+        escape(title),
+        live_head(view.watch),
+    );
+    html.push_str(&controls::strategy_links(&view.query, view.strategy));
+    let _ = write!(html, "<div id=\"live\">{}</div>", render_live(view));
+    if let Some(link) = &view.link {
+        html.push_str(&controls::delay_forms(link, &view.query));
+    }
+    html.push_str(&footer(view));
+    html.push_str("</body></html>\n");
+    html
+}
+
+/// Live mode's script, or the reload that stands in for it without JavaScript.
+fn live_head(watch: bool) -> String {
+    if !watch {
+        return String::new();
+    }
+    format!(
+        "<noscript><meta http-equiv=\"refresh\" content=\"{NOSCRIPT_REFRESH_SECONDS}\"></noscript>\
+         <script src=\"/test/live.js\" defer></script>"
     )
+}
+
+/// The links under the page: again (every query field kept), the same probe as JSON (the
+/// probe's fields kept), and live mode on or off.
+fn footer(view: &PageView) -> String {
+    let again = view.query.url("/test/");
+    let json = view.query.without(&PAGE_ONLY_FIELDS).url("/api/probe");
+    let (live_href, live_words) = if view.watch {
+        (
+            view.query.without(&["watch"]).url("/test/"),
+            "Stop live mode",
+        )
+    } else {
+        (view.query.with("watch", "1").url("/test/"), "Live mode")
+    };
+    let status = if view.watch {
+        "<p id=\"live-status\" class=\"note\" role=\"status\">Live mode: this page reloads \
+         every few seconds (with JavaScript, probes stream in instead).</p>"
+    } else {
+        ""
+    };
+    format!(
+        "{status}<p><a class=\"button\" id=\"again\" href=\"{}\">Write and read again</a> \
+         <a id=\"json\" href=\"{}\">same probe as JSON</a> · \
+         <a id=\"live-toggle\" href=\"{}\">{live_words}</a></p>",
+        escape(&again),
+        escape(&json),
+        escape(&live_href)
+    )
+}
+
+/// The part of the page that live mode redraws with every probe: the verdict, the
+/// timeline, the figures, the history and the lab's state.
+pub fn render_live(view: &PageView) -> String {
+    let mut html = match &view.probe {
+        Ok(probe) => probe_section(probe, view.link.as_ref()),
+        Err(error) => error_section(error, view.link.as_ref()),
+    };
+    html.push_str(&charts::history(
+        &view.history,
+        view.history_capacity,
+        view.strategy,
+        view.link.as_ref(),
+    ));
+    if let Some(servers) = &view.servers {
+        html.push_str(&controls::servers_table(servers, &view.query));
+    }
+    html
 }
 
 fn row(html: &mut String, label: &str, value_html: &str, note: &str) {
@@ -56,12 +181,15 @@ fn row(html: &mut String, label: &str, value_html: &str, note: &str) {
     html.push_str("</td></tr>");
 }
 
-fn delay_row(html: &mut String, lab_delay_ms: Option<u64>) {
-    if let Some(delay_ms) = lab_delay_ms {
+fn delay_row(html: &mut String, link: Option<&DelaySettings>) {
+    if let Some(link) = link {
         row(
             html,
             "Lab delay (primary → replica)",
-            &format!("{delay_ms} ms"),
+            &format!(
+                "<span id=\"lab-link\">{}</span>",
+                escape(&controls::link_words(link))
+            ),
             "held by the lab's delay link on the WAL stream",
         );
     }
@@ -88,12 +216,15 @@ fn verdict_text(verdict: Verdict) -> (&'static str, &'static str, &'static str) 
     }
 }
 
-/// The page for a probe that ran.
-pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
+/// A probe that ran: its verdict, its timeline and its figures.
+fn probe_section(probe: &ProbeResult, link: Option<&DelaySettings>) -> String {
     let (class, headline, explanation) = verdict_text(probe.verdict);
     let mut body = format!(
-        "<div class=\"verdict {class}\" id=\"verdict\">{headline}<small>{}</small></div><table>",
-        escape(explanation)
+        "<div class=\"verdict {class}\" id=\"verdict\">{headline}<small>{}</small></div>\
+         <figure>{}<figcaption class=\"note\">The probe on one clock from the acknowledged \
+         COMMIT; the figures are in the table below.</figcaption></figure><table id=\"probe\">",
+        escape(explanation),
+        timeline::timeline(probe, link)
     );
     written_row(&mut body, probe);
     read_back_row(&mut body, probe);
@@ -101,15 +232,10 @@ pub fn render(probe: &ProbeResult, lab_delay_ms: Option<u64>) -> String {
     replay_lag_rows(&mut body, probe);
     optional_lag_rows(&mut body, probe);
     lsn_and_latency_rows(&mut body, probe);
-    delay_row(&mut body, lab_delay_ms);
+    delay_row(&mut body, link);
     error_row(&mut body, probe);
     body.push_str("</table>");
-    // Strategy names are URL-safe, so the same strategy is kept for the next load.
-    page(
-        &format!("lagprobe: {headline}"),
-        &body,
-        &format!("/test/?strategy={}", probe.strategy),
-    )
+    body
 }
 
 /// What the probe wrote to the primary.
@@ -137,10 +263,11 @@ fn served_by_text(probe: &ProbeResult) -> String {
 
 /// What the strategy's read returned, and who served it.
 fn read_back_row(html: &mut String, probe: &ProbeResult) {
-    let read = probe.read_value.as_deref().map_or_else(
-        || "<em>(row not there yet)</em>".to_owned(),
-        |v| format!("<code>{}</code>", escape(v)),
-    );
+    let read = match (&probe.read_value, probe.verdict) {
+        (Some(value), _) => format!("<code>{}</code>", escape(value)),
+        (None, Verdict::ReplicaError) => "<em>nothing: the replica could not be read</em>".into(),
+        (None, _) => "<em>(row not there yet)</em>".to_owned(),
+    };
     row(
         html,
         "Read back",
@@ -262,15 +389,31 @@ fn error_row(html: &mut String, probe: &ProbeResult) {
     }
 }
 
-/// The page when no probe could run (bad input, primary unavailable).
-pub fn render_error(error: &Error, lab_delay_ms: Option<u64>) -> String {
+/// The section when no probe could run (bad input, primary unavailable).
+fn error_section(error: &Error, link: Option<&DelaySettings>) -> String {
     let mut body = format!(
-        "<div class=\"verdict error\" id=\"verdict\">NO PROBE<small>{}</small></div><table>",
+        "<div class=\"verdict error\" id=\"verdict\">NO PROBE<small>{}</small></div><table id=\"probe\">",
         escape(&error.to_string())
     );
-    delay_row(&mut body, lab_delay_ms);
+    delay_row(&mut body, link);
     body.push_str("</table>");
-    page("lagprobe: no probe", &body, "/test/")
+    body
+}
+
+/// The page when a control's change was refused (a server already stopped, a delay out of
+/// range): the reason, and the way back to the page as it was.
+pub fn render_refused(error: &Error, query: &PageQuery) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <link rel=\"icon\" href=\"data:,\">\
+         <title>lagprobe: not changed</title><style>{STYLE}</style></head><body>\
+         <h1>lagprobe: read-after-write on a replica</h1>\
+         <div class=\"verdict error\" id=\"verdict\">NOT CHANGED<small>{}</small></div>\
+         <p><a class=\"button\" href=\"{}\">Back to the page</a></p></body></html>\n",
+        escape(&error.to_string()),
+        escape(&query.url("/test/"))
+    )
 }
 
 #[cfg(test)]
@@ -285,49 +428,83 @@ mod tests {
         );
     }
 
+    fn view(probe: Result<ProbeResult, Error>, query: &str) -> PageView {
+        PageView {
+            probe,
+            strategy: Strategy::Replica,
+            link: Some(DelaySettings {
+                delay: std::time::Duration::from_millis(5),
+                jitter: std::time::Duration::ZERO,
+                link_down: false,
+            }),
+            servers: None,
+            history: Vec::new(),
+            history_capacity: 100,
+            query: PageQuery::parse(Some(query)),
+            watch: query.contains("watch=1"),
+        }
+    }
+
     #[test]
     fn the_visibility_bracket_is_markup_not_text() {
-        use std::time::Duration;
-        let probe = ProbeResult {
-            token: "t".into(),
-            strategy: crate::settings::Strategy::Replica,
-            replica: "<r1>".into(),
-            written_value: "w".into(),
-            read_value: None,
-            verdict: Verdict::Stale,
-            served_by: Some(ServedBy::Replica),
-            commit_lsn: crate::lsn::Lsn(2),
-            replica_replay_lsn: Some(crate::lsn::Lsn(1)),
-            lsn_gap_bytes: Some(1),
-            replay_timestamp_lag_ms: None,
-            write_latency: Duration::from_millis(1),
-            read_latency: Some(Duration::from_millis(1)),
-            waited: None,
-            wait_method: None,
-            visible_after: Some(Duration::from_millis(1003)),
-            still_stale_at: Some(Duration::from_millis(1000)),
-            visibility_resolution: Some(Duration::from_millis(3)),
-            visibility_timed_out: false,
-            replica_reads: 3,
-            remote_apply_effective: None,
-            lag: crate::probe::LagMeasures::default(),
-            error: None,
-        };
-        let html = render(&probe, Some(1000));
+        let mut probe = crate::probe::tests::probe_with_token("t");
+        probe.replica = "<r1>".into();
+        let html = render(&view(Ok(probe), "strategy=replica&poll_interval_ms=3"));
         assert!(
             html.contains("<span class=\"note\">(between 1000.0 ms and 1003.0 ms"),
             "{html}"
         );
         assert!(!html.contains("&lt;span"), "{html}");
         assert!(html.contains("replica &lt;r1&gt;"), "{html}");
-        assert!(html.contains("href=\"/test/?strategy=replica\""), "{html}");
+        assert!(html.contains("<svg id=\"timeline\""), "{html}");
+        assert!(html.contains("(row not there yet)"), "{html}");
+    }
+
+    #[test]
+    fn again_and_json_keep_the_query_and_live_mode_degrades_to_a_reload() {
+        let probe = crate::probe::tests::probe_with_token("t");
+        let html = render(&view(
+            Ok(probe),
+            "watch=1&strategy=replica&poll_interval_ms=3",
+        ));
+        assert!(
+            html.contains(
+                "id=\"again\" href=\"/test/?watch=1&amp;strategy=replica&amp;poll_interval_ms=3\""
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains(
+                "id=\"json\" href=\"/api/probe?strategy=replica&amp;poll_interval_ms=3\""
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("<noscript><meta http-equiv=\"refresh\""),
+            "{html}"
+        );
+        assert!(html.contains("<script src=\"/test/live.js\""), "{html}");
+    }
+
+    #[test]
+    fn a_replica_error_does_not_say_the_row_is_not_there_yet() {
+        let mut probe = crate::probe::tests::probe_with_token("t");
+        probe.verdict = Verdict::ReplicaError;
+        probe.served_by = None;
+        probe.read_latency = None;
+        probe.error = Some("connection refused ".repeat(20));
+        let html = render(&view(Ok(probe), ""));
+        assert!(!html.contains("row not there yet"), "{html}");
+        assert!(html.contains("the replica could not be read"), "{html}");
     }
 
     #[test]
     fn error_page_escapes_the_message() {
-        let html = render_error(&Error::invalid("query", "<script>"), Some(5));
+        let html = render(&view(Err(Error::invalid("query", "<script>")), ""));
         assert!(html.contains("&lt;script&gt;"));
         assert!(!html.contains("<script>"));
         assert!(html.contains("5 ms"));
+        let refused = render_refused(&Error::invalid("delay_ms", "<b>"), &PageQuery::default());
+        assert!(refused.contains("&lt;b&gt;") && refused.contains("href=\"/test/\""));
     }
 }

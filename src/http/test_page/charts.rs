@@ -1,0 +1,323 @@
+//! The recent history as two charts, drawn per page view from the service's last probes of
+//! the page's strategy: commit-to-visible per probe (a strip chart; the marker's shape and
+//! colour say the verdict) with the stale ratio and its 95% interval, and the visibility
+//! curve P(visible | read issued t ms after the commit). Each has a table behind a
+//! `<details>` toggle, which works without JavaScript.
+
+use std::{fmt::Write as _, time::Duration};
+
+use super::{
+    escape, ms_text,
+    svg::{self, DELAY_COLOUR, PLOT_LEFT, PLOT_RIGHT, Scale, WIDTH},
+};
+use crate::{
+    lab::DelaySettings,
+    probe::{ProbeResult, RunSummary, Verdict, millis, visibility_steps},
+    settings::Strategy,
+};
+
+const HEIGHT: f64 = 220.0;
+const PLOT_TOP: f64 = 40.0;
+const PLOT_BOTTOM: f64 = 180.0;
+
+/// The history section (`id="history"`): both charts, their tables, and the ratio.
+pub fn history(
+    all: &[ProbeResult],
+    capacity: usize,
+    strategy: Strategy,
+    link: Option<&DelaySettings>,
+) -> String {
+    let probes: Vec<ProbeResult> = all
+        .iter()
+        .filter(|probe| probe.strategy == strategy)
+        .cloned()
+        .collect();
+    let mut html = format!(
+        "<section id=\"history\"><h2>The last {} {strategy} probes</h2>",
+        probes.len()
+    );
+    if probes.is_empty() {
+        let _ = write!(
+            html,
+            "<p class=\"note\">No {strategy} probe yet among the last {capacity} the service \
+             kept. Each load of this page adds one.</p></section>"
+        );
+        return html;
+    }
+    let summary = RunSummary::of(&probes, Duration::ZERO);
+    let _ = write!(
+        html,
+        "<p id=\"stale-ratio\">{}</p>",
+        escape(&ratio_words(&summary))
+    );
+    html.push_str(&strip_chart(&probes, link, &summary));
+    html.push_str(&strip_table(&probes));
+    html.push_str(&visibility_chart(&probes));
+    html.push_str(&curve_table(&summary));
+    let _ = write!(
+        html,
+        "<p class=\"note\">From the last {} probes the service kept (of any strategy, from \
+         this page, the API or gRPC), the {strategy} ones.</p></section>",
+        all.len()
+    );
+    html
+}
+
+fn ratio_words(summary: &RunSummary) -> String {
+    format!(
+        "{} stale, {} consistent, {} replica errors: stale ratio {:.2} (95% interval {:.2} to {:.2})",
+        summary.stale_count,
+        summary.fresh_count,
+        summary.replica_error_count,
+        summary.stale_ratio,
+        summary.stale_ratio_ci95_low,
+        summary.stale_ratio_ci95_high
+    )
+}
+
+fn verdict_word(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Stale => "stale",
+        Verdict::Fresh => "consistent",
+        Verdict::ReplicaError => "replica error",
+    }
+}
+
+/// One marker per probe, oldest on the left, at its commit-to-visible time; a probe never
+/// seen (timed out, or an error) sits at the top edge.
+fn strip_chart(
+    probes: &[ProbeResult],
+    link: Option<&DelaySettings>,
+    summary: &RunSummary,
+) -> String {
+    let delay_ms = link.filter(|l| !l.link_down).map(|l| millis(l.delay));
+    let top_ms = probes
+        .iter()
+        .filter_map(|p| p.visible_after.map(millis))
+        .chain(delay_ms)
+        .fold(1.0, f64::max)
+        * 1.1;
+    let y = Scale {
+        max: top_ms,
+        from: PLOT_BOTTOM,
+        to: PLOT_TOP,
+    };
+    let step = (PLOT_RIGHT - PLOT_LEFT - 40.0) / probes.len().max(2) as f64;
+    let mut svg = format!(
+        "<svg id=\"history-chart\" class=\"chart\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
+         role=\"img\" aria-labelledby=\"history-title history-desc\">\
+         <title id=\"history-title\">Commit to visible, per probe, oldest first</title>\
+         <desc id=\"history-desc\">{}</desc>",
+        escape(&ratio_words(summary))
+    );
+    value_axis(&mut svg, y);
+    if let Some(delay_ms) = delay_ms {
+        let at = y.at(delay_ms);
+        let _ = write!(
+            svg,
+            "<line x1=\"{PLOT_LEFT}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" \
+             stroke=\"{DELAY_COLOUR}\" stroke-dasharray=\"6 4\"/>"
+        );
+        svg::label(
+            &mut svg,
+            PLOT_RIGHT,
+            at - 6.0,
+            "lab delay now",
+            "mark delay",
+        );
+    }
+    for (index, probe) in probes.iter().enumerate() {
+        let x = PLOT_LEFT + 52.0 + step * index as f64;
+        let at = probe.visible_after.map_or(PLOT_TOP, |v| y.at(millis(v)));
+        let _ = write!(
+            svg,
+            "<g class=\"probe\"><title>{}</title>",
+            escape(&probe_words(index, probe))
+        );
+        svg::marker(&mut svg, x, at, probe.verdict, 6.0);
+        svg.push_str("</g>");
+    }
+    legend(&mut svg);
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Tick labels up the left side, ms.
+fn value_axis(svg: &mut String, y: Scale) {
+    for tick in svg::ticks(y.max) {
+        let at = y.at(tick);
+        let _ = write!(
+            svg,
+            "<line x1=\"{:.1}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" class=\"grid\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" class=\"tick\">{}</text>",
+            PLOT_LEFT + 44.0,
+            PLOT_LEFT + 40.0,
+            at + 5.0,
+            escape(&svg::ms_label(tick))
+        );
+    }
+}
+
+/// What the markers mean, in shapes and words.
+fn legend(svg: &mut String) {
+    let entries = [
+        (Verdict::Fresh, "consistent"),
+        (Verdict::Stale, "stale"),
+        (Verdict::ReplicaError, "replica error (top: never seen)"),
+    ];
+    let mut x = PLOT_LEFT + 52.0;
+    for (verdict, words) in entries {
+        svg::marker(svg, x, 20.0, verdict, 6.0);
+        let _ = write!(
+            svg,
+            "<text x=\"{:.1}\" y=\"26\" class=\"tick\">{}</text>",
+            x + 10.0,
+            escape(words)
+        );
+        x += 22.0 + 10.5 * words.len() as f64;
+    }
+}
+
+fn probe_words(index: usize, probe: &ProbeResult) -> String {
+    let visible = probe.visible_after.map_or_else(
+        || "never seen".to_owned(),
+        |v| format!("visible after {}", ms_text(millis(v))),
+    );
+    format!(
+        "probe {}: {}, {visible}",
+        index + 1,
+        verdict_word(probe.verdict)
+    )
+}
+
+/// The strip chart's table, newest first.
+fn strip_table(probes: &[ProbeResult]) -> String {
+    let mut html = String::from(
+        "<details><summary>The probes as a table</summary><table class=\"data\">\
+         <tr><th>#</th><th>verdict</th><th>commit to visible</th><th>read latency</th></tr>",
+    );
+    for (index, probe) in probes.iter().enumerate().rev() {
+        let visible = probe
+            .visible_after
+            .map_or_else(|| "never seen".to_owned(), |v| ms_text(millis(v)));
+        let read = probe
+            .read_latency
+            .map_or_else(|| "n/a".to_owned(), |d| ms_text(millis(d)));
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            index + 1,
+            verdict_word(probe.verdict),
+            escape(&visible),
+            escape(&read)
+        );
+    }
+    html.push_str("</table></details>");
+    html
+}
+
+/// P(visible | read issued t ms after the commit) as a step line.
+fn visibility_chart(probes: &[ProbeResult]) -> String {
+    let steps = visibility_steps(probes);
+    let horizon_ms = steps.last().map_or(1.0, |(t, _)| millis(*t)).max(1.0) * 1.1;
+    let x = Scale {
+        max: horizon_ms,
+        from: PLOT_LEFT + 52.0,
+        to: PLOT_RIGHT,
+    };
+    let y = Scale {
+        max: 1.0,
+        from: PLOT_BOTTOM - 30.0,
+        to: PLOT_TOP - 20.0,
+    };
+    let mut svg = format!(
+        "<svg id=\"visibility-chart\" class=\"chart\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
+         role=\"img\" aria-labelledby=\"curve-title curve-desc\">\
+         <title id=\"curve-title\">P(visible | a replica read issued t ms after the commit)</title>\
+         <desc id=\"curve-desc\">{}</desc>",
+        escape(&curve_words(&steps))
+    );
+    for (tick, words) in [(0.0, "0"), (0.5, "0.5"), (1.0, "1")] {
+        let at = y.at(tick);
+        let _ = write!(
+            svg,
+            "<line x1=\"{:.1}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" class=\"grid\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" class=\"tick\">{words}</text>",
+            x.from,
+            x.from - 6.0,
+            at + 5.0
+        );
+    }
+    let mut path = format!("M{:.1} {:.1}", x.at(0.0), y.at(0.0));
+    for (after, probability) in &steps {
+        let at = x.at(millis(*after));
+        let _ = write!(path, "H{at:.1}V{:.1}", y.at(*probability));
+    }
+    let _ = write!(svg, "<path d=\"{path}H{PLOT_RIGHT}\" class=\"curve\"/>");
+    svg::time_axis(&mut svg, x, PLOT_BOTTOM - 30.0);
+    svg.push_str("</svg>");
+    svg
+}
+
+fn curve_words(steps: &[(Duration, f64)]) -> String {
+    match (steps.first(), steps.last()) {
+        (Some((first, _)), Some((last, probability))) => format!(
+            "The first write became visible {} after its commit; by {} the share visible \
+             reached {probability:.2}.",
+            ms_text(millis(*first)),
+            ms_text(millis(*last))
+        ),
+        _ => "No write became visible in this window.".to_owned(),
+    }
+}
+
+/// The curve at the summary's fixed points.
+fn curve_table(summary: &RunSummary) -> String {
+    let mut html = String::from(
+        "<details><summary>The curve as a table</summary><table class=\"data\">\
+         <tr><th>read issued after</th><th>P(visible)</th></tr>",
+    );
+    for point in &summary.visibility_curve {
+        let _ = write!(
+            html,
+            "<tr><td>{} ms</td><td>{:.2}</td></tr>",
+            point.after_ms, point.fresh_probability
+        );
+    }
+    html.push_str("</table></details>");
+    html
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::tests::probe_with_token;
+
+    #[test]
+    fn charts_only_this_strategy_and_tells_the_verdict_in_words() {
+        let mut fresh = probe_with_token("b");
+        fresh.verdict = Verdict::Fresh;
+        fresh.visible_after = Some(Duration::from_millis(2));
+        let mut other = probe_with_token("c");
+        other.strategy = Strategy::Primary;
+        let html = history(
+            &[probe_with_token("a"), fresh, other],
+            100,
+            Strategy::Replica,
+            None,
+        );
+        assert!(html.contains("The last 2 replica probes"), "{html}");
+        assert!(
+            html.contains("1 stale, 1 consistent, 0 replica errors"),
+            "{html}"
+        );
+        assert!(html.contains("stale ratio 0.50 (95% interval"), "{html}");
+        assert!(
+            html.contains("probe 1: stale, visible after 1003.0 ms"),
+            "{html}"
+        );
+        assert!(html.contains("id=\"visibility-chart\""), "{html}");
+        let empty = history(&[], 100, Strategy::LsnWait, None);
+        assert!(empty.contains("No lsn-wait probe yet"), "{empty}");
+    }
+}
