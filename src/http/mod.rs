@@ -17,7 +17,7 @@ use axum::{
     body::Bytes,
     extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State},
     http::{StatusCode, header},
-    response::{IntoResponse, Redirect, Response},
+    response::{Html, IntoResponse, Redirect, Response},
     routing::{get, post},
 };
 use serde::Serialize;
