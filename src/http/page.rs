@@ -37,7 +37,7 @@ async fn view_of(
         },
         probe,
         link: service.delay().ok(),
-        servers: service.lab_status().await.ok().map(|lab| lab.servers),
+        servers: service.lab_server_states().ok(),
         history: service.history(),
         history_capacity: service.history_capacity(),
         query,

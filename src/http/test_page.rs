@@ -55,14 +55,15 @@ h1{font-size:1.3rem;font-weight:600}h2{font-size:1.1rem;margin:1.5rem 0 .5rem}\
 .verdict small{display:block;font-size:1rem;font-weight:400;opacity:.95;overflow-wrap:anywhere}\
 .stale{background:#c62828}.consistent{background:#2e7d32}.error{background:#ef6c00}\
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid #ddd;vertical-align:top;overflow-wrap:anywhere}\
-th{width:16rem;font-weight:600}.data th{width:auto}caption{text-align:left;font-weight:600;padding:.3rem 0}\
+th{width:16rem;font-weight:600}.data th{width:auto}.data td{overflow-wrap:normal}h3{font-size:1rem;margin:1rem 0 .2rem}\
+label{display:inline-block;white-space:nowrap;margin:.2rem 0}caption{text-align:left;font-weight:600;padding:.3rem 0}\
 .note{color:#555;font-size:.85rem}\
 a.button{display:inline-block;margin-top:1rem;padding:.5rem 1rem;background:#1d1d1f;color:#fff;border-radius:.4rem;text-decoration:none}\
 nav{display:flex;flex-wrap:wrap;gap:.4rem;align-items:center;margin:.5rem 0}\
 a.strategy{padding:.3rem .6rem;border:1px solid #999;border-radius:.4rem;text-decoration:none;color:#1d1d1f}\
 a.strategy.current{border:2px solid #1d1d1f;font-weight:700;background:#eee}.hint{font-weight:400;font-size:.8rem}\
-svg.chart{display:block;width:100%;height:auto;margin:.5rem 0}\
-svg text{font-size:17px;fill:#1d1d1f}svg .tick{font-size:15px;fill:#444}svg .lane{font-weight:600}\
+figure{margin:0}svg.chart{display:block;width:100%;max-width:36rem;height:auto;margin:.5rem 0}\
+svg text{font-size:16px;fill:#1d1d1f}svg .tick{font-size:13px;fill:#444}svg .lane{font-weight:600}svg .mark{font-size:14px}\
 svg .axis{stroke:#444}svg .grid{stroke:#ddd}svg .commit{stroke:#1d1d1f;stroke-width:2}\
 svg .read{fill:#9e9e9e}svg .wait{fill:#ffb74d}svg .polling{fill:#e0e0e0}svg .bracket{fill:#ffe082}\
 svg .curve{fill:none;stroke:#1565c0;stroke-width:3}svg .cut{fill:#c62828;font-weight:700}\
@@ -82,7 +83,7 @@ pub struct PageView {
     /// The lab's servers; `None` outside a lab.
     pub servers: Option<Vec<ServerStatus>>,
     /// The service's last probes, oldest first, and how many it keeps.
-    pub history: Vec<ProbeResult>,
+    pub history: Vec<std::sync::Arc<ProbeResult>>,
     pub history_capacity: usize,
     pub query: PageQuery,
     /// Live mode (`?watch=1`).

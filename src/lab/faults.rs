@@ -79,6 +79,29 @@ impl Lab {
         }
     }
 
+    /// Every server's name, role, port and state as the lab's supervision knows them,
+    /// without asking the servers anything (no positions, no log tails): cheap enough for
+    /// every view of the `/test/` page, where [`Lab::status`] opens a connection per server.
+    pub fn server_states(&self) -> Vec<ServerStatus> {
+        let status = |server: &Server| {
+            let state = server.node.state();
+            ServerStatus {
+                name: server.name.to_owned(),
+                role: server.role,
+                port: server.port,
+                state,
+                pid: (state == NodeState::Running).then_some(server.node.pid),
+                exit_status: server.node.exit_status().map(|status| status.to_string()),
+                log_tail: None,
+                replay_lsn: None,
+                wal_lsn: None,
+                streaming: None,
+                error: None,
+            }
+        };
+        self.servers().iter().map(status).collect()
+    }
+
     /// Stops a running server (`fast`: sessions rolled back and a checkpoint; `immediate`:
     /// at once, crash recovery on the next start).
     pub async fn stop_server(&self, name: &str, mode: StopMode) -> Result<ServerStatus, LabError> {

@@ -4,7 +4,10 @@
 //! a probe is one clone and one push under a mutex, so a probe costs no more than before;
 //! the statistics and the drawing happen when a page asks for a snapshot.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
 
 use super::ProbeResult;
 
@@ -12,7 +15,8 @@ use super::ProbeResult;
 #[derive(Debug)]
 pub struct ProbeHistory {
     capacity: usize,
-    probes: Mutex<VecDeque<ProbeResult>>,
+    // Shared, so that a page's snapshot copies pointers, not results.
+    probes: Mutex<VecDeque<Arc<ProbeResult>>>,
 }
 
 impl ProbeHistory {
@@ -33,7 +37,7 @@ impl ProbeHistory {
             return;
         }
         // Cloned before the lock so that concurrent probes wait only for the push.
-        let probe = probe.clone();
+        let probe = Arc::new(probe.clone());
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         if probes.len() == self.capacity {
             probes.pop_front();
@@ -42,7 +46,7 @@ impl ProbeHistory {
     }
 
     /// The probes kept, oldest first.
-    pub fn snapshot(&self) -> Vec<ProbeResult> {
+    pub fn snapshot(&self) -> Vec<Arc<ProbeResult>> {
         let probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
         probes.iter().cloned().collect()
     }
@@ -59,7 +63,8 @@ mod tests {
         for token in ["a", "b", "c", "d"] {
             history.record(&probe_with_token(token));
         }
-        let tokens: Vec<_> = history.snapshot().into_iter().map(|p| p.token).collect();
+        let snapshot = history.snapshot();
+        let tokens: Vec<_> = snapshot.iter().map(|p| p.token.as_str()).collect();
         assert_eq!(tokens, ["b", "c", "d"]);
         let none = ProbeHistory::new(0);
         none.record(&probe_with_token("a"));

@@ -20,7 +20,8 @@ pub use lag::{LagMeasures, LagReport, ReplicaLag};
 pub use metrics::{BUCKETS_SECONDS, Histogram, MetricsSnapshot};
 pub use run::{CompareReport, CompareSpec, RunReport, RunSpec, StrategyReport, WatchSpec};
 pub use stats::{
-    Percentiles, ReplicaSummary, RunSummary, VisibilityPoint, markdown_table, visibility_steps,
+    Percentiles, ReplicaSummary, RunSummary, VISIBILITY_CURVE_MS, VisibilityPoint, markdown_table,
+    visibility_steps, wilson_interval_95,
 };
 pub use strategy::{ReadContext, ServedBy, StrategySettings, WaitMethod};
 

@@ -111,12 +111,15 @@ pub fn wilson_interval_95(successes: u32, trials: u32) -> (f64, f64) {
 /// | read issued t after the commit))`, sorted by `t`, over the probes whose visibility was
 /// followed to an end (a probe that timed out counts, and never becomes visible). Empty
 /// when there is none.
-pub fn visibility_steps(probes: &[ProbeResult]) -> Vec<(Duration, f64)> {
-    let measured = probes
-        .iter()
-        .filter(|p| p.visible_after.is_some() || p.visibility_timed_out)
-        .count();
-    let mut seen: Vec<Duration> = probes.iter().filter_map(|p| p.visible_after).collect();
+pub fn visibility_steps<'a>(
+    probes: impl IntoIterator<Item = &'a ProbeResult>,
+) -> Vec<(Duration, f64)> {
+    let mut measured = 0;
+    let mut seen: Vec<Duration> = Vec::new();
+    for probe in probes {
+        measured += usize::from(probe.visible_after.is_some() || probe.visibility_timed_out);
+        seen.extend(probe.visible_after);
+    }
     seen.sort_unstable();
     seen.iter()
         .enumerate()
@@ -340,7 +343,7 @@ mod tests {
         let steps = visibility_steps(&probes);
         let ms = Duration::from_millis;
         assert_eq!(steps, [(ms(10), 1.0 / 3.0), (ms(30), 2.0 / 3.0)]);
-        assert!(visibility_steps(&[]).is_empty());
+        assert!(visibility_steps(&[] as &[ProbeResult]).is_empty());
     }
 
     #[test]

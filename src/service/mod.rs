@@ -130,7 +130,7 @@ impl Service {
     }
 
     /// The last probes the engine ran, oldest first.
-    pub fn history(&self) -> Vec<ProbeResult> {
+    pub fn history(&self) -> Vec<Arc<ProbeResult>> {
         self.engine.history().snapshot()
     }
 
@@ -244,6 +244,11 @@ impl Service {
     /// Every lab server and the delay link, as they are now.
     pub async fn lab_status(&self) -> Result<LabStatus> {
         Ok(self.lab()?.status().await)
+    }
+
+    /// Every lab server's state as the lab knows it, without querying the servers.
+    pub fn lab_server_states(&self) -> Result<Vec<ServerStatus>> {
+        Ok(self.lab()?.server_states())
     }
 
     /// Stops, starts, restarts or kills one lab server.

@@ -1,10 +1,12 @@
 //! The recent history as two charts, drawn per page view from the service's last probes of
 //! the page's strategy: commit-to-visible per probe (a strip chart; the marker's shape and
 //! colour say the verdict) with the stale ratio and its 95% interval, and the visibility
-//! curve P(visible | read issued t ms after the commit). Each has a table behind a
-//! `<details>` toggle, which works without JavaScript.
+//! curve P(visible | read issued t ms after the commit). Each has a text equivalent: the
+//! strip chart a `<desc>` and a `<title>` per probe (its number, verdict and time), the
+//! curve a table behind a `<details>` toggle, which works without JavaScript. (A table of
+//! every probe cost a fifth of the page's rate in the benchmark and said no more.)
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use super::{
     escape, ms_text,
@@ -12,7 +14,9 @@ use super::{
 };
 use crate::{
     lab::DelaySettings,
-    probe::{ProbeResult, RunSummary, Verdict, millis, visibility_steps},
+    probe::{
+        ProbeResult, VISIBILITY_CURVE_MS, Verdict, millis, visibility_steps, wilson_interval_95,
+    },
     settings::Strategy,
 };
 
@@ -22,15 +26,15 @@ const PLOT_BOTTOM: f64 = 180.0;
 
 /// The history section (`id="history"`): both charts, their tables, and the ratio.
 pub fn history(
-    all: &[ProbeResult],
+    all: &[Arc<ProbeResult>],
     capacity: usize,
     strategy: Strategy,
     link: Option<&DelaySettings>,
 ) -> String {
-    let probes: Vec<ProbeResult> = all
+    let probes: Vec<&ProbeResult> = all
         .iter()
+        .map(Arc::as_ref)
         .filter(|probe| probe.strategy == strategy)
-        .cloned()
         .collect();
     let mut html = format!(
         "<section id=\"history\"><h2>The last {} {strategy} probes</h2>",
@@ -44,16 +48,23 @@ pub fn history(
         );
         return html;
     }
-    let summary = RunSummary::of(&probes, Duration::ZERO);
+    let summary = Tally::of(&probes);
     let _ = write!(
         html,
         "<p id=\"stale-ratio\">{}</p>",
         escape(&ratio_words(&summary))
     );
+    html.push_str(
+        "<h3>Commit to visible, per probe</h3><p class=\"note\">Oldest on the left; a probe \
+         whose write was never seen on the replica sits at the top edge.</p>",
+    );
     html.push_str(&strip_chart(&probes, link, &summary));
-    html.push_str(&strip_table(&probes));
+    html.push_str(
+        "<h3>Visibility curve</h3><p class=\"note\">P(the write is visible | a replica read \
+         issued t ms after the commit), over the same probes.</p>",
+    );
     html.push_str(&visibility_chart(&probes));
-    html.push_str(&curve_table(&summary));
+    html.push_str(&curve_table(&probes));
     let _ = write!(
         html,
         "<p class=\"note\">From the last {} probes the service kept (of any strategy, from \
@@ -63,7 +74,40 @@ pub fn history(
     html
 }
 
-fn ratio_words(summary: &RunSummary) -> String {
+/// The verdicts counted, with the stale ratio and its 95% interval: what a run's summary
+/// says, without the percentiles this page does not show (their histograms would cost more
+/// than the rest of the page).
+struct Tally {
+    stale_count: u32,
+    fresh_count: u32,
+    replica_error_count: u32,
+    stale_ratio: f64,
+    stale_ratio_ci95_low: f64,
+    stale_ratio_ci95_high: f64,
+}
+
+impl Tally {
+    fn of(probes: &[&ProbeResult]) -> Tally {
+        let count = |verdict| probes.iter().filter(|p| p.verdict == verdict).count() as u32;
+        let (stale_count, fresh_count) = (count(Verdict::Stale), count(Verdict::Fresh));
+        let judged = stale_count + fresh_count;
+        let (low, high) = wilson_interval_95(stale_count, judged);
+        Tally {
+            stale_count,
+            fresh_count,
+            replica_error_count: count(Verdict::ReplicaError),
+            stale_ratio: if judged == 0 {
+                0.0
+            } else {
+                f64::from(stale_count) / f64::from(judged)
+            },
+            stale_ratio_ci95_low: low,
+            stale_ratio_ci95_high: high,
+        }
+    }
+}
+
+fn ratio_words(summary: &Tally) -> String {
     format!(
         "{} stale, {} consistent, {} replica errors: stale ratio {:.2} (95% interval {:.2} to {:.2})",
         summary.stale_count,
@@ -85,11 +129,7 @@ fn verdict_word(verdict: Verdict) -> &'static str {
 
 /// One marker per probe, oldest on the left, at its commit-to-visible time; a probe never
 /// seen (timed out, or an error) sits at the top edge.
-fn strip_chart(
-    probes: &[ProbeResult],
-    link: Option<&DelaySettings>,
-    summary: &RunSummary,
-) -> String {
+fn strip_chart(probes: &[&ProbeResult], link: Option<&DelaySettings>, summary: &Tally) -> String {
     let delay_ms = link.filter(|l| !l.link_down).map(|l| millis(l.delay));
     let top_ms = probes
         .iter()
@@ -163,7 +203,7 @@ fn legend(svg: &mut String) {
     let entries = [
         (Verdict::Fresh, "consistent"),
         (Verdict::Stale, "stale"),
-        (Verdict::ReplicaError, "replica error (top: never seen)"),
+        (Verdict::ReplicaError, "replica error"),
     ];
     let mut x = PLOT_LEFT + 52.0;
     for (verdict, words) in entries {
@@ -174,7 +214,7 @@ fn legend(svg: &mut String) {
             x + 10.0,
             escape(words)
         );
-        x += 22.0 + 10.5 * words.len() as f64;
+        x += 26.0 + 7.5 * words.len() as f64;
     }
 }
 
@@ -190,35 +230,9 @@ fn probe_words(index: usize, probe: &ProbeResult) -> String {
     )
 }
 
-/// The strip chart's table, newest first.
-fn strip_table(probes: &[ProbeResult]) -> String {
-    let mut html = String::from(
-        "<details><summary>The probes as a table</summary><table class=\"data\">\
-         <tr><th>#</th><th>verdict</th><th>commit to visible</th><th>read latency</th></tr>",
-    );
-    for (index, probe) in probes.iter().enumerate().rev() {
-        let visible = probe
-            .visible_after
-            .map_or_else(|| "never seen".to_owned(), |v| ms_text(millis(v)));
-        let read = probe
-            .read_latency
-            .map_or_else(|| "n/a".to_owned(), |d| ms_text(millis(d)));
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            index + 1,
-            verdict_word(probe.verdict),
-            escape(&visible),
-            escape(&read)
-        );
-    }
-    html.push_str("</table></details>");
-    html
-}
-
 /// P(visible | read issued t ms after the commit) as a step line.
-fn visibility_chart(probes: &[ProbeResult]) -> String {
-    let steps = visibility_steps(probes);
+fn visibility_chart(probes: &[&ProbeResult]) -> String {
+    let steps = visibility_steps(probes.iter().copied());
     let horizon_ms = steps.last().map_or(1.0, |(t, _)| millis(*t)).max(1.0) * 1.1;
     let x = Scale {
         max: horizon_ms,
@@ -271,17 +285,23 @@ fn curve_words(steps: &[(Duration, f64)]) -> String {
     }
 }
 
-/// The curve at the summary's fixed points.
-fn curve_table(summary: &RunSummary) -> String {
+/// The curve at the fixed points every run's summary uses.
+fn curve_table(probes: &[&ProbeResult]) -> String {
+    let steps = visibility_steps(probes.iter().copied());
     let mut html = String::from(
         "<details><summary>The curve as a table</summary><table class=\"data\">\
          <tr><th>read issued after</th><th>P(visible)</th></tr>",
     );
-    for point in &summary.visibility_curve {
+    for after_ms in VISIBILITY_CURVE_MS {
+        let limit = Duration::from_millis(u64::from(after_ms));
+        let probability = steps
+            .iter()
+            .take_while(|(after, _)| *after <= limit)
+            .last()
+            .map_or(0.0, |(_, probability)| *probability);
         let _ = write!(
             html,
-            "<tr><td>{} ms</td><td>{:.2}</td></tr>",
-            point.after_ms, point.fresh_probability
+            "<tr><td>{after_ms} ms</td><td>{probability:.2}</td></tr>"
         );
     }
     html.push_str("</table></details>");
@@ -301,7 +321,7 @@ mod tests {
         let mut other = probe_with_token("c");
         other.strategy = Strategy::Primary;
         let html = history(
-            &[probe_with_token("a"), fresh, other],
+            &[probe_with_token("a"), fresh, other].map(Arc::new),
             100,
             Strategy::Replica,
             None,

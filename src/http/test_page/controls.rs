@@ -114,7 +114,8 @@ pub fn servers_table(servers: &[ServerStatus], query: &PageQuery) -> String {
         let button = action.map_or_else(String::new, |(verb, words)| {
             let path = format!("/test/servers/{}/{verb}", server.name);
             format!(
-                "<form method=\"post\" action=\"{}\"><button type=\"submit\">{words} {}</button></form>",
+                "<form method=\"post\" action=\"{}\"><button type=\"submit\" \
+                 aria-label=\"{words} {}\">{words}</button></form>",
                 escape(&query.url(&path)),
                 escape(&server.name)
             )

@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use super::escape;
 
 /// The pictures' width in viewBox units; they scale to the page (and to a 390 px phone).
-pub const WIDTH: f64 = 640.0;
+pub const WIDTH: f64 = 480.0;
 /// Left and right ends of the plotting area.
-pub const PLOT_LEFT: f64 = 24.0;
-pub const PLOT_RIGHT: f64 = 616.0;
+pub const PLOT_LEFT: f64 = 16.0;
+pub const PLOT_RIGHT: f64 = 464.0;
 
 pub const STALE_COLOUR: &str = "#c62828";
 pub const FRESH_COLOUR: &str = "#2e7d32";
@@ -92,7 +92,7 @@ pub fn time_axis(svg: &mut String, scale: Scale, y: f64) {
             "<line x1=\"{x:.1}\" y1=\"{y:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" class=\"axis\"/>\
              <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\" class=\"tick\">{}</text>",
             y + 6.0,
-            y + 24.0,
+            y + 22.0,
             escape(&ms_label(tick))
         );
     }

@@ -15,10 +15,13 @@ use crate::{
     probe::{ProbeResult, ServedBy, Verdict, millis},
 };
 
-const HEIGHT: f64 = 230.0;
-const READ_LANE_Y: f64 = 78.0;
-const REPLICA_LANE_Y: f64 = 150.0;
-const AXIS_Y: f64 = 196.0;
+// Rows from the top: the commit's label, the delay's, the read lane (label, bar, words),
+// the replica lane (label, bar, its two marks' labels), the axis.
+const HEIGHT: f64 = 272.0;
+const MARK_ROW_Y: f64 = 42.0;
+const READ_LANE_Y: f64 = 84.0;
+const REPLICA_LANE_Y: f64 = 160.0;
+const AXIS_Y: f64 = 236.0;
 
 /// The last millisecond the picture shows: a little past everything it marks.
 fn horizon_ms(probe: &ProbeResult, link: Option<&DelaySettings>) -> f64 {
@@ -80,7 +83,7 @@ fn delay_mark(svg: &mut String, scale: Scale, link: Option<&DelaySettings>) {
         svg::label(
             svg,
             PLOT_RIGHT,
-            44.0,
+            MARK_ROW_Y,
             "link cut: no WAL reaches the replica",
             "mark cut",
         );
@@ -106,7 +109,7 @@ fn delay_mark(svg: &mut String, scale: Scale, link: Option<&DelaySettings>) {
     if !link.jitter.is_zero() {
         let _ = write!(text, " + up to {} ms jitter", link.jitter.as_millis());
     }
-    svg::label(svg, x, 44.0, &text, "mark delay");
+    svg::label(svg, x, MARK_ROW_Y, &text, "mark delay");
 }
 
 /// The strategy's read: a bar from the commit to its answer, the wait inside it, and the
@@ -115,7 +118,7 @@ fn read_lane(svg: &mut String, scale: Scale, probe: &ProbeResult) {
     svg::label(
         svg,
         PLOT_LEFT - 6.0,
-        READ_LANE_Y - 20.0,
+        READ_LANE_Y - 16.0,
         &format!("the strategy's read ({})", probe.strategy),
         "lane",
     );
@@ -141,13 +144,9 @@ fn read_lane(svg: &mut String, scale: Scale, probe: &ProbeResult) {
         );
     }
     svg::marker(svg, end, READ_LANE_Y, probe.verdict, 8.0);
-    svg::label(
-        svg,
-        end + 6.0,
-        READ_LANE_Y + 28.0,
-        &read_words(probe),
-        "mark",
-    );
+    // From the left edge: the words can be as wide as the picture, wherever the read ends.
+    let words = read_words(probe);
+    svg::label(svg, PLOT_LEFT - 6.0, READ_LANE_Y + 26.0, &words, "mark");
 }
 
 fn bar(svg: &mut String, from: f64, to: f64, y: f64, class: &str) {
@@ -175,7 +174,7 @@ fn read_words(probe: &ProbeResult) -> String {
     let read_ms = probe.read_latency.map_or(0.0, millis);
     match probe.waited {
         Some(waited) if probe.served_by == Some(ServedBy::Fallback) => format!(
-            "{verdict}: fell back to the primary after waiting {}",
+            "{verdict}: fell back to the primary after {}",
             ms_text(millis(waited))
         ),
         Some(waited) => format!(
@@ -193,8 +192,11 @@ fn replica_lane(svg: &mut String, scale: Scale, probe: &ProbeResult) {
     svg::label(
         svg,
         PLOT_LEFT - 6.0,
-        REPLICA_LANE_Y - 30.0,
-        &format!("replica {} polled until the row shows", probe.replica),
+        REPLICA_LANE_Y - 16.0,
+        &format!(
+            "the replica ({}), polled until the row shows",
+            probe.replica
+        ),
         "lane",
     );
     let y = REPLICA_LANE_Y;
@@ -206,15 +208,15 @@ fn replica_lane(svg: &mut String, scale: Scale, probe: &ProbeResult) {
             svg::marker(svg, from, y, Verdict::Stale, 7.0);
             svg::marker(svg, to, y, Verdict::Fresh, 7.0);
             let missed_text = format!("last miss {}", ms_text(millis(missed)));
-            svg::label(svg, from, y - 12.0, &missed_text, "mark");
+            svg::label(svg, from, y + 26.0, &missed_text, "mark");
             let seen_text = format!("first hit {}", ms_text(millis(seen)));
-            svg::label(svg, to, y + 24.0, &seen_text, "mark");
+            svg::label(svg, to, y + 46.0, &seen_text, "mark");
         }
         (None, Some(seen)) => {
             let to = scale.at(millis(seen));
             svg::marker(svg, to, y, Verdict::Fresh, 7.0);
             let text = format!("there at the first read, {}", ms_text(millis(seen)));
-            svg::label(svg, to, y + 24.0, &text, "mark");
+            svg::label(svg, to, y + 26.0, &text, "mark");
         }
         (Some(missed), None) => {
             let to = scale.at(millis(missed));
@@ -225,7 +227,7 @@ fn replica_lane(svg: &mut String, scale: Scale, probe: &ProbeResult) {
             } else {
                 "still missing when polling stopped"
             };
-            svg::label(svg, to, y + 24.0, text, "mark");
+            svg::label(svg, to, y + 26.0, text, "mark");
         }
         (None, None) => {
             let text = probe.error.as_ref().map_or(
