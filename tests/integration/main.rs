@@ -4,6 +4,8 @@
 mod harness;
 
 mod api;
+mod browser;
+mod chromium;
 mod cli;
 mod faults;
 mod grpc;
