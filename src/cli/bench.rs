@@ -27,7 +27,8 @@ pub struct BenchOptions {
     pub strategy_probes: u32,
     /// Probes per concurrency level in the probe-rate table.
     pub rate_probes: u32,
-    /// Which tables to produce: startup, memory, strategies, link, rate (all when empty).
+    /// Which tables to produce: startup, memory, strategies, link, link-memory, pgbench, rate,
+    /// page (all when empty).
     pub sections: Vec<String>,
     pub pg_bindir: Option<std::path::PathBuf>,
 }
@@ -60,7 +61,7 @@ fn lab_of(app: &App) -> &lagprobe::Lab {
 
 /// Runs every measurement and returns the report as markdown.
 pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<String> {
-    const SECTIONS: [&str; 7] = [
+    const SECTIONS: [&str; 8] = [
         "startup",
         "memory",
         "strategies",
@@ -68,6 +69,7 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
         "link-memory",
         "pgbench",
         "rate",
+        "page",
     ];
     if let Some(unknown) = options
         .sections
@@ -103,6 +105,9 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
     }
     if wanted("rate") {
         report.push_str(&probe_rate(options).await?);
+    }
+    if wanted("page") {
+        report.push_str(&test_page_rate(options).await?);
     }
     Ok(report)
 }
@@ -357,4 +362,97 @@ fn free_port() -> Result<u16> {
         .local_addr()
         .map_err(Error::io("finding a free port"))?
         .port())
+}
+
+/// `/test/` requests per second at D = 0 from 8 keep-alive clients, with the probe history
+/// and its charts (the default, 100 probes) and without (`probe_history` 0: the page as it
+/// was, apart from its empty history section), on the same lab, alternating rounds so that
+/// drift hits both alike. The target: within 10%.
+async fn test_page_rate(options: &BenchOptions) -> Result<String> {
+    const CLIENTS: usize = 8;
+    const ROUNDS: u32 = 3;
+    let with_history = lab_app(options, 0, LabSettings::default()).await?;
+    let lab = lab_of(&with_history);
+    let mut settings = Settings::on_free_ports(DatabaseSettings::External {
+        primary_url: lab.primary_url(),
+        replica_urls: lab.replica_urls().into_iter().map(|(_, url)| url).collect(),
+    });
+    settings.migrate = false;
+    settings.proxy.addr = None;
+    settings.probe_history = 0;
+    let without_history = server::build(settings).await?;
+    let requests = options.rate_probes.max(CLIENTS as u32);
+    let mut elapsed = [Duration::ZERO; 2];
+    for _ in 0..ROUNDS {
+        for (slot, app) in [&with_history, &without_history].into_iter().enumerate() {
+            elapsed[slot] += page_round(app.http_addr, CLIENTS, requests).await?;
+        }
+    }
+    let rate = |slot: usize| f64::from(requests * ROUNDS) / elapsed[slot].as_secs_f64();
+    let table = format!(
+        "## /test/ at D = 0, {CLIENTS} clients ({} requests each way, alternating)\n\n\
+         | page | requests/s | vs without history (target: within 10%) |\n|---|---:|---:|\n\
+         | without history (probe_history 0) | {:.0} | |\n\
+         | with history (last 100 probes, charts) | {:.0} | {:+.1}% |\n\n",
+        requests * ROUNDS,
+        rate(1),
+        rate(0),
+        100.0 * (rate(0) / rate(1) - 1.0)
+    );
+    without_history.shutdown().await;
+    with_history.shutdown().await;
+    Ok(table)
+}
+
+/// `requests` GETs of `/test/` shared by `clients` keep-alive connections; the time taken.
+async fn page_round(addr: std::net::SocketAddr, clients: usize, requests: u32) -> Result<Duration> {
+    let started = Instant::now();
+    let per_client = requests / clients as u32;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| tokio::spawn(page_client(addr, per_client)))
+        .collect();
+    for task in tasks {
+        task.await
+            .map_err(|error| Error::io("a /test/ client")(std::io::Error::other(error)))??;
+    }
+    Ok(started.elapsed())
+}
+
+/// One keep-alive HTTP/1.1 client: `count` GETs of `/test/`, each body read to its
+/// Content-Length (the benchmark has no HTTP client library, and needs none).
+async fn page_client(addr: std::net::SocketAddr, count: u32) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let connected = tokio::net::TcpStream::connect(addr).await;
+    let mut stream = BufReader::new(connected.map_err(Error::io("a /test/ client"))?);
+    for _ in 0..count {
+        let request = "GET /test/ HTTP/1.1\r\nHost: lagprobe\r\n\r\n";
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .map_err(Error::io("a /test/ client"))?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            stream
+                .read_line(&mut line)
+                .await
+                .map_err(Error::io("a /test/ client"))?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        stream
+            .read_exact(&mut body)
+            .await
+            .map_err(Error::io("a /test/ client"))?;
+    }
+    Ok(())
 }
