@@ -3,8 +3,9 @@
 #   docker build -t lagprobe .
 #   docker run --rm lagprobe --help
 #
-# The build needs no protoc (the .proto files are compiled by protox, in Rust) and no C library beyond
-# the compiler's own; the runtime needs nothing but the binary (no TLS library: the database
+# The build needs no protoc (the .proto files are compiled by protox, in Rust), but it needs clang and
+# libclang: pg_query (the proxy's SQL parser) compiles PostgreSQL's parser in C and runs bindgen.
+# The runtime needs nothing but the binary (no TLS library: the database
 # connections are plain TCP inside the compose network). The build command line is the one
 # .ci/check-compose.sh runs and tests outside Docker: keep the two in step.
 # Nothing secret is baked in: database URLs come from the environment at run time.
@@ -15,6 +16,10 @@ ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends clang libclang-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # sqlx query macros, if any, read the checked-in .sqlx data instead of a live database.
 ENV SQLX_OFFLINE=true \

@@ -581,7 +581,7 @@ PY
 
     log "release: lagprobe lab (delay 300 ms, free ports)"
     local lab_log=$TMP/lab.log
-    "$bin" lab --delay-ms 300 --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 >"$lab_log" 2>&1 &
+    "$bin" lab --delay-ms 300 --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 >"$lab_log" 2>&1 &
     local lab_pid=$!
     CLEANUPS+=("kill $lab_pid")
     wait_for_line "$lab_log" 'lab is up' 240 "$lab_pid"
@@ -631,11 +631,11 @@ PY
     local app_primary="postgres://lagprobe_app:app-password@127.0.0.1:$pport/lagprobe_app"
     local app_replica="postgres://lagprobe_app:app-password@127.0.0.1:$rport/lagprobe_app"
     "$bin" serve --primary-url "$app_primary" --replica-url "$app_replica" \
-        --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 >"$TMP/serve1.log" 2>&1 &
+        --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 >"$TMP/serve1.log" 2>&1 &
     local serve1=$!
     CLEANUPS+=("kill $serve1")
     LAGPROBE_PRIMARY_URL=$primary LAGPROBE_REPLICA_URL=$replica LAGPROBE_LOG_FORMAT=json \
-        "$bin" serve --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 >"$TMP/serve2.log" 2>&1 &
+        "$bin" serve --http-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --proxy-addr 127.0.0.1:0 >"$TMP/serve2.log" 2>&1 &
     local serve2=$!
     CLEANUPS+=("kill $serve2")
     local n pid logf http code=""
