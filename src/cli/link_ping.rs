@@ -5,7 +5,8 @@
 //! adds. This mode runs an echo server (the link's upstream) and clients that send small
 //! messages through the link and time each echo, on plain threads with blocking sockets so
 //! that the client adds as little of its own as it can. It prints one line per round trip:
-//! `direct NS` (straight to the echo server before the run: the loopback baseline), `link NS`,
+//! `direct NS` (straight to the echo server before the run: the loopback baseline), `first NS`
+//! (each connection's first round trip through the link), `link NS` (the others),
 //! and `floor NS`: round trips straight to the echo server from one more connection during
 //! the run, paced like the link's, which show what this client and the machine add by
 //! themselves (their wake-ups on a busy machine), with no link in the way. The first line
@@ -95,8 +96,10 @@ pub fn run(args: &LinkPingArgs) -> anyhow::Result<()> {
         let through = client
             .join()
             .map_err(|_| anyhow::anyhow!("a client panicked"))??;
-        for took in through {
-            out.push_str(&format!("link {}\n", took.as_nanos()));
+        for (index, took) in through.iter().enumerate() {
+            // The first includes the connection's set-up in the link (its thread starting).
+            let kind = if index == 0 { "first" } else { "link" };
+            out.push_str(&format!("{kind} {}\n", took.as_nanos()));
         }
     }
     done.store(true, Ordering::Relaxed);
