@@ -375,8 +375,8 @@ pub struct LabArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LinkBufferArgs {
     /// MiB the delay link holds per connection and direction at most; when full it stops
-    /// reading from the primary (backpressure). At delay D it passes at most this much per
-    /// D: 64 MiB at 1000 ms is about 0.5 Gbit/s.
+    /// reading from the primary (backpressure). At delay D it passes about this much per D:
+    /// 64 MiB at 1000 ms is about 0.5 Gbit/s.
     #[arg(long, env = "LAGPROBE_LINK_BUFFER_MB", default_value_t = settings::LINK_BUFFER_MB.default, value_parser = within(&settings::LINK_BUFFER_MB))]
     pub link_buffer_mb: u64,
 }

@@ -11,7 +11,8 @@
 //! Each connection holds at most its buffer's worth of bytes (`--link-buffer-mb`, counted in
 //! bytes, not chunks); when it is full the link stops reading from the upstream, so the
 //! upstream's sends block as they would behind a slow network, instead of the link growing.
-//! At delay D a full buffer of B bytes passes at most B / D: 64 MiB at 1 s is 64 MiB/s.
+//! At delay D a full buffer of B bytes passes about B / D: 64 MiB at 1 s is 64 MiB/s (a
+//! little more: bytes that waited in the kernel's socket buffer count from their arrival).
 //!
 //! Tokio accepts and connects; each relayed connection then runs on a thread of its own
 //! (`relay`), which is what keeps the delay exact at the tail.

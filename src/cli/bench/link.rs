@@ -316,7 +316,7 @@ async fn capped_run(binary: &Path, delay_ms: u64, buffer_mb: u64) -> Result<(f64
 }
 
 /// Throughput and memory with the buffer cap: at D = 0 against direct loopback, and at
-/// D = 1000 ms, where a buffer of B passes at most B per second.
+/// D = 1000 ms, where a buffer of B passes about B per second.
 pub async fn throughput(binary: &Path) -> Result<String> {
     let gbit = |rate: f64| rate * 8.0 / 1e9;
     let mib = |bytes: f64| bytes / 1048576.0;
@@ -325,7 +325,7 @@ pub async fn throughput(binary: &Path) -> Result<String> {
         "## Delay link throughput and memory, primary-to-replica direction\n\n\
          One stream for {}s after {}s of warm-up, through `lagprobe delay-link` in its own \
          process; peak RSS is that process's VmHWM. With a buffer of B per connection and \
-         direction and a delay D the link passes at most B / D (it stops reading when full): \
+         direction and a delay D the link passes about B / D (it stops reading when full): \
          64 MiB at 1000 ms is 64 MiB/s, about 0.5 Gbit/s. A little more shows: bytes that wait \
          in the kernel's socket buffer while the link is full count their hold from when they \
          arrived.\n\n\
