@@ -4,24 +4,8 @@
 
 use std::fmt::Write as _;
 
+use super::test_page::escape;
 use crate::service::{ProxyReport, QueryCounts, QueryReport};
-
-/// Escapes text for HTML element content (query texts are the application's, not ours).
-/// Its own copy rather than the `/test/` page's, which is another module's private helper.
-fn escape(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => escaped.push_str("&amp;"),
-            '<' => escaped.push_str("&lt;"),
-            '>' => escaped.push_str("&gt;"),
-            '"' => escaped.push_str("&quot;"),
-            '\'' => escaped.push_str("&#39;"),
-            c => escaped.push(c),
-        }
-    }
-    escaped
-}
 
 const STYLE: &str = "\
 body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#1d1d1f}\

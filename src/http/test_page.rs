@@ -28,8 +28,8 @@ pub const LIVE_JS: &str = include_str!("test_page/live.js");
 /// Seconds between reloads of the live page when JavaScript is off.
 const NOSCRIPT_REFRESH_SECONDS: u32 = 2;
 
-/// Escapes text for HTML element content and attribute values.
-fn escape(text: &str) -> String {
+/// Escapes text for HTML element content and attribute values (the `/proxy/` page too).
+pub(super) fn escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -282,15 +282,8 @@ async fn a_body_over_the_limit_is_413_in_the_api_error_shape() {
 
     // Under the limit, a value that is too long is still a 400 naming it.
     let under = serde_json::json!({"value": "x".repeat(limit / 2)});
-    let response = app
-        .http
-        .post(app.http_url("/api/write"))
-        .json(&under)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    let body: serde_json::Value = response.json().await.unwrap();
+    let (status, body) = app.post_json("/api/write", under).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "value", "{body}");
     app.shutdown().await;
 }
