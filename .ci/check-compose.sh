@@ -228,7 +228,9 @@ check(re.match(r"postgres://[^@]+@postgresql-primary:5432/", aenv["LAGPROBE_PRIM
 check(re.match(r"postgres://[^@]+@postgresql-replica:5432/", aenv["LAGPROBE_REPLICA_URL"]), "reads go to the replica")
 check("LAGPROBE_NO_MIGRATE" not in aenv, "migrations run at start")
 published = sorted((int(p["target"]), p["published"]) for p in a["ports"])
-check(published == [(8000, "8000"), (50051, "50051")], f"app ports {published}")
+check(published == [(6432, "6432"), (8000, "8000"), (50051, "50051")], f"app ports {published}")
+check(aenv["LAGPROBE_PROXY_ADDR"] == "0.0.0.0:6432" and aenv.get("LAGPROBE_PROXY_PASSWORD"),
+      "the proxy listens in the container with a password (it refuses a public address without one)")
 check(sorted(p["published"] for s in (svc["postgresql-primary"], svc["postgresql-replica"]) for p in s["ports"]) == ["15432", "15433"], "database ports")
 
 pr = proxy["services"]
