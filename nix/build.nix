@@ -69,6 +69,9 @@ in
       pkgs.grpcurl
       pkgs.docker-compose
       pkgs.shellcheck
+      # libclang for pg_query's bindgen step (the hook sets LIBCLANG_PATH and
+      # BINDGEN_EXTRA_CLANG_ARGS in the shell too)
+      pkgs.rustPlatform.bindgenHook
     ];
     # `lagprobe lab` and the tests look here first, then `pg_config --bindir`,
     # then `initdb` on PATH, which the shell hook puts first.

@@ -18,6 +18,10 @@ let
     inherit (cargoToml.package) version;
     inherit src;
     cargoLock = { inherit lockFile; };
+    # pg_query (the proxy's SQL parser) compiles libpg_query's C and runs
+    # bindgen on its headers: the hook puts libclang and the C compiler's
+    # include paths where bindgen looks (LIBCLANG_PATH, BINDGEN_EXTRA_CLANG_ARGS).
+    nativeBuildInputs = [ rustPlatform.bindgenHook ];
   };
 
   package = rustPlatform.buildRustPackage (
@@ -58,7 +62,7 @@ let
     common
     // {
       pname = "${common.pname}-clippy";
-      nativeBuildInputs = [ clippy ];
+      nativeBuildInputs = common.nativeBuildInputs ++ [ clippy ];
       auditable = false;
       doCheck = false;
       buildPhase = ''
