@@ -10,12 +10,8 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use pgwire::messages::{
-    data::{DataRow, FieldDescription, RowDescription},
-    response::CommandComplete,
-    startup::{
-        Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
-    },
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -35,6 +31,8 @@ use super::{
     statements::{Plan, StatementUse, Statements},
     wire::{self, ClientMessage, Frame, TxStatus},
 };
+mod local;
+
 use crate::{
     db::session_sql,
     lsn::Lsn,
@@ -601,11 +599,13 @@ impl Session {
         let mut frame = first;
         let mut executes = false;
         let mut may_write = false;
+        let mut mix = local::Mix::default();
         loop {
             buffered += frame.bytes.len();
             match wire::client_message(&frame)? {
                 ClientMessage::Parse { statement, sql } => {
                     let classified = self.classify(sql);
+                    mix.note(classified.command.is_some());
                     let version =
                         self.statements
                             .define(statement, frame.bytes.clone(), classified);
@@ -614,11 +614,12 @@ impl Session {
                         version,
                     });
                 }
-                ClientMessage::Bind { statement } => {
+                ClientMessage::Bind { statement, .. } => {
                     executes = true;
                     match self.statements.get(statement) {
                         Some(defined) => {
                             let classified = Arc::clone(&defined.classified);
+                            mix.note(classified.command.is_some());
                             may_write |= classified.route == Route::Primary;
                             unit.fingerprint = unit.fingerprint.or(classified.fingerprint);
                             unit.writes |= classified.writes;
@@ -626,11 +627,9 @@ impl Session {
                             unit.deallocates_all |= classified.deallocates_all;
                             unit.deallocates
                                 .extend(classified.deallocates.iter().cloned());
-                            if let Some(command) = &classified.command {
-                                self.apply_extended_command(command);
-                            }
                         }
                         None => {
+                            mix.note(false);
                             may_write = true;
                             unit.writes = true;
                         }
@@ -671,6 +670,9 @@ impl Session {
                     char::from(frame.tag)
                 )));
             }
+        }
+        if mix.commands {
+            return self.answer_locally(&unit.frames, mix.others).await;
         }
         unit.syncs = usize::from(!unit.open);
         // Preparing alone needs no freshness: the primary (statements follow to the replica
@@ -1098,17 +1100,6 @@ impl Session {
         Ok(())
     }
 
-    /// `SET lagprobe.x` inside a prepared statement: the proxy applies a valid value (the
-    /// statement still runs on the primary, where the `lagprobe.` namespace is a valid
-    /// placeholder). Invalid values are ignored there: use the simple protocol to see errors.
-    fn apply_extended_command(&mut self, command: &ProxyCommand) {
-        if let ProxyCommand::Set { name, value } = command
-            && let Err(error) = self.set_variable(name, value.as_deref())
-        {
-            tracing::debug!(%error, "lagprobe setting in a prepared statement ignored");
-        }
-    }
-
     fn set_variable(&mut self, name: &str, value: Option<&str>) -> Result<(), CommandError> {
         match (name, value) {
             ("strategy", None) => self.strategy = self.shared.settings.strategy,
@@ -1148,32 +1139,28 @@ impl Session {
     /// `SET/RESET/SHOW lagprobe.*` in a simple Query, answered by the proxy itself.
     async fn proxy_command(&mut self, command: &ProxyCommand) -> Result<(), ProxyError> {
         let mut out = BytesMut::new();
-        let answered = match command {
-            ProxyCommand::Set { name, value } => {
-                self.set_variable(name, value.as_deref()).map(|()| {
-                    let tag = if value.is_some() { "SET" } else { "RESET" };
-                    wire::put(&CommandComplete::new(tag.to_owned()), &mut out);
-                })
+        let mut answer = BytesMut::new();
+        match self.execute_command(command, &mut answer).await {
+            Ok(()) => {
+                local::describe(command, false, &mut out);
+                out.extend_from_slice(&answer);
             }
-            ProxyCommand::Show { name } => self.show_variable(name).await.map(|value| {
-                let field = FieldDescription::new(format!("lagprobe.{name}"), 0, 0, 25, -1, -1, 0);
-                wire::put(&RowDescription::new(vec![field]), &mut out);
-                let mut row = BytesMut::new();
-                row.extend_from_slice(&(value.len() as i32).to_be_bytes());
-                row.extend_from_slice(value.as_bytes());
-                wire::put(&DataRow::new(row, 1), &mut out);
-                wire::put(&CommandComplete::new("SHOW".to_owned()), &mut out);
-            }),
-        };
-        if let Err(error) = answered {
-            wire::error_response(false, error.sqlstate(), &error.to_string(), &mut out);
+            Err(error) => {
+                wire::error_response(false, error.sqlstate(), &error.to_string(), &mut out)
+            }
         }
-        // A strategy change to or from remote-apply applies to the primary connection now.
+        self.after_commands().await?;
+        wire::ready_for_query(self.status, &mut out);
+        self.client.send(&out).await
+    }
+
+    /// A strategy change to or from remote-apply applies to the primary connection now,
+    /// unless a transaction is open there.
+    async fn after_commands(&mut self) -> Result<(), ProxyError> {
         if self.in_transaction.is_none() {
             self.sync_remote_apply().await?;
         }
-        wire::ready_for_query(self.status, &mut out);
-        self.client.send(&out).await
+        Ok(())
     }
 }
 

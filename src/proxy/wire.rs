@@ -169,7 +169,11 @@ pub enum ClientMessage<'a> {
         sql: &'a str,
     },
     Bind {
+        portal: &'a str,
         statement: &'a str,
+    },
+    Execute {
+        portal: &'a str,
     },
     /// Describe or Close of a prepared statement (`S`) or portal (`P`).
     Describe {
@@ -180,7 +184,7 @@ pub enum ClientMessage<'a> {
         kind: u8,
         name: &'a str,
     },
-    /// Execute, Sync, Flush, Terminate, copy data, ...: forwarded without a look inside.
+    /// Sync, Flush, Terminate, copy data, ...: forwarded without a look inside.
     Other,
 }
 
@@ -200,11 +204,14 @@ pub fn client_message(frame: &Frame) -> Result<ClientMessage<'_>, WireError> {
         }
         b'B' => {
             let mut reader = Reader::new(body, "Bind");
-            let _portal = reader.cstr()?;
             ClientMessage::Bind {
+                portal: reader.cstr()?,
                 statement: reader.cstr()?,
             }
         }
+        b'E' => ClientMessage::Execute {
+            portal: Reader::new(body, "Execute").cstr()?,
+        },
         b'D' | b'C' => {
             let what = if frame.tag == b'D' {
                 "Describe"

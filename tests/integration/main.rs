@@ -13,5 +13,6 @@ mod http;
 mod lab;
 mod probe;
 mod proxy;
+mod proxy_clients;
 mod strategies;
 mod token;

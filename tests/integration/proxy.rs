@@ -16,23 +16,23 @@ use tokio::{
 
 use crate::harness::{TestApp, spawn_app};
 
-const PSQL: &str = "/usr/bin/psql";
+pub(crate) const PSQL: &str = "/usr/bin/psql";
 const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 
-fn require(binary: &str, package: &str) {
+pub(crate) fn require(binary: &str, package: &str) {
     assert!(
         Path::new(binary).exists(),
         "{binary} is missing: install it with `apt-get install {package}`"
     );
 }
 
-fn proxy_url(app: &TestApp) -> String {
+pub(crate) fn proxy_url(app: &TestApp) -> String {
     let addr = app.app.proxy_addr.expect("the test app runs the proxy");
     format!("postgres://postgres@{addr}/lagprobe?sslmode=disable&connect_timeout=10")
 }
 
 /// Runs a psql script on one connection; stdout is unaligned, tuples only.
-async fn psql(url: &str, script: &str) -> Output {
+pub(crate) async fn psql(url: &str, script: &str) -> Output {
     require(PSQL, "postgresql-client");
     let mut child = Command::new(PSQL)
         .args([
@@ -59,7 +59,7 @@ async fn psql(url: &str, script: &str) -> Output {
 }
 
 /// The script's output lines; panics with psql's stderr when it failed.
-async fn psql_lines(url: &str, script: &str) -> Vec<String> {
+pub(crate) async fn psql_lines(url: &str, script: &str) -> Vec<String> {
     let output = psql(url, script).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -158,7 +158,7 @@ fn assert_no_failures(report: &str) {
 }
 
 /// Waits until the replica has what the primary has now (pgbench's tables after -i).
-async fn until_replica_has(app: &TestApp, table: &str) {
+pub(crate) async fn until_replica_has(app: &TestApp, table: &str) {
     let replica = app.replica_urls().remove(0);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -517,7 +517,7 @@ async fn lagprobe_proxy_serves_a_lab_and_refuses_a_public_address_without_a_pass
 
 /// The audit's entry for the query on `table`, once its reads are all recorded (verdicts
 /// that need one more watcher poll are recorded a moment after the read).
-async fn audited(app: &TestApp, table: &str, reads: u64) -> serde_json::Value {
+pub(crate) async fn audited(app: &TestApp, table: &str, reads: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (status, report) = app.get_json("/api/proxy").await;
