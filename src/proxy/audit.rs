@@ -48,9 +48,10 @@ pub(super) struct TokenAtRead {
 }
 
 /// When a replica read ran, and what the watcher had seen before it was sent.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct ReplicaRead {
-    pub replica_index: usize,
+    /// The watcher of the replica read, if one could vouch for it.
+    pub watcher: Option<Arc<ReplayWatcher>>,
     pub sent: Instant,
     pub answered: Instant,
     pub seen_before: Option<(Lsn, Instant)>,
@@ -129,7 +130,7 @@ pub(super) fn record(
                         .flatten(),
                     None => None,
                 };
-                let verdict = match (known.max(fetched), shared.watchers.get(read.replica_index)) {
+                let verdict = match (known.max(fetched), read.watcher.as_deref()) {
                     (Some(token), Some(watcher)) => read.judge(watcher, token, timeout).await,
                     (Some(token), None) => ReplayVerdict::Unsure(read.before(token)),
                     (None, _) => ReplayVerdict::NotApplicable,

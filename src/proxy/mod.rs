@@ -72,6 +72,9 @@ pub enum ProxyError {
     WrongDatabase(String),
     #[error("password authentication failed")]
     AuthFailed,
+    /// lagprobe is stopping: every session ends, its backend work cancelled.
+    #[error("terminating connection: lagprobe is shutting down")]
+    ShuttingDown,
     /// The client went away (EOF, reset, Terminate): nobody to tell.
     #[error("client disconnected")]
     ClientGone,
@@ -86,6 +89,7 @@ impl ProxyError {
             ProxyError::PrimaryUnavailable(_) | ProxyError::ReplicaLost(_) => "08006",
             ProxyError::WrongDatabase(_) => "3D000",
             ProxyError::AuthFailed => "28P01",
+            ProxyError::ShuttingDown => "57P01",
             ProxyError::ClientGone => return None,
         })
     }
@@ -169,12 +173,40 @@ struct Shared {
     /// Where new sessions connect, and the topology generation it came from.
     backends: RwLock<(u64, Arc<Backends>)>,
     databases: Databases,
-    watchers: Vec<ReplayWatcher>,
+    /// One replay watcher per replica of the topology's current generation.
+    watchers: RwLock<Watchers>,
     primary_position: PrimaryPosition,
     cancels: CancelRegistry,
     next_replica: AtomicUsize,
     /// The service's: counters and the per-query audit.
     stats: ProxyStats,
+}
+
+/// The replay watchers of one topology generation. A failover re-points the replicas, and
+/// then a position seen on the old ones is no evidence about the new: the watchers are
+/// replaced, one per replica there is now (so replicas that appear later are watched too).
+struct Watchers {
+    generation: u64,
+    replicas: Vec<Arc<ReplayWatcher>>,
+}
+
+impl Watchers {
+    fn spawn(databases: &Databases, generation: u64, poll_interval: Duration) -> Self {
+        let replicas = (0..databases.replicas().len())
+            .map(|index| {
+                Arc::new(ReplayWatcher::spawn(
+                    databases.clone(),
+                    generation,
+                    index,
+                    poll_interval,
+                ))
+            })
+            .collect();
+        Watchers {
+            generation,
+            replicas,
+        }
+    }
 }
 
 /// A running proxy's handle: its counters.
@@ -242,15 +274,40 @@ impl Backends {
 }
 
 impl Shared {
+    /// The watcher of replica `index` of topology `generation`, while that is the current
+    /// one: a session opened before a failover has no watcher to vouch for its replica.
+    fn watcher(&self, generation: u64, index: usize) -> Option<Arc<ReplayWatcher>> {
+        let now = self.databases.urls().generation;
+        if now != generation {
+            return None;
+        }
+        {
+            let watchers = self.watchers.read().unwrap_or_else(|p| p.into_inner());
+            if watchers.generation == now {
+                return watchers.replicas.get(index).cloned();
+            }
+        }
+        let mut watchers = self.watchers.write().unwrap_or_else(|p| p.into_inner());
+        if watchers.generation != now {
+            *watchers = Watchers::spawn(&self.databases, now, self.settings.poll_interval);
+        }
+        watchers.replicas.get(index).cloned()
+    }
+
     /// Where a new session connects: the databases' topology, re-read after a failover
     /// re-pointed it ([`Databases::repoint`]), so that new sessions follow the new primary
     /// and replicas while sessions already open keep (and lose) theirs.
     fn backends(&self) -> Arc<Backends> {
+        self.topology().1
+    }
+
+    /// The topology generation new sessions connect to, and its backends.
+    fn topology(&self) -> (u64, Arc<Backends>) {
         let urls = self.databases.urls();
         {
             let current = self.backends.read().unwrap_or_else(|p| p.into_inner());
             if current.0 == urls.generation {
-                return Arc::clone(&current.1);
+                return (current.0, Arc::clone(&current.1));
             }
         }
         let mut current = self.backends.write().unwrap_or_else(|p| p.into_inner());
@@ -268,7 +325,7 @@ impl Shared {
                 Err(reason) => tracing::error!(%reason, "proxy: re-pointed URLs unusable"),
             }
         }
-        Arc::clone(&current.1)
+        (current.0, Arc::clone(&current.1))
     }
 }
 
@@ -293,18 +350,17 @@ pub async fn handle(
         None => None,
     };
     stats.mark_running();
-    let watchers = (0..backends.replicas.len())
-        .map(|index| ReplayWatcher::spawn(databases.clone(), index, settings.poll_interval))
-        .collect();
+    let generation = databases.urls().generation;
+    let watchers = Watchers::spawn(&databases, generation, settings.poll_interval);
     ProxyHandle {
         shared: Arc::new(Shared {
             settings: settings.clone(),
             verifier,
             defaults,
-            backends: RwLock::new((databases.urls().generation, Arc::new(backends))),
+            backends: RwLock::new((generation, Arc::new(backends))),
             primary_position: PrimaryPosition::spawn(databases.clone()),
             databases,
-            watchers,
+            watchers: RwLock::new(watchers),
             cancels: CancelRegistry::default(),
             next_replica: AtomicUsize::new(0),
             stats,
@@ -312,23 +368,30 @@ pub async fn handle(
     }
 }
 
+/// How long sessions get to tell their clients and close their backends on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Accepts clients until `shutdown` resolves; each session runs on its own task, and one
-/// session's failure (or panic) never touches another's.
+/// session's failure (or panic) never touches another's. Then every session ends: its
+/// client gets 57P01, a query still running is cancelled and both backends are closed.
 pub async fn serve(
     listener: TcpListener,
     proxy: ProxyHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> crate::error::Result<()> {
     tokio::pin!(shutdown);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
+        while sessions.try_join_next().is_some() {}
         match accepted {
             Ok((stream, peer)) => {
                 let shared = Arc::clone(&proxy.shared);
-                tokio::spawn(session::run(shared, stream, peer));
+                sessions.spawn(session::run(shared, stream, peer, stopping.clone()));
             }
             // Out of file descriptors and the like: wait a moment rather than spin.
             Err(error) => {
@@ -337,4 +400,14 @@ pub async fn serve(
             }
         }
     }
+    drop(listener);
+    let _ = stop.send(true);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tracing::warn!(left = sessions.len(), "proxy sessions cut off at shutdown");
+        sessions.shutdown().await;
+    }
+    Ok(())
 }

@@ -175,6 +175,8 @@ struct Session {
     primary: Backend,
     replica: Option<ReplicaConnection>,
     replica_index: usize,
+    /// The topology generation the session connected to (its replica's watcher is of it).
+    generation: u64,
     replica_retry_at: Option<Instant>,
     status: TxStatus,
     /// Inside a transaction block: the backend running it.
@@ -201,7 +203,12 @@ struct Session {
 
 /// Runs one client connection to its end; never panics the proxy and never outlives it
 /// with work on the backends.
-pub(super) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stopping: watch::Receiver<bool>,
+) {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
     let mut client = Client {
@@ -210,10 +217,13 @@ pub(super) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
         buffer: BytesMut::with_capacity(8192),
         max_message_bytes: shared.settings.max_message_bytes,
     };
-    let started =
-        tokio::time::timeout(shared.settings.startup_timeout, start(&shared, &mut client))
-            .await
-            .unwrap_or_else(|_| Err(ProxyError::Protocol("no startup packet in time".into())));
+    let starting =
+        tokio::time::timeout(shared.settings.startup_timeout, start(&shared, &mut client));
+    let started = tokio::select! {
+        started = starting => started
+            .unwrap_or_else(|_| Err(ProxyError::Protocol("no startup packet in time".into()))),
+        () = stopped(&mut stopping) => Err(ProxyError::ShuttingDown),
+    };
     let mut session = match started {
         Ok(Some(parts)) => Session::new(Arc::clone(&shared), client, parts),
         Ok(None) => return,
@@ -228,15 +238,24 @@ pub(super) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr
         .counters()
         .sessions
         .fetch_add(1, Ordering::Relaxed);
-    let result = session.serve().await;
+    let result = tokio::select! {
+        result = session.serve() => result,
+        () = stopped(&mut stopping) => Err(ProxyError::ShuttingDown),
+    };
     let error = result.err().unwrap_or(ProxyError::ClientGone);
     log_end(peer, &error);
     session.finish(&error).await;
 }
 
+/// Resolves once the proxy is shutting down (or its server is gone).
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stop| *stop).await;
+}
+
 fn log_end(peer: SocketAddr, error: &ProxyError) {
     match error {
         ProxyError::ClientGone => tracing::debug!(%peer, "proxy session ended"),
+        ProxyError::ShuttingDown => tracing::info!(%peer, "proxy session ended at shutdown"),
         ProxyError::PrimaryUnavailable(_) | ProxyError::ReplicaLost(_) => {
             tracing::warn!(%peer, %error, "proxy session ended")
         }
@@ -248,6 +267,7 @@ fn log_end(peer: SocketAddr, error: &ProxyError) {
 struct Started {
     /// The topology the session connected to, for its replica connection later.
     backends: Arc<Backends>,
+    generation: u64,
     startup: Vec<(String, String)>,
     primary: Backend,
     cancel: CancelTarget,
@@ -272,7 +292,7 @@ async fn start(shared: &Shared, client: &mut Client) -> Result<Option<Started>, 
     };
     let version = wire::leading_i32(&body).unwrap_or(wire::PROTOCOL_3);
     let parameters = wire::startup_parameters(&body[4..])?;
-    let backends = shared.backends();
+    let (generation, backends) = shared.topology();
     let startup = check_startup(&backends, &parameters)?;
     authenticate(shared, client).await?;
     let primary = Backend::connect(
@@ -306,6 +326,7 @@ async fn start(shared: &Shared, client: &mut Client) -> Result<Option<Started>, 
     }
     Ok(Some(Started {
         backends,
+        generation,
         startup,
         primary,
         cancel,
@@ -416,6 +437,7 @@ impl Session {
         Session {
             shared,
             backends: started.backends,
+            generation: started.generation,
             client,
             startup: started.startup,
             primary: started.primary,
@@ -451,10 +473,12 @@ impl Session {
                 Target::Primary => Some(&self.primary),
                 Target::Replica => self.replica.as_ref().map(|replica| &replica.backend),
             };
+            // Awaited, not spawned: at shutdown the process may exit right after.
             if let Some(backend) = backend {
-                let (addr, key) = (backend.addr, backend.key);
                 let timeout = self.shared.settings.connect_timeout;
-                tokio::spawn(async move { backend::cancel(addr, key, timeout).await });
+                if let Err(error) = backend::cancel(backend.addr, backend.key, timeout).await {
+                    tracing::warn!(addr = %backend.addr, %error, "cancelling a left query");
+                }
             }
         }
         self.client.fatal(error).await;
@@ -699,7 +723,8 @@ impl Session {
         let started = Instant::now();
         self.read_note = ReadNote::default();
         let shared = Arc::clone(&self.shared);
-        let watcher = shared.watchers.get(self.replica_index);
+        let watcher = shared.watcher(self.generation, self.replica_index);
+        let watcher = watcher.as_deref();
         let wait_timeout = shared.defaults.lsn_wait_timeout;
         match self.strategy {
             ProxyStrategy::Probe(Strategy::Primary) => Target::Primary,
@@ -827,16 +852,13 @@ impl Session {
         loop {
             let plan = self.statements.plan(&unit.uses, target);
             let sent = Instant::now();
-            let seen_before = self
-                .shared
-                .watchers
-                .get(self.replica_index)
-                .and_then(|watcher| watcher.seen());
+            let watcher = self.shared.watcher(self.generation, self.replica_index);
+            let seen_before = watcher.as_ref().and_then(|watcher| watcher.seen());
             match self.forward(target, &unit, &plan).await {
                 Ok(relayed) => {
                     if audited {
                         let read = (target == Target::Replica).then(|| ReplicaRead {
-                            replica_index: self.replica_index,
+                            watcher,
                             sent,
                             answered: Instant::now(),
                             seen_before,

@@ -75,8 +75,14 @@ pub struct ReplayWatcher {
 }
 
 impl ReplayWatcher {
-    /// Watches `databases.replicas()[index]`, polling every `poll_interval` while wanted.
-    pub fn spawn(databases: Databases, index: usize, poll_interval: Duration) -> Self {
+    /// Watches `databases.replicas()[index]` of topology `generation`, polling every
+    /// `poll_interval` while wanted, until the topology is re-pointed.
+    pub fn spawn(
+        databases: Databases,
+        generation: u64,
+        index: usize,
+        poll_interval: Duration,
+    ) -> Self {
         let state = Arc::new(WatcherState {
             position: watch::channel(Seen::default()).0,
             demand: AtomicUsize::new(0),
@@ -85,6 +91,7 @@ impl ReplayWatcher {
         let task = tokio::spawn(poll_replay(
             Arc::clone(&state),
             databases,
+            generation,
             index,
             poll_interval,
         ));
@@ -147,25 +154,20 @@ impl Drop for ReplayWatcher {
 async fn poll_replay(
     state: Arc<WatcherState>,
     databases: Databases,
+    generation: u64,
     index: usize,
     poll_interval: Duration,
 ) {
-    let mut generation = databases.urls().generation;
     loop {
         until_wanted(&state.demand, &state.wake).await;
-        // After a failover the index names another server: what the old one had replayed
-        // is no evidence about it.
-        let now = databases.urls().generation;
-        if now != generation {
-            generation = now;
-            state.position.send_modify(|seen| {
-                seen.best = None;
-                seen.last = None;
-            });
+        // After a failover the index names another server, which this watcher's evidence
+        // says nothing about: its waiters time out (and read the primary), and the new
+        // generation's watcher takes over.
+        if databases.urls().generation != generation {
+            return;
         }
         let Some(replica) = databases.replicas().get(index).cloned() else {
-            tokio::time::sleep(poll_interval).await;
-            continue;
+            return;
         };
         let sent = Instant::now();
         match databases.replay_lsn(&replica).await {

@@ -511,8 +511,47 @@ async fn lagprobe_proxy_serves_a_lab_and_refuses_a_public_address_without_a_pass
     assert!(banner.contains("strategy lsn-wait"), "{banner}");
     let lines = psql_lines(url, "SHOW lagprobe.strategy; SELECT pg_is_in_recovery();").await;
     assert_eq!(lines, ["lsn-wait", "t"]);
-    child.kill().await.unwrap();
+
+    // SIGTERM with a query running on each backend: both clients are told (57P01), both
+    // queries are cancelled, and the proxy exits 0.
+    let sleepers = ["SELECT pg_sleep(60)", "BEGIN; SELECT 1 FROM pg_sleep(60);"].map(|script| {
+        let (url, script) = (url.to_owned(), script.to_owned());
+        tokio::spawn(async move { psql(&url, &script).await })
+    });
+    until_sleeping(&replica, 1).await;
+    until_sleeping(&primary, 1).await;
+    let pid = i32::try_from(child.id().unwrap()).unwrap();
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    assert!(
+        exited
+            .expect("the proxy stops on SIGTERM")
+            .unwrap()
+            .success()
+    );
+    for sleeper in sleepers {
+        let output = sleeper.await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains("lagprobe is shutting down"), "{stderr}");
+    }
+    until_sleeping(&replica, 0).await;
+    until_sleeping(&primary, 0).await;
     app.shutdown().await;
+}
+
+/// Waits until `count` backends of the server at `url` run pg_sleep.
+async fn until_sleeping(url: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let query = "SELECT count(*) FROM pg_stat_activity \
+                 WHERE state = 'active' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()";
+    while psql_lines(url, query).await != [count.to_string()] {
+        assert!(
+            Instant::now() < deadline,
+            "never {count} pg_sleep backends on {url}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The audit's entry for the query on `table`, once its reads are all recorded (verdicts
@@ -672,6 +711,24 @@ async fn after_a_lab_failover_new_sessions_use_the_new_primary_and_replica() {
         [format!("{promoted}|f"), format!("{old_primary}|t")],
         "{report}"
     );
+
+    // The rejoined replica is watched: lsn-wait waits for it rather than trusting what
+    // the promoted server had replayed as a replica, or reading the primary.
+    psql_lines(&url, "CREATE TABLE items (id int PRIMARY KEY)").await;
+    until_replica_has(&app, "items").await;
+    let delayed = reqwest::Client::new()
+        .put(app.http_url("/api/delay"))
+        .json(&serde_json::json!({"delay_ms": 500}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delayed.status(), 200);
+    let waits_before = app.app.proxy().unwrap().counts().waits;
+    assert_eq!(write_then_read(&url, "replica", 1).await, "0|t", "stale");
+    assert_eq!(write_then_read(&url, "lsn-wait", 2).await, "1|t", "waited");
+    let counts = app.app.proxy().unwrap().counts();
+    assert_eq!(counts.waits, waits_before + 1, "{counts:?}");
+    assert_eq!(counts.fallbacks, 0, "{counts:?}");
     app.shutdown().await;
 }
 
