@@ -1271,14 +1271,18 @@ async fn relay(
             out.clear();
         }
         let from_client = copy_in || open;
+        // Otherwise the client is still watched, so that one that leaves mid-query ends
+        // the session (which cancels the query); what it pipelines meanwhile stays
+        // buffered, up to one message's limit.
+        let watch_client = from_client || client.buffer.len() < client.max_message_bytes;
         let client_sent = tokio::select! {
             received = backend.receive() => {
                 received.map_err(|error| backend_failed(error, replied))?;
                 false
             }
-            filled = client.fill(), if from_client => {
+            filled = client.fill(), if watch_client => {
                 filled?;
-                true
+                from_client
             }
         };
         if client_sent {

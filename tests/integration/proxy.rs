@@ -303,14 +303,16 @@ async fn bad_protocol_gets_08p01_and_the_proxy_keeps_serving_everyone_else() {
     ssl.extend_from_slice(&startup_then(b"X\0\0\0\x04"));
     assert_eq!(raw_exchange(&app, &ssl).await.first(), Some(&b'N'));
 
-    // A client that leaves in the middle of a query.
+    // A client that leaves in the middle of a query: its query is cancelled.
     let mut leaving = Command::new(PSQL)
-        .args(["-X", "-c", "SELECT pg_sleep(30)", &url])
+        .args(["-X", "-c", "SELECT pg_sleep(60)", &url])
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replica = app.replica_urls().remove(0);
+    until_sleeping(&replica, 1).await;
     leaving.kill().await.unwrap();
+    until_sleeping(&replica, 0).await;
     still_serves(&url).await;
     app.shutdown().await;
 }
