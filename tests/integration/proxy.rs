@@ -16,10 +16,10 @@ use tokio::{
 
 use crate::harness::{TestApp, spawn_app};
 
-pub(crate) const PSQL: &str = "/usr/bin/psql";
+const PSQL: &str = "/usr/bin/psql";
 const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
 
-pub(crate) fn require(binary: &str, package: &str) {
+fn require(binary: &str, package: &str) {
     assert!(
         Path::new(binary).exists(),
         "{binary} is missing: install it with `apt-get install {package}`"
@@ -33,19 +33,16 @@ pub(crate) fn proxy_url(app: &TestApp) -> String {
 
 /// Runs a psql script on one connection; stdout is unaligned, tuples only.
 pub(crate) async fn psql(url: &str, script: &str) -> Output {
+    psql_with(&["-q", "-v", "ON_ERROR_STOP=1"], url, script).await
+}
+
+/// Runs a psql script on one connection with `options` besides `-X -A -t`.
+pub(crate) async fn psql_with(options: &[&str], url: &str, script: &str) -> Output {
     require(PSQL, "postgresql-client");
     let mut child = Command::new(PSQL)
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            url,
-            "-f",
-            "-",
-        ])
+        .args(["-X", "-A", "-t"])
+        .args(options)
+        .args([url, "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

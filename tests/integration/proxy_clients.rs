@@ -2,16 +2,13 @@
 //! everything through the extended protocol) and psql, with the same answers through the
 //! proxy as straight from the server.
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use tokio::{io::AsyncWriteExt, process::Command};
+use tokio::process::Command;
 
 use crate::{
     harness::{TestApp, spawn_app},
-    proxy::{PSQL, audited, proxy_url, psql_lines, require, until_replica_has},
+    proxy::{audited, proxy_url, psql_lines, psql_with, until_replica_has},
 };
 
 fn client_script(name: &str) -> String {
@@ -83,19 +80,7 @@ async fn psycopg_reads_its_own_writes_with_lsn_wait_and_the_token_through_the_pr
 
 /// psql, not quiet: command tags, notices and errors (verbose, with SQLSTATE) included.
 async fn psql_transcript(url: &str, script: &str) -> (String, String) {
-    require(PSQL, "postgresql-client");
-    let mut child = Command::new(PSQL)
-        .args(["-X", "-A", "-t", url, "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("psql starts");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(script.as_bytes()).await.unwrap();
-    drop(stdin);
-    let output = child.wait_with_output().await.unwrap();
+    let output = psql_with(&[], url, script).await;
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     (text(&output.stdout), text(&output.stderr))
 }
