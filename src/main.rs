@@ -2,7 +2,13 @@
 
 mod cli;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    cli::main().await
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, so that every thread inherits the mask: a
+    // SIGINT or SIGTERM arriving before the command has installed its handlers waits for
+    // them instead of killing the process half-way through starting a lab.
+    cli::hold_stop_signals();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(cli::main())
 }

@@ -120,6 +120,16 @@ enum Command {
 /// Parses the command line and runs the command.
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Lab { .. }
+            | Command::Serve { .. }
+            | Command::Proxy { .. }
+            | Command::DelayLink { .. }
+    ) {
+        // The other commands keep the default: Ctrl-C ends them at once.
+        release_stop_signals();
+    }
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Lab { lab, service } => {
@@ -172,14 +182,53 @@ pub async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// A future that resolves on Ctrl-C or SIGTERM. The handlers are installed here, at once,
-/// so that a signal arriving while the lab is still starting (or right after its banner) is
-/// caught and leads to a clean stop instead of killing the process.
+/// SIGINT and SIGTERM, the signals [`stop_requested`] handles.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set it is given; sigaddset only writes into it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread started from it (call it
+/// first in `main`): one arriving meanwhile stays pending. Programs the lab starts do not
+/// inherit the mask: the standard library clears it in every child it spawns.
+pub fn hold_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: the set is initialised; a null old-set pointer is allowed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Unblocks them in this thread, the main one (the runtime's threads keep them blocked, so
+/// a pending or later signal is delivered here): to the handlers if installed, else with
+/// the default effect of ending the process.
+fn release_stop_signals() {
+    let set = stop_signals();
+    // SAFETY: as in hold_stop_signals.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// A future that resolves on Ctrl-C or SIGTERM. The handlers are installed here, before
+/// anything is started, and only then are the signals let through (a signal that came
+/// earlier was held, see [`hold_stop_signals`]), so that a signal at any moment of a lab's
+/// start-up is caught. The start-up then runs to its end (at most a cold start, a few
+/// seconds: cutting it short would abandon initdb or a half-started server in a directory
+/// being removed) and everything is stopped in order, as after the banner.
+/// Must be called on the main thread (directly in [`main`]'s future, which runs there).
 fn stop_requested() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    release_stop_signals();
     Ok(async move {
         tokio::select! {
             _ = terminate.recv() => {}

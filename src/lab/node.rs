@@ -94,7 +94,10 @@ fn lookup_user(name: &str) -> Option<RunAs> {
     }
 }
 
-/// A command for a lab program, as the lab's user, with a predictable environment.
+/// A command for a lab program, as the lab's user, with a predictable environment, in a
+/// process group of its own: a terminal's Ctrl-C during start-up must reach only lagprobe,
+/// not kill initdb or pg_basebackup under it (which would fail the start instead of
+/// letting lagprobe stop it in order).
 pub(super) fn lab_command(program: &Path, run_as: Option<&RunAs>, home: &Path) -> Command {
     let mut command = Command::new(program);
     command
@@ -102,7 +105,8 @@ pub(super) fn lab_command(program: &Path, run_as: Option<&RunAs>, home: &Path) -
         .env("LC_ALL", "C")
         .env_remove("PGOPTIONS")
         .env_remove("PGDATA")
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .process_group(0);
     if let Some(user) = run_as {
         command.uid(user.uid).gid(user.gid);
     }

@@ -1,6 +1,6 @@
 //! The binary itself: `lagprobe lab` and `lagprobe delay-link` start, work and stop on
-//! SIGTERM with exit 0, leaving nothing behind; `lagprobe run --compare` prints a table
-//! that says when remote-apply did nothing.
+//! SIGTERM with exit 0, leaving nothing behind, and on SIGINT at any moment of start-up;
+//! `lagprobe run --compare` prints a table that says when remote-apply did nothing.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -59,6 +59,11 @@ fn terminate_and_wait(child: &mut Child) -> std::process::ExitStatus {
 /// still shows the postmaster's command line until it renames itself, so processes whose
 /// parent also matches are not counted: they are that postmaster's children.
 fn postgres_processes_under(dir: &str) -> usize {
+    postmasters_under(dir).len()
+}
+
+/// The pids of [`postgres_processes_under`].
+fn postmasters_under(dir: &str) -> Vec<u32> {
     let matching: Vec<(u32, u32)> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|entry| {
@@ -84,7 +89,8 @@ fn postgres_processes_under(dir: &str) -> usize {
     matching
         .iter()
         .filter(|(_, parent)| !matching.iter().any(|(pid, _)| pid == parent))
-        .count()
+        .map(|(pid, _)| *pid)
+        .collect()
 }
 
 #[test]
@@ -298,4 +304,229 @@ async fn run_compare_marks_remote_apply_ineffective_without_a_synchronous_standb
     assert!(table.contains("| remote-apply | 3 | 0 |"), "{table}");
     assert!(!table.contains("ineffective"), "{table}");
     app.shutdown().await;
+}
+
+/// When during start-up [`lab_stops_cleanly_on_sigint_at_every_moment_of_start_up`]
+/// sends its SIGINT.
+#[derive(Debug, Clone, Copy)]
+enum Moment {
+    /// Before lagprobe's `main` runs: the child is spawned with SIGINT blocked (a process
+    /// cannot catch a signal before its first instruction), so the signal is pending when
+    /// lagprobe starts and must reach its handler rather than kill it.
+    AtExec,
+    /// When the lab has its directory, with an empty cache: the template's initdb runs.
+    BuildingTheTemplate,
+    /// Likewise with `--no-template`: the primary's own initdb runs.
+    Initdb,
+    /// The primary accepts connections, `--no-template`: the replica's pg_basebackup is next.
+    BaseBackup,
+    /// At the first `/readyz` 200, before the banner.
+    Readyz,
+    /// After the banner.
+    Banner,
+}
+
+#[test]
+fn lab_stops_cleanly_on_sigint_at_every_moment_of_start_up() {
+    for moment in [
+        Moment::AtExec,
+        Moment::BuildingTheTemplate,
+        Moment::Initdb,
+        Moment::BaseBackup,
+        Moment::Readyz,
+        Moment::Banner,
+    ] {
+        interrupt_lab_start(moment);
+    }
+}
+
+/// One `lagprobe lab` in a process group of its own, sent SIGINT at `moment` as a terminal's
+/// Ctrl-C is (to the whole group); then exit 0 and nothing of its lab left.
+fn interrupt_lab_start(moment: Moment) {
+    use std::os::unix::process::CommandExt;
+    let cache = tempfile::tempdir().unwrap();
+    let http_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http_addr = format!("127.0.0.1:{http_port}");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lagprobe"));
+    command
+        .args([
+            "lab",
+            "--http-addr",
+            &http_addr,
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--proxy-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn,lagprobe=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    match moment {
+        Moment::BuildingTheTemplate => {
+            command.arg("--cache-dir").arg(cache.path());
+        }
+        Moment::Initdb | Moment::BaseBackup => {
+            command.arg("--no-template");
+        }
+        _ => {}
+    }
+    if let Moment::AtExec = moment {
+        // SAFETY: sigprocmask is async-signal-safe and the closure allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGINT);
+                libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+    }
+    let mut child = command.spawn().expect("the lagprobe binary starts");
+    let log = LogLines::follow(child.stderr.take().unwrap());
+    match moment {
+        Moment::AtExec => {}
+        Moment::BuildingTheTemplate | Moment::Initdb => log.wait_for("starting the lab"),
+        Moment::BaseBackup => log.wait_for("primary accepting connections"),
+        Moment::Readyz => while http_status(&http_addr, "/readyz") != Some(200) {},
+        Moment::Banner => {
+            read_until(&mut child, "Ctrl-C stops everything");
+        }
+    }
+    // SAFETY: kill has no memory-safety preconditions; -pid is the group our child leads.
+    unsafe {
+        libc::kill(-(child.id() as i32), libc::SIGINT);
+    }
+    let (status, postmasters) = wait_recording_postmasters(&mut child, &log);
+    let context = format!("{moment:?}, log:\n{}", log.text());
+    assert!(status.success(), "{status:?} at {context}");
+    let data_dir = log
+        .data_dir()
+        .unwrap_or_else(|| panic!("no lab dir at {context}"));
+    assert_eq!(
+        processes_naming(&data_dir),
+        Vec::<String>::new(),
+        "{context}"
+    );
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "{data_dir} left at {context}"
+    );
+    assert!(!postmasters.is_empty(), "no postmaster seen at {context}");
+    let segments = std::fs::read_to_string("/proc/sysvipc/shm").unwrap();
+    for segment in segments.lines().skip(1) {
+        // key shmid perms size cpid ...: the creator's pid is the fifth field.
+        let creator: u32 = segment.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert!(
+            !postmasters.contains(&creator),
+            "shared memory of postmaster {creator} left: {segment} at {context}"
+        );
+    }
+    let building = std::fs::read_dir(cache.path().join("templates"))
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(".building"))
+        .count();
+    assert_eq!(building, 0, "a half-built template left at {context}");
+}
+
+/// Waits (up to a minute: a cold start runs to its end first) for the child to exit,
+/// meanwhile noting the pid of every postmaster of its lab, for the shared memory check.
+fn wait_recording_postmasters(
+    child: &mut Child,
+    log: &LogLines,
+) -> (std::process::ExitStatus, std::collections::HashSet<u32>) {
+    let mut postmasters = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(dir) = log.data_dir() {
+            postmasters.extend(postmasters_under(&dir));
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, postmasters);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lagprobe did not stop within 60 s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A child's stderr, read line by line on a thread of its own.
+struct LogLines {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LogLines {
+    fn follow(stderr: impl Read + Send + 'static) -> LogLines {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let filled = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                filled.lock().unwrap().push(line);
+            }
+        });
+        LogLines { lines }
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn wait_for(&self, marker: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.text().contains(marker) {
+            assert!(
+                Instant::now() < deadline,
+                "no {marker:?} in:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The lab's directory, from its "starting the lab" line (`dir=...`).
+    fn data_dir(&self) -> Option<String> {
+        let text = self.text();
+        let line = text
+            .lines()
+            .find(|line| line.contains("starting the lab"))?;
+        let dir = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("dir="))?;
+        Some(dir.to_owned())
+    }
+}
+
+/// A GET's status, or `None` when the server does not answer (yet).
+fn http_status(addr: &str, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every process whose command line names `dir` (servers, initdb, pg_basebackup, cp).
+fn processes_naming(dir: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            path.file_name()?.to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(path.join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(dir).then_some(cmdline)
+        })
+        .collect()
 }
