@@ -447,6 +447,10 @@ pub struct LabSettings {
     /// Where initialised clusters are kept as templates, one per PostgreSQL binary set, so
     /// that a lab copies one instead of running initdb; `None`: initdb every time.
     pub cache_dir: Option<PathBuf>,
+    /// The last replica streams straight from the primary, not through the delay link: a
+    /// measurement aid (the bench's D = 0 floor compares it with a linked replica on the same
+    /// storage). Needs at least two replicas, so that one still crosses the link.
+    pub direct_replica: bool,
 }
 
 /// The user's cache folder for lagprobe: `$LAGPROBE_CACHE_DIR`, else `/var/cache/lagprobe`
@@ -479,6 +483,7 @@ impl Default for LabSettings {
             replica_port: 0,
             replicas: REPLICAS.default as u8,
             sync_replica: false,
+            direct_replica: false,
         }
     }
 }
@@ -496,6 +501,16 @@ impl LabSettings {
         REPLICAS.check(Some(u64::from(self.replicas)))?;
         DELAY_MS.check_duration(self.delay)?;
         LINK_BUFFER_MB.check_mib(self.link_buffer_bytes)?;
+        if self.direct_replica && self.replicas < 2 {
+            return Err(Invalid::new(
+                "direct_replica",
+                format!(
+                    "a replica without the delay link needs a second one behind it, and the lab \
+                     has {} replica(s)",
+                    self.replicas
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -583,6 +598,18 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_direct_replica_needs_a_linked_one_beside_it() {
+        let direct = |replicas| LabSettings {
+            replicas,
+            direct_replica: true,
+            ..LabSettings::default()
+        };
+        let refused = direct(1).validate().unwrap_err();
+        assert_eq!(refused.field, "direct_replica");
+        assert_eq!(direct(2).validate(), Ok(()));
+    }
 
     #[test]
     fn bounds_default_check_and_name_their_field() {

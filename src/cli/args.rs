@@ -403,6 +403,7 @@ impl LabArgs {
             // In range by the flag's parser.
             replicas: self.replicas as u8,
             sync_replica: self.sync_replica,
+            direct_replica: false,
         }
     }
 }

@@ -259,7 +259,7 @@ impl Lab {
                 let standbys: Vec<&str> = replicas.iter().map(|replica| replica.name).collect();
                 primary_args(&standbys, self.sync_replica)
             }
-            ServerRole::Replica => replica_args(self.link.local_addr(), server.name),
+            ServerRole::Replica => replica_args(self.upstream_of(server.name), server.name),
             ServerRole::FormerPrimary => {
                 return Err(LabError::WrongState(format!(
                     "{} was the primary before a failover and its WAL has diverged; fail \

@@ -237,6 +237,8 @@ pub struct Lab {
     closed: AtomicBool,
     link: DelayLink,
     sync_replica: bool,
+    /// The replica that streams from the primary without the link, if any.
+    direct_replica: Option<&'static str>,
     dir: std::sync::Mutex<Option<LabDir>>,
     /// How long `start` took until every replica streamed (the caller's `before_delay` and
     /// the catch-up after it not included).
@@ -375,6 +377,9 @@ impl Lab {
             closed: AtomicBool::new(false),
             link,
             sync_replica: options.sync_replica,
+            direct_replica: options
+                .direct_replica
+                .then(|| replica_node_name(options.replicas - 1)),
             dir: std::sync::Mutex::new(Some(dir)),
             startup: Duration::ZERO,
         };
@@ -451,7 +456,7 @@ impl Lab {
                     ),
                 })?,
         };
-        let args = replica_args(self.link.local_addr(), name);
+        let args = replica_args(self.upstream_of(name), name);
         let node = self
             .programs()
             .start_node(name, &data_dir, port, &args, LAB_DATABASE)
@@ -463,6 +468,17 @@ impl Lab {
             node,
         });
         Ok(())
+    }
+
+    /// Where replica `name` streams from: the delay link, or for the direct replica the
+    /// primary itself (whichever server is primary now).
+    fn upstream_of(&self, name: &str) -> SocketAddr {
+        match self.direct_replica {
+            Some(direct) if direct == name => {
+                SocketAddr::from(([127, 0, 0, 1], self.primary().port))
+            }
+            _ => self.link.local_addr(),
+        }
     }
 
     fn lock_servers(&self) -> std::sync::MutexGuard<'_, Vec<Server>> {
@@ -741,14 +757,14 @@ fn primary_args(standbys: &[&str], sync_replica: bool) -> Vec<String> {
     ]
 }
 
-fn replica_args(link: SocketAddr, server: &str) -> Vec<String> {
+fn replica_args(upstream: SocketAddr, server: &str) -> Vec<String> {
     vec![
         "-c".into(),
         // On the command line, so a kept replica follows the link's new port every run.
         format!(
             "primary_conninfo=host={} port={} user={LAB_USER} application_name={} sslmode=disable",
-            link.ip(),
-            link.port(),
+            upstream.ip(),
+            upstream.port(),
             standby_name(server)
         ),
     ]

@@ -199,3 +199,42 @@ async fn labs_copy_one_cached_template_and_run_initdb_without_a_cache() {
     probes_fine(&without).await;
     without.shutdown().await;
 }
+
+/// The port `url`'s server streams from (its WAL receiver's), and its own.
+async fn ports(url: &str) -> (Option<i32>, i32) {
+    use sqlx::Connection;
+    let mut connection = sqlx::PgConnection::connect(url).await.unwrap();
+    let sender: Option<i32> = sqlx::query_scalar("SELECT sender_port FROM pg_stat_wal_receiver")
+        .fetch_optional(&mut connection)
+        .await
+        .unwrap()
+        .flatten();
+    let own: i32 = sqlx::query_scalar("SELECT inet_server_port()")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    (sender, own)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_direct_replica_streams_from_the_primary_and_the_other_through_the_link() {
+    let app = crate::harness::spawn_app_with(LabSettings {
+        replicas: 2,
+        direct_replica: true,
+        ..LabSettings::with_delay(Duration::from_millis(1000))
+    })
+    .await;
+    let (_, primary_port) = ports(&app.lab().primary_url()).await;
+    let replicas = app.lab().replica_urls();
+    let (linked_sender, _) = ports(&replicas[0].1).await;
+    let (direct_sender, _) = ports(&replicas[1].1).await;
+    assert_eq!(replicas[1].0, "replica2");
+    assert_eq!(direct_sender, Some(primary_port));
+    assert!(linked_sender.is_some());
+    assert_ne!(
+        linked_sender,
+        Some(primary_port),
+        "replica1 bypasses the link"
+    );
+    app.shutdown().await;
+}
