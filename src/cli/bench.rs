@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod floor;
 mod link;
+mod startup;
 
 use lagprobe::{
     Error, ProbeOptions, Result, RunSummary, markdown_table,
@@ -27,8 +29,8 @@ pub struct BenchOptions {
     pub strategy_probes: u32,
     /// Probes per concurrency level in the probe-rate table.
     pub rate_probes: u32,
-    /// Which tables to produce: startup, memory, strategies, link, link-memory, pgbench, rate,
-    /// page (all when empty).
+    /// Which tables to produce: startup, floor, memory, strategies, link, link-memory, pgbench,
+    /// rate, page (all when empty).
     pub sections: Vec<String>,
     pub pg_bindir: Option<std::path::PathBuf>,
 }
@@ -61,8 +63,9 @@ fn lab_of(app: &App) -> &lagprobe::Lab {
 
 /// Runs every measurement and returns the report as markdown.
 pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<String> {
-    const SECTIONS: [&str; 8] = [
+    const SECTIONS: [&str; 9] = [
         "startup",
+        "floor",
         "memory",
         "strategies",
         "link",
@@ -87,6 +90,10 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
     let mut report = String::from("# lagprobe bench\n\n");
     if wanted("startup") {
         report.push_str(&lab_startup(options).await?);
+        report.push_str(&startup::readyz(options.lab_starts, lagprobe_binary).await?);
+    }
+    if wanted("floor") {
+        report.push_str(&floor::floor(options).await?);
     }
     if wanted("memory") {
         report.push_str(&idle_rss(options, lagprobe_binary).await?);

@@ -97,8 +97,8 @@ enum Command {
         /// Probes per row of the probe-rate table.
         #[arg(long, default_value_t = 400)]
         rate_probes: u32,
-        /// Only these tables (comma-separated): startup, memory, strategies, link, link-memory,
-        /// pgbench, rate, page.
+        /// Only these tables (comma-separated): startup, floor, memory, strategies, link,
+        /// link-memory, pgbench, rate, page.
         #[arg(long, value_delimiter = ',')]
         sections: Vec<String>,
         #[arg(long, env = "LAGPROBE_PG_BINDIR")]
