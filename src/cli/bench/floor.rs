@@ -52,7 +52,34 @@ pub async fn floor(options: &BenchOptions) -> Result<String> {
         }
     }
     app.shutdown().await;
-    Ok(floor_table(&results, per_round * ROUNDS))
+    let mut table = floor_table(&results, per_round * ROUNDS);
+    table.push_str(&round_differences(&results, per_round as usize));
+    Ok(table)
+}
+
+/// The link's share at p50 round by round (each round's linked p50 minus its direct p50,
+/// taken minutes apart at most, so slow drift in the machine's load cancels): median and
+/// range over the rounds, beside the single figure from all probes.
+fn round_differences(results: &[Vec<ProbeResult>; 2], per_round: usize) -> String {
+    let p50_of = |probes: &[ProbeResult]| {
+        let mut visible: Vec<Duration> = probes.iter().filter_map(|p| p.visible_after).collect();
+        visible.sort();
+        quantile_ms(&visible, 0.5)
+    };
+    let mut differences: Vec<f64> = results[0]
+        .chunks(per_round)
+        .zip(results[1].chunks(per_round))
+        .map(|(linked, direct)| p50_of(linked) - p50_of(direct))
+        .collect();
+    differences.sort_by(f64::total_cmp);
+    let Some((first, last)) = differences.first().zip(differences.last()) else {
+        return String::new();
+    };
+    format!(
+        "Round by round ({} rounds): median {:+.2} ms, from {first:+.2} to {last:+.2} ms.\n\n",
+        differences.len(),
+        differences[differences.len() / 2]
+    )
 }
 
 /// Stale share and commit-to-visible p50 / p99 each way, and the link's share at p50.
@@ -88,7 +115,7 @@ fn floor_table(results: &[Vec<ProbeResult>; 2], probes: u32) -> String {
     }
     let _ = writeln!(
         table,
-        "\nThe link's share of the floor at p50: {:+.2} ms (target <= 0.2 ms).\n",
+        "\nThe link's share of the floor at p50: {:+.2} ms (target <= 0.2 ms).",
         p50[0] - p50[1]
     );
     table
