@@ -31,17 +31,25 @@ const NOSCRIPT_REFRESH_SECONDS: u32 = 2;
 /// Escapes text for HTML element content and attribute values (the `/proxy/` page too).
 pub(super) fn escape(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => escaped.push_str("&amp;"),
-            '<' => escaped.push_str("&lt;"),
-            '>' => escaped.push_str("&gt;"),
-            '"' => escaped.push_str("&quot;"),
-            '\'' => escaped.push_str("&#39;"),
-            c => escaped.push(c),
-        }
-    }
+    escape_into(&mut escaped, text);
     escaped
+}
+
+/// [`escape`], appended to `html` (no string of its own: the charts escape a text per probe).
+fn escape_into(html: &mut String, text: &str) {
+    let mut rest = text;
+    while let Some(at) = rest.find(['&', '<', '>', '"', '\'']) {
+        html.push_str(&rest[..at]);
+        html.push_str(match rest.as_bytes()[at] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&#39;",
+        });
+        rest = &rest[at + 1..];
+    }
+    html.push_str(rest);
 }
 
 // Narrow screens (390 px phones) stack each table row's label over its value, and every
@@ -187,8 +195,14 @@ fn delay_row(html: &mut String, link: Option<&DelaySettings>) {
         row(
             html,
             "Lab delay (primary → replica)",
+            // The link's settings as data too, for live mode to refresh the lab's form
+            // (outside the redrawn part) when they change elsewhere.
             &format!(
-                "<span id=\"lab-link\">{}</span>",
+                "<span id=\"lab-link\" data-delay-ms=\"{}\" data-jitter-ms=\"{}\" \
+                 data-link-down=\"{}\">{}</span>",
+                link.delay.as_millis(),
+                link.jitter.as_millis(),
+                link.link_down,
                 escape(&controls::link_words(link))
             ),
             "held by the lab's delay link on the WAL stream",
@@ -197,7 +211,7 @@ fn delay_row(html: &mut String, link: Option<&DelaySettings>) {
 }
 
 fn ms_text(ms: f64) -> String {
-    format!("{ms:.1} ms")
+    format!("{} ms", svg::Tenths(ms))
 }
 
 /// The verdict's CSS class, headline and one-line explanation.
@@ -505,6 +519,13 @@ mod tests {
         assert!(html.contains("&lt;script&gt;"));
         assert!(!html.contains("<script>"));
         assert!(html.contains("5 ms"));
+        // Live mode refreshes the lab's form from these.
+        assert!(
+            html.contains(
+                "id=\"lab-link\" data-delay-ms=\"5\" data-jitter-ms=\"0\" data-link-down=\"false\""
+            ),
+            "{html}"
+        );
         let refused = render_refused(&Error::invalid("delay_ms", "<b>"), &PageQuery::default());
         assert!(refused.contains("&lt;b&gt;") && refused.contains("href=\"/test/\""));
     }

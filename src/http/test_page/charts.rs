@@ -9,8 +9,8 @@
 use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use super::{
-    escape, ms_text,
-    svg::{self, DELAY_COLOUR, PLOT_LEFT, PLOT_RIGHT, Scale, WIDTH},
+    escape_into, ms_text,
+    svg::{self, DELAY_COLOUR, PLOT_LEFT, PLOT_RIGHT, Scale, Tenths, WIDTH},
 };
 use crate::{
     lab::DelaySettings,
@@ -36,7 +36,10 @@ pub fn history(
         .map(Arc::as_ref)
         .filter(|probe| probe.strategy == strategy)
         .collect();
-    let mut html = format!(
+    // One string for the whole section, written in place: the drawing is per page view.
+    let mut html = String::with_capacity(4096 + 200 * probes.len());
+    let _ = write!(
+        html,
         "<section id=\"history\"><h2>The last {} {strategy} probes</h2>",
         probes.len()
     );
@@ -49,22 +52,21 @@ pub fn history(
         return html;
     }
     let summary = Tally::of(&probes);
-    let _ = write!(
-        html,
-        "<p id=\"stale-ratio\">{}</p>",
-        escape(&ratio_words(&summary))
-    );
+    let words = ratio_words(&summary);
+    html.push_str("<p id=\"stale-ratio\">");
+    escape_into(&mut html, &words);
     html.push_str(
-        "<h3>Commit to visible, per probe</h3><p class=\"note\">Oldest on the left; a probe \
+        "</p><h3>Commit to visible, per probe</h3><p class=\"note\">Oldest on the left; a probe \
          whose write was never seen on the replica sits at the top edge.</p>",
     );
-    html.push_str(&strip_chart(&probes, link, &summary));
+    strip_chart(&mut html, &probes, link, &words);
     html.push_str(
         "<h3>Visibility curve</h3><p class=\"note\">P(the write is visible | a replica read \
          issued t ms after the commit), over the same probes.</p>",
     );
-    html.push_str(&visibility_chart(&probes));
-    html.push_str(&curve_table(&probes));
+    let steps = visibility_steps(probes.iter().copied());
+    visibility_chart(&mut html, &steps);
+    curve_table(&mut html, &steps);
     let _ = write!(
         html,
         "<p class=\"note\">From the last {} probes the service kept (of any strategy, from \
@@ -128,8 +130,13 @@ fn verdict_word(verdict: Verdict) -> &'static str {
 }
 
 /// One marker per probe, oldest on the left, at its commit-to-visible time; a probe never
-/// seen (timed out, or an error) sits at the top edge.
-fn strip_chart(probes: &[&ProbeResult], link: Option<&DelaySettings>, summary: &Tally) -> String {
+/// seen (timed out, or an error) sits at the top edge. `words` is the tally in words.
+fn strip_chart(
+    svg: &mut String,
+    probes: &[&ProbeResult],
+    link: Option<&DelaySettings>,
+    words: &str,
+) {
     let delay_ms = link.filter(|l| !l.link_down).map(|l| millis(l.delay));
     let top_ms = probes
         .iter()
@@ -143,43 +150,37 @@ fn strip_chart(probes: &[&ProbeResult], link: Option<&DelaySettings>, summary: &
         to: PLOT_TOP,
     };
     let step = (PLOT_RIGHT - PLOT_LEFT - 40.0) / probes.len().max(2) as f64;
-    let mut svg = format!(
+    let _ = write!(
+        svg,
         "<svg id=\"history-chart\" class=\"chart\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
          role=\"img\" aria-labelledby=\"history-title history-desc\">\
          <title id=\"history-title\">Commit to visible, per probe, oldest first</title>\
-         <desc id=\"history-desc\">{}</desc>",
-        escape(&ratio_words(summary))
+         <desc id=\"history-desc\">"
     );
-    value_axis(&mut svg, y);
+    escape_into(svg, words);
+    svg.push_str("</desc>");
+    value_axis(svg, y);
     if let Some(delay_ms) = delay_ms {
         let at = y.at(delay_ms);
         let _ = write!(
             svg,
-            "<line x1=\"{PLOT_LEFT}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" \
-             stroke=\"{DELAY_COLOUR}\" stroke-dasharray=\"6 4\"/>"
+            "<line x1=\"{PLOT_LEFT}\" y1=\"{at}\" x2=\"{PLOT_RIGHT}\" y2=\"{at}\" \
+             stroke=\"{DELAY_COLOUR}\" stroke-dasharray=\"6 4\"/>",
+            at = Tenths(at)
         );
-        svg::label(
-            &mut svg,
-            PLOT_RIGHT,
-            at - 6.0,
-            "lab delay now",
-            "mark delay",
-        );
+        svg::label(svg, PLOT_RIGHT, at - 6.0, "lab delay now", "mark delay");
     }
     for (index, probe) in probes.iter().enumerate() {
         let x = PLOT_LEFT + 52.0 + step * index as f64;
         let at = probe.visible_after.map_or(PLOT_TOP, |v| y.at(millis(v)));
-        let _ = write!(
-            svg,
-            "<g class=\"probe\"><title>{}</title>",
-            escape(&probe_words(index, probe))
-        );
-        svg::marker(&mut svg, x, at, probe.verdict, 6.0);
+        svg.push_str("<g class=\"probe\"><title>");
+        probe_words(svg, index, probe);
+        svg.push_str("</title>");
+        svg::marker(svg, x, at, probe.verdict, 6.0);
         svg.push_str("</g>");
     }
-    legend(&mut svg);
+    legend(svg);
     svg.push_str("</svg>");
-    svg
 }
 
 /// Tick labels up the left side, ms.
@@ -188,12 +189,14 @@ fn value_axis(svg: &mut String, y: Scale) {
         let at = y.at(tick);
         let _ = write!(
             svg,
-            "<line x1=\"{:.1}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" class=\"grid\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" class=\"tick\">{}</text>",
-            PLOT_LEFT + 44.0,
-            PLOT_LEFT + 40.0,
-            at + 5.0,
-            escape(&svg::ms_label(tick))
+            "<line x1=\"{}\" y1=\"{}\" x2=\"{PLOT_RIGHT}\" y2=\"{}\" class=\"grid\"/>\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"end\" class=\"tick\">{}</text>",
+            Tenths(PLOT_LEFT + 44.0),
+            Tenths(at),
+            Tenths(at),
+            Tenths(PLOT_LEFT + 40.0),
+            Tenths(at + 5.0),
+            svg::ms_label(tick)
         );
     }
 }
@@ -210,29 +213,32 @@ fn legend(svg: &mut String) {
         svg::marker(svg, x, 20.0, verdict, 6.0);
         let _ = write!(
             svg,
-            "<text x=\"{:.1}\" y=\"26\" class=\"tick\">{}</text>",
-            x + 10.0,
-            escape(words)
+            "<text x=\"{}\" y=\"26\" class=\"tick\">{words}</text>",
+            Tenths(x + 10.0)
         );
         x += 26.0 + 7.5 * words.len() as f64;
     }
 }
 
-fn probe_words(index: usize, probe: &ProbeResult) -> String {
-    let visible = probe.visible_after.map_or_else(
-        || "never seen".to_owned(),
-        |v| format!("visible after {}", ms_text(millis(v))),
-    );
-    format!(
-        "probe {}: {}, {visible}",
+/// A probe's marker title: its number, verdict and time (our own words and figures only,
+/// so nothing to escape).
+fn probe_words(svg: &mut String, index: usize, probe: &ProbeResult) {
+    let _ = write!(
+        svg,
+        "probe {}: {}, ",
         index + 1,
         verdict_word(probe.verdict)
-    )
+    );
+    match probe.visible_after {
+        Some(v) => {
+            let _ = write!(svg, "visible after {} ms", Tenths(millis(v)));
+        }
+        None => svg.push_str("never seen"),
+    }
 }
 
 /// P(visible | read issued t ms after the commit) as a step line.
-fn visibility_chart(probes: &[&ProbeResult]) -> String {
-    let steps = visibility_steps(probes.iter().copied());
+fn visibility_chart(svg: &mut String, steps: &[(Duration, f64)]) {
     let horizon_ms = steps.last().map_or(1.0, |(t, _)| millis(*t)).max(1.0) * 1.1;
     let x = Scale {
         max: horizon_ms,
@@ -244,33 +250,43 @@ fn visibility_chart(probes: &[&ProbeResult]) -> String {
         from: PLOT_BOTTOM - 30.0,
         to: PLOT_TOP - 20.0,
     };
-    let mut svg = format!(
+    let _ = write!(
+        svg,
         "<svg id=\"visibility-chart\" class=\"chart\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" \
          role=\"img\" aria-labelledby=\"curve-title curve-desc\">\
          <title id=\"curve-title\">P(visible | a replica read issued t ms after the commit)</title>\
-         <desc id=\"curve-desc\">{}</desc>",
-        escape(&curve_words(&steps))
+         <desc id=\"curve-desc\">"
     );
+    escape_into(svg, &curve_words(steps));
+    svg.push_str("</desc>");
     for (tick, words) in [(0.0, "0"), (0.5, "0.5"), (1.0, "1")] {
-        let at = y.at(tick);
+        let at = Tenths(y.at(tick));
         let _ = write!(
             svg,
-            "<line x1=\"{:.1}\" y1=\"{at:.1}\" x2=\"{PLOT_RIGHT}\" y2=\"{at:.1}\" class=\"grid\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" class=\"tick\">{words}</text>",
-            x.from,
-            x.from - 6.0,
-            at + 5.0
+            "<line x1=\"{}\" y1=\"{at}\" x2=\"{PLOT_RIGHT}\" y2=\"{at}\" class=\"grid\"/>\
+             <text x=\"{}\" y=\"{}\" text-anchor=\"end\" class=\"tick\">{words}</text>",
+            Tenths(x.from),
+            Tenths(x.from - 6.0),
+            Tenths(at.0 + 5.0)
         );
     }
-    let mut path = format!("M{:.1} {:.1}", x.at(0.0), y.at(0.0));
-    for (after, probability) in &steps {
-        let at = x.at(millis(*after));
-        let _ = write!(path, "H{at:.1}V{:.1}", y.at(*probability));
+    let _ = write!(
+        svg,
+        "<path d=\"M{} {}",
+        Tenths(x.at(0.0)),
+        Tenths(y.at(0.0))
+    );
+    for (after, probability) in steps {
+        let _ = write!(
+            svg,
+            "H{}V{}",
+            Tenths(x.at(millis(*after))),
+            Tenths(y.at(*probability))
+        );
     }
-    let _ = write!(svg, "<path d=\"{path}H{PLOT_RIGHT}\" class=\"curve\"/>");
-    svg::time_axis(&mut svg, x, PLOT_BOTTOM - 30.0);
+    let _ = write!(svg, "H{PLOT_RIGHT}\" class=\"curve\"/>");
+    svg::time_axis(svg, x, PLOT_BOTTOM - 30.0);
     svg.push_str("</svg>");
-    svg
 }
 
 fn curve_words(steps: &[(Duration, f64)]) -> String {
@@ -286,9 +302,8 @@ fn curve_words(steps: &[(Duration, f64)]) -> String {
 }
 
 /// The curve at the fixed points every run's summary uses.
-fn curve_table(probes: &[&ProbeResult]) -> String {
-    let steps = visibility_steps(probes.iter().copied());
-    let mut html = String::from(
+fn curve_table(html: &mut String, steps: &[(Duration, f64)]) {
+    html.push_str(
         "<details><summary>The curve as a table</summary><table class=\"data\">\
          <tr><th>read issued after</th><th>P(visible)</th></tr>",
     );
@@ -305,7 +320,6 @@ fn curve_table(probes: &[&ProbeResult]) -> String {
         );
     }
     html.push_str("</table></details>");
-    html
 }
 
 #[cfg(test)]
