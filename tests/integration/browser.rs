@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use lagprobe::service::{DelayRequest, ProbeRequest};
+use lagprobe::service::ProbeRequest;
 use serde_json::json;
 
 use crate::{
@@ -141,29 +141,63 @@ async fn a_phone_sees_it_all_without_scrolling_sideways() {
     app.shutdown().await;
 }
 
+/// `PUT /api/delay` with `body`, from a blocking thread (the browser's), as another tab or
+/// an operator's script would change the lab while a page watches.
+fn put_delay(url: &str, body: serde_json::Value) {
+    let response = tokio::runtime::Handle::current()
+        .block_on(reqwest::Client::new().put(url).json(&body).send())
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+}
+
+fn input_value(browser: &mut Browser, name: &str) -> serde_json::Value {
+    browser.eval(&format!(
+        "document.querySelector(\"#lab-controls input[name='{name}']\").value"
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_mode_streams_probes_and_redraws_while_the_delay_changes() {
     let app = spawn_app(0).await;
-    let url = app.http_url("/test/?watch=1&interval_ms=150");
-    let service = app.service().clone();
+    // A short visibility timeout, so that probes keep streaming while the link is cut.
+    let url = app.http_url("/test/?watch=1&interval_ms=150&visibility_timeout_ms=600");
+    let delay_url = app.http_url("/api/delay");
     let (errors, markers) = with_browser(1000, move |browser| {
         browser.navigate(&url);
         browser.wait_until("Number(document.body.dataset.probesStreamed || 0) >= 3");
+        assert_eq!(input_value(browser, "delay_ms"), json!("0"));
         let before = browser.eval("document.querySelectorAll('#history-chart g.probe').length");
-        // Turn the knob while the page watches: the stream goes on and shows the new delay.
-        service
-            .set_delay(&DelayRequest {
-                delay_ms: Some(300),
-                ..Default::default()
-            })
-            .unwrap();
+        // The visitor is typing a jitter of their own: live mode must leave it alone.
+        browser.eval(
+            "(() => { const j = document.querySelector(\"#lab-controls input[name='jitter_ms']\"); \
+             j.focus(); j.value = '7'; j.dispatchEvent(new Event('input')); })()",
+        );
+        // Turn the knob through the API while the page watches: the stream goes on, shows
+        // the new delay, and the lab's form (outside the redrawn part) follows it.
+        put_delay(&delay_url, json!({"delay_ms": 300, "jitter_ms": 40}));
         browser.wait_until("document.querySelector('#verdict')?.textContent.startsWith('STALE')");
         browser.wait_until(
             "(document.querySelector('#lab-link')?.textContent ?? '').startsWith('300 ms')",
         );
+        assert_eq!(input_value(browser, "delay_ms"), json!("300"));
+        assert_eq!(input_value(browser, "jitter_ms"), json!("7"));
+        assert_eq!(
+            browser.eval("document.activeElement.name"),
+            json!("jitter_ms")
+        );
         let after = browser.eval("document.querySelectorAll('#history-chart g.probe').length");
         assert!(after.as_u64() > before.as_u64(), "{before} then {after}");
         browser.screenshot(&screenshots(), "test-page-live");
+
+        // A cut made elsewhere turns the page's button into the one that heals.
+        put_delay(&delay_url, json!({"link_down": true}));
+        browser.wait_until("document.querySelector('#cut-link').textContent === 'Heal the link'");
+        assert_eq!(
+            browser.eval("document.querySelector(\"#lab-controls input[name='link_down']\").value"),
+            json!("false")
+        );
+        put_delay(&delay_url, json!({"link_down": false}));
+        browser.wait_until("document.querySelector('#cut-link').textContent === 'Cut the link'");
         (browser.errors.clone(), after)
     })
     .await;

@@ -54,14 +54,18 @@ pub fn link_words(link: &DelaySettings) -> String {
     }
 }
 
+const CUT_WORDS: &str = "Cut the link";
+const HEAL_WORDS: &str = "Heal the link";
+
 /// The delay form and the cut/heal button (outside the live part of the page, so that a
-/// value being typed is not redrawn away).
+/// value being typed is not redrawn away; live mode refreshes the values it holds from the
+/// live part's `#lab-link`, and the button's words from its data).
 pub fn delay_forms(link: &DelaySettings, query: &PageQuery) -> String {
     let action = escape(&query.url("/test/delay"));
     let (cut_value, cut_words) = if link.link_down {
-        ("false", "Heal the link")
+        ("false", HEAL_WORDS)
     } else {
-        ("true", "Cut the link")
+        ("true", CUT_WORDS)
     };
     format!(
         "<section id=\"lab-controls\"><h2>Steer the lab</h2>\
@@ -73,7 +77,8 @@ pub fn delay_forms(link: &DelaySettings, query: &PageQuery) -> String {
          <button type=\"submit\">Set delay</button></form>\
          <form method=\"post\" action=\"{action}\" class=\"inline\">\
          <input type=\"hidden\" name=\"link_down\" value=\"{cut_value}\">\
-         <button type=\"submit\" id=\"cut-link\">{cut_words}</button></form></section>",
+         <button type=\"submit\" id=\"cut-link\" data-cut-words=\"{CUT_WORDS}\" \
+         data-heal-words=\"{HEAL_WORDS}\">{cut_words}</button></form></section>",
         DELAY_MS.max,
         link.delay.as_millis(),
         JITTER_MS.max,
@@ -164,5 +169,9 @@ mod tests {
         let forms = delay_forms(&link, &PageQuery::default());
         assert!(forms.contains("Heal the link"), "{forms}");
         assert!(forms.contains("value=\"false\""), "{forms}");
+        assert!(
+            forms.contains("data-cut-words=\"Cut the link\" data-heal-words=\"Heal the link\""),
+            "{forms}"
+        );
     }
 }
