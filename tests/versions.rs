@@ -1,7 +1,9 @@
 //! The smoke suite on every supported PostgreSQL, 13 to 19: the lab starts and streams (with
 //! a synchronous replica), the migrations apply, at 200 ms a probe is stale while lsn-wait and
 //! remote-apply probes are fresh, every lag method has a value, and lsn-wait waits with
-//! `WAIT FOR LSN` on 19 and by polling before, falling back to the primary on its timeout.
+//! `WAIT FOR LSN` on 19 and by polling before, falling back to the primary on its timeout;
+//! and through the proxy, with sqlx, the replica strategy reads its own write stale and
+//! lsn-wait fresh.
 //!
 //! The binaries come from `scripts/pg-binaries MAJOR` (npm's embedded-postgres builds for
 //! 13 to 18, which have no pg_basebackup, so these labs also test the copied replicas; Debian
@@ -142,7 +144,61 @@ async fn smoke(major: u32) {
         Some(expected),
         "{major}: {fallback:?}"
     );
+    proxy_reads_its_own_writes(&app, major).await;
     app.shutdown().await;
+}
+
+/// Through the proxy with sqlx (extended protocol, named statements, `lagprobe.*` answered
+/// by the proxy): the replica strategy reads its own write stale, lsn-wait fresh, both on
+/// the replica.
+async fn proxy_reads_its_own_writes(app: &harness::TestApp, major: u32) {
+    use sqlx::{Connection, Row};
+    let addr = app.app.proxy_addr.expect("the test app runs the proxy");
+    let url = format!("postgres://postgres@{addr}/lagprobe?sslmode=disable");
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    // Through lsn-wait, the table is on the replica before the first read of it.
+    sqlx::query("CREATE TABLE smoke (id int)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut read_back = async |strategy: &str, id: i32| -> (i64, bool) {
+        let set = format!("SET lagprobe.strategy = '{strategy}'");
+        sqlx::query(sqlx::AssertSqlSafe(set))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let shown: String = sqlx::query_scalar("SHOW lagprobe.strategy")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(shown, strategy, "PostgreSQL {major}");
+        sqlx::query("INSERT INTO smoke VALUES ($1)")
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let row = sqlx::query("SELECT count(*), pg_is_in_recovery() FROM smoke WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(
+        read_back("lsn-wait", 1).await,
+        (1, true),
+        "PostgreSQL {major}"
+    );
+    assert_eq!(
+        read_back("replica", 2).await,
+        (0, true),
+        "PostgreSQL {major}"
+    );
+    assert_eq!(
+        read_back("lsn-wait", 3).await,
+        (1, true),
+        "PostgreSQL {major}"
+    );
 }
 
 macro_rules! smoke_tests {
