@@ -810,6 +810,24 @@ pub mod session_sql {
     pub const RESET_SYNCHRONOUS_COMMIT: &str = "RESET synchronous_commit";
 }
 
+/// What `lagprobe bench --sections proxy` sends through the proxy (and PgBouncer) on its
+/// own connections: one row it updates and reads back, and a query each idle client runs
+/// once so that every proxy has its backend connections open.
+pub mod bench_sql {
+    /// In `public`, not lagprobe's schema: it is the bench's stand-in for an app's table.
+    pub const CREATE_ROW: &str = "CREATE TABLE IF NOT EXISTS lagprobe_bench_rw \
+        (id int PRIMARY KEY, v bigint NOT NULL); \
+        INSERT INTO lagprobe_bench_rw VALUES (1, 0) ON CONFLICT (id) DO NOTHING";
+    pub const WRITE_ROW: &str = "UPDATE lagprobe_bench_rw SET v = $1 WHERE id = 1";
+    pub const READ_ROW: &str = "SELECT v FROM lagprobe_bench_rw WHERE id = 1";
+    pub const TOUCH: &str = "SELECT 1";
+
+    /// The session's strategy, answered by the proxy itself.
+    pub fn set_strategy(name: &str) -> String {
+        format!("SET lagprobe.strategy = '{name}'")
+    }
+}
+
 /// Applies `migrations/` to the primary at `primary_url` (`lagprobe migrate`).
 pub async fn migrate(primary_url: &str, settings: &PoolSettings) -> Result<()> {
     migrate_primary(&lazy_pool(primary_url, Role::Primary, settings)?).await

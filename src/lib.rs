@@ -31,7 +31,7 @@ pub mod server;
 pub mod service;
 pub mod settings;
 
-pub use db::{Databases, DbError, Replica, Role, TopologyUrls, migrate, redact_url};
+pub use db::{Databases, DbError, Replica, Role, TopologyUrls, bench_sql, migrate, redact_url};
 pub use error::{Error, ErrorKind, Result};
 pub use grpc::pb;
 pub use lab::{BufferStats, DelayControl, DelayLink, DelaySettings, Lab, LabError, PgBinaries};

@@ -11,6 +11,7 @@ use std::{
 
 mod floor;
 mod link;
+mod proxy;
 mod startup;
 
 use lagprobe::{
@@ -29,8 +30,12 @@ pub struct BenchOptions {
     pub strategy_probes: u32,
     /// Probes per concurrency level in the probe-rate table.
     pub rate_probes: u32,
+    /// pgbench clients (`-c`) in the proxy throughput table.
+    pub proxy_clients: u32,
+    /// pgbench seconds (`-T`) per run in the proxy throughput table.
+    pub proxy_seconds: u32,
     /// Which tables to produce: startup, floor, memory, strategies, link, link-memory, pgbench,
-    /// rate, page (all when empty).
+    /// rate, page, proxy (all when empty).
     pub sections: Vec<String>,
     pub pg_bindir: Option<std::path::PathBuf>,
 }
@@ -63,7 +68,7 @@ fn lab_of(app: &App) -> &lagprobe::Lab {
 
 /// Runs every measurement and returns the report as markdown.
 pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<String> {
-    const SECTIONS: [&str; 9] = [
+    const SECTIONS: [&str; 10] = [
         "startup",
         "floor",
         "memory",
@@ -73,6 +78,7 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
         "pgbench",
         "rate",
         "page",
+        "proxy",
     ];
     if let Some(unknown) = options
         .sections
@@ -115,6 +121,9 @@ pub async fn run(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Strin
     }
     if wanted("page") {
         report.push_str(&test_page_rate(options).await?);
+    }
+    if wanted("proxy") {
+        report.push_str(&proxy::proxy(options, lagprobe_binary).await?);
     }
     Ok(report)
 }

@@ -97,8 +97,14 @@ enum Command {
         /// Probes per row of the probe-rate table.
         #[arg(long, default_value_t = 400)]
         rate_probes: u32,
+        /// pgbench clients (-c) in the proxy table.
+        #[arg(long, default_value_t = 8)]
+        proxy_clients: u32,
+        /// pgbench seconds (-T) per run in the proxy table.
+        #[arg(long, default_value_t = 10)]
+        proxy_seconds: u32,
         /// Only these tables (comma-separated): startup, floor, memory, strategies, link,
-        /// link-memory, pgbench, rate, page.
+        /// link-memory, pgbench, rate, page, proxy (it needs pgbouncer installed).
         #[arg(long, value_delimiter = ',')]
         sections: Vec<String>,
         #[arg(long, env = "LAGPROBE_PG_BINDIR")]
@@ -159,6 +165,8 @@ pub async fn main() -> anyhow::Result<()> {
             lab_starts,
             strategy_probes,
             rate_probes,
+            proxy_clients,
+            proxy_seconds,
             sections,
             pg_bindir,
         } => {
@@ -166,6 +174,8 @@ pub async fn main() -> anyhow::Result<()> {
                 lab_starts,
                 strategy_probes,
                 rate_probes,
+                proxy_clients,
+                proxy_seconds,
                 sections,
                 pg_bindir,
             };
