@@ -7,6 +7,8 @@
 //! go to the primary, and the SETs among them are replayed on the replica connection later.
 //! Anything the parser rejects goes to the primary, which reports the error itself.
 
+use std::{collections::HashMap, sync::Arc};
+
 use pg_query::{NodeEnum, protobuf};
 use serde_json::Value;
 
@@ -51,6 +53,12 @@ pub struct Classified {
 }
 
 impl Classified {
+    /// A read for the strategy to place (the `lagprobe.*` commands are answered by the
+    /// proxy, and are not audited).
+    fn is_read(&self) -> bool {
+        self.route == Route::Read && self.command.is_none()
+    }
+
     fn primary() -> Self {
         Classified {
             route: Route::Primary,
@@ -251,19 +259,40 @@ fn function_is_safe(qualified: &[&str]) -> bool {
 }
 
 /// Classifies a query string: every statement in it must be a read for it to be a read.
+/// Sessions go through a [`Cache`]; this is the same verdict without one.
+#[cfg(test)]
 pub fn classify(sql: &str) -> Classified {
     let hinted = hint(sql);
     if hinted == Some(Hint::Primary) {
         return Classified::primary();
     }
+    let (mut classified, _) = classify_parsed(sql, hinted);
+    if classified.is_read() {
+        classified.fingerprint = pg_query::fingerprint(sql, 0, 0)
+            .ok()
+            .map(|fingerprint| fingerprint.value);
+    }
+    classified
+}
+
+/// The parser's verdict on `sql` (without its fingerprint), and whether that verdict
+/// follows from the fingerprint alone. It does when every statement is a query or a
+/// statement that always writes: then only the tree's shape (node types, names, function
+/// names, locking and INTO clauses) decides, and the fingerprint keeps all of that; it
+/// drops only constants, aliases and a few names. Anything whose classification reads a
+/// constant or a name the fingerprint drops (BEGIN READ ONLY's option, SET's value,
+/// DEALLOCATE's name, the `lagprobe.*` commands) and any hinted text is classified by its
+/// own text every time.
+fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
     let Ok(parsed) = pg_query::parse(sql, 0) else {
-        return Classified::primary();
+        return (Classified::primary(), false);
     };
     let mut classified = Classified {
         route: Route::Read,
         writes: false,
         ..Classified::primary()
     };
+    let mut by_shape = hinted.is_none();
     let statements = &parsed.protobuf.stmts;
     for raw in statements {
         let Some(node) = raw.stmt.as_ref().and_then(|stmt| stmt.node.as_ref()) else {
@@ -273,10 +302,13 @@ pub fn classify(sql: &str) -> Classified {
         if statements.len() == 1 {
             classified.command = proxy_command(node);
             if classified.command.is_some() {
-                return classified;
+                return (classified, false);
             }
         }
-        match statement(node, text, &mut classified) {
+        let kind = statement(node, text, &mut classified);
+        by_shape &= kind == Kind::Write
+            || matches!(node, NodeEnum::SelectStmt(_) | NodeEnum::ExplainStmt(_));
+        match kind {
             Kind::Read => {}
             Kind::Session => classified.route = Route::Primary,
             Kind::Write => {
@@ -289,13 +321,70 @@ pub fn classify(sql: &str) -> Classified {
         classified.route = Route::Read;
         classified.writes = false;
     }
-    if classified.route == Route::Read {
-        // A second parse, but only for reads, and once per text per session (the cache).
-        classified.fingerprint = pg_query::fingerprint(sql, 0, 0)
-            .ok()
-            .map(|fingerprint| fingerprint.value);
+    (classified, by_shape)
+}
+
+/// Classifications a session has made, so that a repeated query is not parsed again:
+/// by text (a prepared statement's or ORM's text repeats exactly), and by fingerprint for
+/// verdicts that follow from it ([`classify_parsed`]), so that the same query with other
+/// constants (`WHERE id = 1`, `WHERE id = 2` in the simple protocol) costs one
+/// fingerprint, which is one parse in C without the parse tree's trip to Rust.
+#[derive(Debug, Default)]
+pub struct Cache {
+    by_text: HashMap<Box<str>, Arc<Classified>>,
+    by_fingerprint: HashMap<u64, Arc<Classified>>,
+}
+
+impl Cache {
+    /// Entries each map keeps at most; a full map starts over (a session whose queries
+    /// never repeat gains nothing from keeping them).
+    const ENTRIES: usize = 1024;
+
+    /// `sql`'s classification; `first_seen` is called with a read's fingerprint the first
+    /// time this session meets it (for the audit to make room for it).
+    pub fn classify(&mut self, sql: &str, first_seen: impl FnOnce(u64)) -> Arc<Classified> {
+        if let Some(known) = self.by_text.get(sql) {
+            return Arc::clone(known);
+        }
+        let hinted = hint(sql);
+        let fingerprint = match hinted {
+            None => pg_query::fingerprint(sql, 0, 0).ok().map(|f| f.value),
+            Some(_) => None,
+        };
+        if let Some(known) = fingerprint.and_then(|f| self.by_fingerprint.get(&f)) {
+            return Arc::clone(known);
+        }
+        let classified = if hinted == Some(Hint::Primary) {
+            Arc::new(Classified::primary())
+        } else {
+            let (mut classified, by_shape) = classify_parsed(sql, hinted);
+            if classified.is_read() {
+                classified.fingerprint =
+                    fingerprint.or_else(|| pg_query::fingerprint(sql, 0, 0).ok().map(|f| f.value));
+            }
+            let classified = Arc::new(classified);
+            if let (true, Some(fingerprint)) = (by_shape, fingerprint) {
+                remember(&mut self.by_fingerprint, fingerprint, &classified);
+            }
+            classified
+        };
+        if let Some(fingerprint) = classified.fingerprint {
+            first_seen(fingerprint);
+        }
+        remember(&mut self.by_text, sql.into(), &classified);
+        classified
     }
-    classified
+}
+
+fn remember<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Arc<Classified>>,
+    key: K,
+    classified: &Arc<Classified>,
+) {
+    if map.len() >= Cache::ENTRIES {
+        map.clear();
+    }
+    map.insert(key, Arc::clone(classified));
 }
 
 /// The query as the audit shows it: constants replaced by `$1`, `$2`, ... (a query that
@@ -506,6 +595,46 @@ mod tests {
 
     fn route(sql: &str) -> Route {
         classify(sql).route
+    }
+
+    #[test]
+    fn the_cache_shares_a_verdict_only_where_the_fingerprint_decides_it() {
+        let mut cache = Cache::default();
+        let mut admitted = Vec::new();
+        let mut classify = |sql: &str| cache.classify(sql, |f| admitted.push(f));
+        let first = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
+        let other_constant = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 2");
+        assert_eq!(first.route, Route::Read);
+        assert!(Arc::ptr_eq(&first, &other_constant), "one parse for both");
+        // Same shape, but a function that may write: not the cached read.
+        assert_eq!(classify("SELECT nextval('s')").route, Route::Primary);
+        assert_eq!(classify("SELECT now()").route, Route::Read);
+        // Constants that decide: BEGIN READ ONLY / READ WRITE, SET's value.
+        assert_eq!(classify("BEGIN READ ONLY").route, Route::Read);
+        assert_eq!(classify("BEGIN READ WRITE").route, Route::Primary);
+        assert_eq!(
+            classify("SET timezone = 'UTC'").session_sets[0].1,
+            "SET timezone = 'UTC'"
+        );
+        let later = classify("SET timezone = 'Europe/Paris'");
+        assert_eq!(later.session_sets[0].1, "SET timezone = 'Europe/Paris'");
+        // A hint is not in the fingerprint: the hinted verdict stays with its text.
+        let hinted = classify("/* lagprobe:replica */ SELECT nextval('t')");
+        assert_eq!(hinted.route, Route::Read);
+        assert_eq!(classify("SELECT nextval('t')").route, Route::Primary);
+        assert_eq!(
+            classify("/* lagprobe:primary */ SELECT 1").route,
+            Route::Primary
+        );
+        assert_eq!(classify("SELECT 1").route, Route::Read);
+        assert!(classify("SELECT FROM WHERE").route == Route::Primary);
+        let show = classify("SHOW lagprobe.strategy");
+        assert!(show.command.is_some() && show.fingerprint.is_none());
+        // The audit hears of each read fingerprint once.
+        let mut sorted = admitted.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), admitted.len(), "{admitted:?}");
     }
 
     #[test]

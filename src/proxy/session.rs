@@ -3,7 +3,6 @@
 //! ReadyForQuery.
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::Instant,
@@ -42,8 +41,6 @@ use crate::{
 /// Extended-protocol messages buffered before a Sync or Flush at most; a longer batch is
 /// routed as it stands and the rest streams to the same backend.
 const BATCH_BUFFER_BYTES: usize = 1 << 20;
-/// Classifications remembered per session (repeated statement texts parse once).
-const CLASSIFY_CACHE_ENTRIES: usize = 1024;
 
 /// The client's side of the session.
 struct Client {
@@ -196,7 +193,7 @@ struct Session {
     last_commit_lsn: Option<Lsn>,
     last_write: Option<Instant>,
     token: Option<TokenFetch>,
-    cache: HashMap<String, Arc<Classified>>,
+    cache: classify::Cache,
     /// What routing the current read learnt, for the audit.
     read_note: ReadNote,
 }
@@ -459,7 +456,7 @@ impl Session {
             last_commit_lsn: None,
             last_write: None,
             token: None,
-            cache: HashMap::new(),
+            cache: classify::Cache::default(),
             read_note: ReadNote::default(),
         }
     }
@@ -576,20 +573,10 @@ impl Session {
     }
 
     fn classify(&mut self, sql: &str) -> Arc<Classified> {
-        if let Some(classified) = self.cache.get(sql) {
-            return Arc::clone(classified);
-        }
-        let classified = Arc::new(classify::classify(sql));
-        if let Some(fingerprint) = classified.fingerprint {
-            self.shared
-                .stats
-                .admit(fingerprint, || classify::normalized(sql));
-        }
-        if self.cache.len() >= CLASSIFY_CACHE_ENTRIES {
-            self.cache.clear();
-        }
-        self.cache.insert(sql.to_owned(), Arc::clone(&classified));
-        classified
+        let stats = &self.shared.stats;
+        self.cache.classify(sql, |fingerprint| {
+            stats.admit(fingerprint, || classify::normalized(sql));
+        })
     }
 
     async fn simple_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
