@@ -7,8 +7,5 @@ fn main() -> anyhow::Result<()> {
     // SIGINT or SIGTERM arriving before the command has installed its handlers waits for
     // them instead of killing the process half-way through starting a lab.
     cli::hold_stop_signals();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(cli::main())
+    cli::main()
 }

@@ -191,6 +191,10 @@ pub const PROXY_REPLICA_RETRY_MS: Bound = Bound::new("proxy_replica_retry_ms", 0
 /// Distinct normalized queries the proxy's audit keeps counts for; reads of any later one
 /// are counted together (about 1 KB each with its text, so 1 MB at the default).
 pub const PROXY_AUDIT_QUERIES: Bound = Bound::new("proxy_audit_queries", 1, 100_000, 1000);
+/// `lagprobe proxy`'s runtime worker threads. One, like PgBouncer: a proxy mostly waits
+/// for sockets, and on a busy machine every extra thread it wakes waits for a core; the
+/// bench measured one worker ahead of two in both query modes (pgbench -S, 2 shared cores).
+pub const PROXY_THREADS: Bound = Bound::new("proxy_threads", 1, 256, 1);
 /// The default proxy address (PgBouncer's port).
 pub const PROXY_ADDR: &str = "127.0.0.1:6432";
 

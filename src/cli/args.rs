@@ -199,6 +199,10 @@ pub struct ProxyCommandArgs {
     #[arg(long, env = "LAGPROBE_PROXY_AUDIT_QUERIES", default_value_t = settings::PROXY_AUDIT_QUERIES.default, value_parser = within(&settings::PROXY_AUDIT_QUERIES))]
     pub audit_queries: u64,
 
+    /// Runtime worker threads serving the sessions.
+    #[arg(long, env = "LAGPROBE_PROXY_THREADS", default_value_t = settings::PROXY_THREADS.default, value_parser = within(&settings::PROXY_THREADS))]
+    pub threads: u64,
+
     #[command(flatten)]
     pub pool: PoolArgs,
 }

@@ -123,8 +123,9 @@ enum Command {
     },
 }
 
-/// Parses the command line and runs the command.
-pub async fn main() -> anyhow::Result<()> {
+/// Parses the command line, and runs the command on a runtime for it: `lagprobe proxy` on
+/// its `--threads` workers, everything else on one worker per core.
+pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !matches!(
         cli.command,
@@ -136,6 +137,19 @@ pub async fn main() -> anyhow::Result<()> {
         // The other commands keep the default: Ctrl-C ends them at once.
         release_stop_signals();
     }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Proxy { proxy } = &cli.command {
+        // In range by the flag's parser.
+        runtime.worker_threads(proxy.threads as usize);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Lab { lab, service } => {
