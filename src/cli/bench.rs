@@ -218,12 +218,17 @@ async fn idle_rss(options: &BenchOptions, lagprobe_binary: &Path) -> Result<Stri
 
 /// VmRSS of a process, in KiB.
 async fn resident_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS").await
+}
+
+/// A memory field of `/proc/PID/status` (VmRSS, VmHWM, ...), in KiB.
+async fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = tokio::fs::read_to_string(format!("/proc/{pid}/status"))
         .await
         .ok()?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|value| value.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
 }

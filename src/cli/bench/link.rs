@@ -11,7 +11,7 @@ use std::{
 
 use lagprobe::{DelayLink, Error, ProbeOptions, Result, service::Service};
 
-use super::{BenchOptions, free_port, lab_app, lab_of};
+use super::{BenchOptions, free_port, lab_app, lab_of, status_kib};
 
 /// Times the accuracy table is measured, so that a noisy pass shows as noise.
 const ACCURACY_PASSES: u32 = 3;
@@ -289,18 +289,6 @@ async fn delay_link_process(
     Ok((child, listen))
 }
 
-/// Peak resident memory (VmHWM) of a process, in KiB.
-async fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = tokio::fs::read_to_string(format!("/proc/{pid}/status"))
-        .await
-        .ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-}
-
 /// Streams through `lagprobe delay-link` (its own process, so its memory is its own):
 /// throughput and the process's peak RSS.
 async fn capped_run(binary: &Path, delay_ms: u64, buffer_mb: u64) -> Result<(f64, Option<u64>)> {
@@ -308,7 +296,7 @@ async fn capped_run(binary: &Path, delay_ms: u64, buffer_mb: u64) -> Result<(f64
     let (mut child, listen) = delay_link_process(binary, source, delay_ms, buffer_mb).await?;
     let rate = steady_throughput(listen).await;
     let peak_kib = match child.id() {
-        Some(pid) => peak_rss_kib(pid).await,
+        Some(pid) => status_kib(pid, "VmHWM").await,
         None => None,
     };
     let _ = child.kill().await;
