@@ -157,19 +157,18 @@ fn assert_no_failures(report: &str) {
 /// Waits until the replica has what the primary has now (pgbench's tables after -i).
 pub(crate) async fn until_replica_has(app: &TestApp, table: &str) {
     let replica = app.replica_urls().remove(0);
+    let query = format!("SELECT to_regclass('{table}') IS NOT NULL");
+    until_answers(&replica, &query, "t").await;
+}
+
+/// Runs `query` on the server at `url` until its one line of output is `expected` (30 s
+/// at most).
+pub(crate) async fn until_answers(url: &str, query: &str, expected: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines = psql_lines(
-            &replica,
-            &format!("SELECT to_regclass('{table}') IS NOT NULL"),
-        )
-        .await;
-        if lines == ["t"] {
-            return;
-        }
+    while psql_lines(url, query).await != [expected] {
         assert!(
             Instant::now() < deadline,
-            "{table} never reached the replica"
+            "{query} never answered {expected} on {url}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -541,16 +540,9 @@ async fn lagprobe_proxy_serves_a_lab_and_refuses_a_public_address_without_a_pass
 
 /// Waits until `count` backends of the server at `url` run pg_sleep.
 async fn until_sleeping(url: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
     let query = "SELECT count(*) FROM pg_stat_activity \
                  WHERE state = 'active' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()";
-    while psql_lines(url, query).await != [count.to_string()] {
-        assert!(
-            Instant::now() < deadline,
-            "never {count} pg_sleep backends on {url}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_answers(url, query, &count.to_string()).await;
 }
 
 /// The audit's entry for the query on `table`, once its reads are all recorded (verdicts

@@ -2,13 +2,11 @@
 //! everything through the extended protocol) and psql, with the same answers through the
 //! proxy as straight from the server.
 
-use std::time::{Duration, Instant};
-
 use tokio::process::Command;
 
 use crate::{
     harness::{TestApp, spawn_app},
-    proxy::{audited, proxy_url, psql_lines, psql_with, until_replica_has},
+    proxy::{audited, proxy_url, psql_lines, psql_with, until_answers, until_replica_has},
 };
 
 fn client_script(name: &str) -> String {
@@ -142,11 +140,7 @@ fn first_difference(proxied: &str, direct: &str) -> Option<(usize, String, Strin
 /// Waits until the replica has every row of `facts` the primary has.
 async fn until_replica_caught_up(app: &TestApp, rows: usize) {
     let replica = app.replica_urls().remove(0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while psql_lines(&replica, "SELECT count(*) FROM facts").await != [rows.to_string()] {
-        assert!(Instant::now() < deadline, "facts never reached the replica");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_answers(&replica, "SELECT count(*) FROM facts", &rows.to_string()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
