@@ -61,7 +61,15 @@ pub struct Plan {
     pub touched: Vec<String>,
 }
 
-fn close_statement(name: &str, out: &mut BytesMut) {
+/// Closes statement `name` on a backend before it is parsed again there; the unnamed
+/// statement needs none, since a Parse of it replaces it (and each Close costs the backend
+/// a message and an answer: pgbench `-M extended` parses the unnamed statement every time).
+fn close_statement(name: &str, plan: &mut Plan) {
+    if name.is_empty() {
+        return;
+    }
+    plan.injected += 1;
+    let out = &mut plan.prefix;
     out.put_u8(b'C');
     out.put_i32(4 + 1 + name.len() as i32 + 1);
     out.put_u8(b'S');
@@ -101,8 +109,7 @@ impl Statements {
             match usage {
                 StatementUse::Parse { name, version } => {
                     if first_use(name, &plan) && prepared.contains_key(name) {
-                        close_statement(name, &mut plan.prefix);
-                        plan.injected += 1;
+                        close_statement(name, &mut plan);
                     }
                     prepared.insert(name.clone(), *version);
                     plan.touched.push(name.clone());
@@ -119,8 +126,7 @@ impl Statements {
                         Some(&held) if held == defined.version => {}
                         held => {
                             if held.is_some() {
-                                close_statement(name, &mut plan.prefix);
-                                plan.injected += 1;
+                                close_statement(name, &mut plan);
                             }
                             plan.prefix.extend_from_slice(&defined.parse);
                             plan.injected += 1;
@@ -167,5 +173,73 @@ impl Statements {
     /// A new connection to `target` holds nothing.
     pub fn reconnected(&mut self, target: Target) {
         self.prepared[target.index()].clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(name: &str) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_u8(b'P');
+        out.put_i32(4 + name.len() as i32 + 1 + 9 + 2);
+        out.put_slice(name.as_bytes());
+        out.put_u8(0);
+        out.put_slice(b"SELECT 1\0");
+        out.put_i16(0);
+        out.freeze()
+    }
+
+    /// A batch that parses `name` and binds it, as a client sends it.
+    fn parse_and_bind(statements: &mut Statements, name: &str) -> Vec<StatementUse> {
+        let classified = Arc::new(Classified::primary());
+        let version = statements.define(name, parse(name), classified);
+        vec![
+            StatementUse::Parse {
+                name: name.into(),
+                version,
+            },
+            StatementUse::Use { name: name.into() },
+        ]
+    }
+
+    #[test]
+    fn the_unnamed_statement_is_parsed_again_without_a_close() {
+        let mut statements = Statements::default();
+        for _ in 0..3 {
+            let uses = parse_and_bind(&mut statements, "");
+            let plan = statements.plan(&uses, Target::Replica);
+            assert_eq!((plan.injected, plan.prefix.len()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn a_named_statement_parsed_again_is_closed_first() {
+        let mut statements = Statements::default();
+        let uses = parse_and_bind(&mut statements, "s1");
+        assert_eq!(statements.plan(&uses, Target::Replica).injected, 0);
+        let uses = parse_and_bind(&mut statements, "s1");
+        let plan = statements.plan(&uses, Target::Replica);
+        assert_eq!(plan.injected, 1);
+        assert_eq!(&plan.prefix[..], b"C\0\0\0\x08Ss1\0");
+    }
+
+    #[test]
+    fn a_statement_used_on_the_other_backend_is_prepared_there_first() {
+        let mut statements = Statements::default();
+        let uses = parse_and_bind(&mut statements, "");
+        statements.plan(&uses, Target::Primary);
+        let bind_only = [StatementUse::Use { name: "".into() }];
+        let plan = statements.plan(&bind_only, Target::Replica);
+        assert_eq!(plan.injected, 1);
+        assert_eq!(&plan.prefix[..], &parse("")[..]);
+        // The replica holds an older unnamed statement after the client re-parses on the
+        // primary: it is replaced by a Parse alone.
+        let uses = parse_and_bind(&mut statements, "");
+        statements.plan(&uses, Target::Primary);
+        let plan = statements.plan(&bind_only, Target::Replica);
+        assert_eq!(plan.injected, 1);
+        assert_eq!(&plan.prefix[..], &parse("")[..]);
     }
 }
