@@ -12,6 +12,8 @@ use std::{collections::HashMap, sync::Arc};
 use pg_query::{NodeEnum, protobuf};
 use serde_json::Value;
 
+mod shape;
+
 /// Where a statement may run, before the strategy has its say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -59,7 +61,7 @@ impl Classified {
         self.route == Route::Read && self.command.is_none()
     }
 
-    fn primary() -> Self {
+    pub(super) fn primary() -> Self {
         Classified {
             route: Route::Primary,
             writes: true,
@@ -325,14 +327,19 @@ fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
 }
 
 /// Classifications a session has made, so that a repeated query is not parsed again:
-/// by text (a prepared statement's or ORM's text repeats exactly), and by fingerprint for
-/// verdicts that follow from it ([`classify_parsed`]), so that the same query with other
-/// constants (`WHERE id = 1`, `WHERE id = 2` in the simple protocol) costs one
-/// fingerprint, which is one parse in C without the parse tree's trip to Rust.
+/// by text (a prepared statement's or ORM's text repeats exactly), and for verdicts that
+/// follow from the fingerprint ([`classify_parsed`]) by the text's shape with its
+/// constants masked ([`shape`]) and by fingerprint. So the same query with other constants
+/// (`WHERE id = 1`, `WHERE id = 2` in the simple protocol) costs a pass over its text, or
+/// where its text has no shape one fingerprint (one parse in C, without the parse tree's
+/// trip to Rust).
 #[derive(Debug, Default)]
 pub struct Cache {
     by_text: HashMap<Box<str>, Arc<Classified>>,
+    by_shape: HashMap<Box<str>, Arc<Classified>>,
     by_fingerprint: HashMap<u64, Arc<Classified>>,
+    /// The last text's shape, kept to save an allocation per query.
+    shape: String,
 }
 
 impl Cache {
@@ -346,13 +353,21 @@ impl Cache {
         if let Some(known) = self.by_text.get(sql) {
             return Arc::clone(known);
         }
+        let shaped = shape::literal_shape(sql, &mut self.shape);
+        if let Some(known) = self.by_shape.get(self.shape.as_str()).filter(|_| shaped) {
+            return Arc::clone(known);
+        }
         let hinted = hint(sql);
         let fingerprint = match hinted {
             None => pg_query::fingerprint(sql, 0, 0).ok().map(|f| f.value),
             Some(_) => None,
         };
         if let Some(known) = fingerprint.and_then(|f| self.by_fingerprint.get(&f)) {
-            return Arc::clone(known);
+            let known = Arc::clone(known);
+            if shaped {
+                remember(&mut self.by_shape, self.shape.as_str().into(), &known);
+            }
+            return known;
         }
         let classified = if hinted == Some(Hint::Primary) {
             Arc::new(Classified::primary())
@@ -365,6 +380,9 @@ impl Cache {
             let classified = Arc::new(classified);
             if let (true, Some(fingerprint)) = (by_shape, fingerprint) {
                 remember(&mut self.by_fingerprint, fingerprint, &classified);
+                if shaped {
+                    remember(&mut self.by_shape, self.shape.as_str().into(), &classified);
+                }
             }
             classified
         };
@@ -618,6 +636,15 @@ mod tests {
         );
         let later = classify("SET timezone = 'Europe/Paris'");
         assert_eq!(later.session_sets[0].1, "SET timezone = 'Europe/Paris'");
+        // One shape, but the SET's own text is replayed: each keeps its own.
+        for ms in [1000, 2000] {
+            let sql = format!("SET statement_timeout = {ms}");
+            assert_eq!(classify(&sql).session_sets[0].1, sql);
+        }
+        // A shape met first through the fingerprint path shares that verdict too.
+        let quoted = classify(r#"SELECT "x" FROM "t" WHERE "id" = 'a'"#);
+        let same_shape = classify(r#"SELECT "x" FROM "t" WHERE "id" = 'b'"#);
+        assert!(Arc::ptr_eq(&quoted, &same_shape));
         // A hint is not in the fingerprint: the hinted verdict stays with its text.
         let hinted = classify("/* lagprobe:replica */ SELECT nextval('t')");
         assert_eq!(hinted.route, Route::Read);
