@@ -137,11 +137,20 @@ pub fn main() -> anyhow::Result<()> {
         // The other commands keep the default: Ctrl-C ends them at once.
         release_stop_signals();
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Proxy { proxy } = &cli.command {
-        // In range by the flag's parser.
-        runtime.worker_threads(proxy.threads as usize);
-    }
+    let mut runtime = match &cli.command {
+        // One thread: the proxy's sessions on the main thread itself, with no scheduler
+        // hand-offs between worker and driver.
+        Command::Proxy { proxy } if proxy.threads == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Command::Proxy { proxy } => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            // In range by the flag's parser.
+            runtime.worker_threads(proxy.threads as usize);
+            runtime
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = runtime
         .enable_all()
         .build()
