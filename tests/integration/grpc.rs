@@ -1,5 +1,6 @@
 //! The gRPC transport through real tonic clients: Run, its summary, validation (malformed
-//! protobuf too, through a client that sends raw bytes), reflection.
+//! protobuf too, through a client that sends raw bytes), reflection; and through Python's
+//! official gRPC client knowing only what reflection tells it, as grpcurl does.
 
 use lagprobe::{
     Lsn,
@@ -12,7 +13,7 @@ use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
-use crate::harness::{COMMIT_ACK_SLACK_MS, spawn_app};
+use crate::harness::{COMMIT_ACK_SLACK_MS, PythonClient, spawn_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_at_1000_ms_delay_reads_stale_and_sees_writes_after_the_delay() {
@@ -352,5 +353,104 @@ async fn reflection_lists_the_probe_and_health_services() {
         }
         other => panic!("unexpected v1alpha answer {other:?}"),
     }
+    app.shutdown().await;
+}
+
+/// grpcio with grpcio-reflection's descriptor database: no generated code, no .proto file.
+const REFLECTION_CLIENT: PythonClient = PythonClient {
+    script: "grpc_reflection_client.py",
+    modules: "grpc, grpc_reflection, google.protobuf",
+    install_hint: "grpcio or grpcio-reflection is missing: \
+                   python3 -m pip install grpcio grpcio-reflection",
+};
+
+/// The `rpc` names of `proto/lagprobe/v1/probe.proto`, in order.
+fn declared_methods() -> Vec<String> {
+    let proto = include_str!("../../proto/lagprobe/v1/probe.proto");
+    proto
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("rpc "))
+        .map(|rest| rest.split('(').next().unwrap().trim().to_owned())
+        .collect()
+}
+
+/// proto3 JSON writes 64-bit integers as strings.
+fn uint64(value: &serde_json::Value) -> u64 {
+    value
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| panic!("{value} is not a uint64 in proto3 JSON"))
+}
+
+fn assert_reflected_api(seen: &serde_json::Value) {
+    let services = seen["services"].as_array().unwrap();
+    for expected in ["lagprobe.v1.ConsistencyProbe", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|name| name == expected), "{seen}");
+    }
+    let methods = seen["methods"].as_object().unwrap();
+    let mut reflected: Vec<&String> = methods.keys().collect();
+    let mut declared = declared_methods();
+    reflected.sort();
+    declared.sort();
+    assert_eq!(reflected, declared.iter().collect::<Vec<_>>(), "{seen}");
+    let run = &methods["Run"];
+    assert_eq!(run["input"], "lagprobe.v1.RunRequest", "{seen}");
+    assert_eq!(run["output"], "lagprobe.v1.RunReport", "{seen}");
+    assert_eq!(run["server_streaming"], false, "{seen}");
+    assert_eq!(methods["Watch"]["server_streaming"], true, "{seen}");
+    assert_eq!(seen["health"]["status"], "SERVING", "{seen}");
+}
+
+/// One probe at 1000 ms: read straight after the commit, so stale, and visible on the replica
+/// only after the delay. Fields at their default (index 0, false) are absent from the JSON.
+fn assert_stale_probe(index: u64, probe: &serde_json::Value) {
+    assert_eq!(probe["index"].as_u64().unwrap_or(0), index, "{probe}");
+    assert_eq!(probe["verdict"], "VERDICT_STALE", "{probe}");
+    assert_eq!(probe["strategy"], "STRATEGY_REPLICA", "{probe}");
+    assert_eq!(probe["served_by"], "SERVED_BY_REPLICA", "{probe}");
+    assert!(probe.get("read_value").is_none(), "{probe}");
+    assert!(probe.get("visibility_timed_out").is_none(), "{probe}");
+    let commit: Lsn = probe["commit_lsn"].as_str().unwrap().parse().unwrap();
+    let replay: Lsn = probe["replica_replay_lsn"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(replay < commit, "{probe}");
+    let gap_bytes = uint64(&probe["lsn_gap_bytes"]);
+    assert_eq!(gap_bytes, commit.bytes_after(replay), "{probe}");
+    let visible_after_ms = probe["visible_after_ms"].as_f64().unwrap();
+    assert!(visible_after_ms >= 1000.0 - COMMIT_ACK_SLACK_MS, "{probe}");
+}
+
+fn assert_stale_run(run: &serde_json::Value) {
+    assert_eq!(uint64(&run["lab_delay_ms"]), 1000, "{run}");
+    assert_eq!(run["strategy"], "STRATEGY_REPLICA", "{run}");
+    let probes = run["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 2, "{run}");
+    for (index, probe) in (0..).zip(probes) {
+        assert_stale_probe(index, probe);
+    }
+    let summary = &run["summary"];
+    assert_eq!(summary["probe_count"], 2, "{summary}");
+    assert_eq!(summary["stale_count"], 2, "{summary}");
+    assert!(summary.get("fresh_count").is_none(), "{summary}");
+    assert_eq!(summary["stale_ratio"], 1.0, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpc_through_reflection_alone_reads_stale_at_1000_ms_and_gets_invalid_argument() {
+    let app = spawn_app(1000).await;
+    let seen = REFLECTION_CLIENT.run(&[&app.grpc_addr().to_string()]).await;
+    assert_reflected_api(&seen);
+    assert_stale_run(&seen["run"]);
+    let invalid = &seen["invalid"];
+    assert_eq!(invalid["code"], "INVALID_ARGUMENT", "{seen}");
+    let details = invalid["details"].as_str().unwrap();
+    // The field and the value refused, as the caller sent them.
+    assert!(
+        details.contains("count") && details.contains("10001"),
+        "{seen}"
+    );
     app.shutdown().await;
 }

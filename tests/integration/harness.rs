@@ -11,6 +11,7 @@ use lagprobe::{
     service::Service,
     settings::{DatabaseSettings, LabSettings, PoolSettings, Settings},
 };
+use tokio::process::Command;
 use tonic::transport::Channel;
 
 /// How much sooner than the link's delay a write may show up, counted from the COMMIT's
@@ -156,5 +157,53 @@ impl TestApp {
 
     pub async fn shutdown(self) {
         self.app.shutdown().await;
+    }
+}
+
+/// A client script in `tests/integration/clients/`, written against a Python library nobody
+/// here wrote, and what it needs installed.
+pub struct PythonClient {
+    pub script: &'static str,
+    /// Imported first (`import {modules}`), so that a missing library fails the test with
+    /// `install_hint` instead of a traceback.
+    pub modules: &'static str,
+    pub install_hint: &'static str,
+}
+
+impl PythonClient {
+    /// Runs the script with `args` (without blocking the runtime); its stdout is one JSON
+    /// document.
+    pub async fn run(&self, args: &[&str]) -> serde_json::Value {
+        self.check_modules().await;
+        let script = format!(
+            "{}/tests/integration/clients/{}",
+            env!("CARGO_MANIFEST_DIR"),
+            self.script
+        );
+        let output = Command::new("python3")
+            .arg(script)
+            .args(args)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{} failed: {stderr}", self.script);
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+            panic!(
+                "{} printed no JSON ({error}): {}",
+                self.script,
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    async fn check_modules(&self) {
+        let import = Command::new("python3")
+            .args(["-c", &format!("import {}", self.modules)])
+            .output()
+            .await
+            .expect("python3 runs (Debian: apt-get install python3)");
+        assert!(import.status.success(), "{}", self.install_hint);
     }
 }
