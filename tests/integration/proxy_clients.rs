@@ -2,46 +2,20 @@
 //! everything through the extended protocol) and psql, with the same answers through the
 //! proxy as straight from the server.
 
-use tokio::process::Command;
-
 use crate::{
-    harness::{TestApp, spawn_app},
+    harness::{PythonClient, TestApp, spawn_app},
     proxy::{audited, proxy_url, psql_lines, psql_with, until_answers, until_replica_has},
 };
 
-fn client_script(name: &str) -> String {
-    format!(
-        "{}/tests/integration/clients/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-/// Runs one of the Python client scripts; its stdout is one JSON document.
-async fn psycopg_script(name: &str, args: &[&str]) -> serde_json::Value {
-    let probe = Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .output()
-        .await
-        .expect("python3 runs (Debian: apt-get install python3)");
-    assert!(
-        probe.status.success(),
-        "psycopg 3 is missing: python3 -m pip install psycopg (it uses the system's libpq5)"
-    );
-    let output = Command::new("python3")
-        .arg(client_script(name))
-        .args(args)
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{name} failed: {stderr}");
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
-        panic!(
-            "{name} printed no JSON ({error}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    })
+/// Runs one of the psycopg client scripts; its stdout is one JSON document.
+async fn psycopg_script(name: &'static str, args: &[&str]) -> serde_json::Value {
+    let client = PythonClient {
+        script: name,
+        modules: "psycopg",
+        install_hint: "psycopg 3 is missing: python3 -m pip install psycopg \
+                       (it uses the system's libpq5)",
+    };
+    client.run(args).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
