@@ -5,7 +5,7 @@
 
 use std::{fmt, net::SocketAddr, time::Duration};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::{
     authentication::{
@@ -341,6 +341,32 @@ impl Backend {
     pub fn buffered_frame(&mut self) -> Result<Option<Frame>, BackendError> {
         wire::split_frame(&mut self.buffer, self.max_message_bytes)
             .map_err(|error: WireError| self.protocol_error(error.to_string()))
+    }
+
+    /// What the server sent that is not yet consumed, for relaying frames in place.
+    pub fn received(&self) -> &[u8] {
+        &self.buffer
+    }
+
+    /// The tag and whole length of the frame at `offset` of [`Backend::received`], once it
+    /// has all arrived (room is made for one still arriving).
+    pub fn frame_at(&mut self, offset: usize) -> Result<Option<(u8, usize)>, BackendError> {
+        let rest = &self.buffer[offset..];
+        let length = wire::frame_length(rest, self.max_message_bytes)
+            .map_err(|error: WireError| self.protocol_error(error.to_string()))?;
+        match length {
+            Some(length) if rest.len() >= length => Ok(Some((rest[0], length))),
+            Some(length) => {
+                self.buffer.reserve(offset + length - self.buffer.len());
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Drops the first `bytes` of [`Backend::received`] (relayed or swallowed).
+    pub fn consume(&mut self, bytes: usize) {
+        self.buffer.advance(bytes);
     }
 
     /// Reads more bytes from the server; cancel-safe (for `select!`). EOF is an error: a

@@ -145,7 +145,8 @@ struct Unit {
 struct Relayed {
     status: Option<TxStatus>,
     errored: bool,
-    last_tag: Option<String>,
+    /// The last CommandComplete was a ROLLBACK.
+    rolled_back: bool,
 }
 
 /// Why a relay stopped early.
@@ -904,13 +905,22 @@ impl Session {
         unit: &Unit,
         plan: &Plan,
     ) -> Result<Relayed, RelayError> {
-        let mut out = BytesMut::with_capacity(
-            plan.prefix.len() + unit.frames.iter().map(|f| f.bytes.len()).sum::<usize>(),
-        );
-        out.extend_from_slice(&plan.prefix);
-        for frame in &unit.frames {
-            out.extend_from_slice(&frame.bytes);
-        }
+        let joined;
+        let out: &[u8] = match unit.frames.as_slice() {
+            // The common unit, a simple Query: sent as it came.
+            [frame] if plan.prefix.is_empty() => &frame.bytes,
+            frames => {
+                let mut out = BytesMut::with_capacity(
+                    plan.prefix.len() + frames.iter().map(|f| f.bytes.len()).sum::<usize>(),
+                );
+                out.extend_from_slice(&plan.prefix);
+                for frame in frames {
+                    out.extend_from_slice(&frame.bytes);
+                }
+                joined = out;
+                &joined
+            }
+        };
         let backend = match target {
             Target::Primary => &mut self.primary,
             Target::Replica => match self.replica.as_mut() {
@@ -924,7 +934,7 @@ impl Session {
         };
         *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some((backend.addr, backend.key));
         self.busy = Some(target);
-        if let Err(error) = backend.send(&out).await {
+        if let Err(error) = backend.send(out).await {
             return Err(RelayError::Backend {
                 error,
                 replied: false,
@@ -971,7 +981,7 @@ impl Session {
         }
         let status = relayed.status.unwrap_or(self.status);
         self.status = status;
-        let rolled_back = relayed.last_tag.as_deref() == Some("ROLLBACK");
+        let rolled_back = relayed.rolled_back;
         let mut wrote = target == Target::Primary && unit.writes && !relayed.errored;
         match status {
             TxStatus::Idle => {
@@ -1206,7 +1216,8 @@ async fn run_internal(backend: &mut Backend, statements: &[&str]) -> Result<(), 
 
 /// Relays a backend's answer to the client until the unit's last ReadyForQuery, swallowing
 /// the answers to statements the proxy prepared, and streaming the client's COPY data (or
-/// the rest of a Flush-ended batch) to the same backend meanwhile.
+/// the rest of a Flush-ended batch) to the same backend meanwhile. Frames are relayed from
+/// the backend's buffer in place: each read from the backend is one write to the client.
 async fn relay(
     client: &mut Client,
     backend: &mut Backend,
@@ -1215,17 +1226,25 @@ async fn relay(
     mut open: bool,
 ) -> Result<Relayed, RelayError> {
     let mut relayed = Relayed::default();
-    let mut out = BytesMut::new();
     let mut replied = false;
     let mut copy_in = false;
     let backend_failed = |error, replied| RelayError::Backend { error, replied };
     loop {
-        while let Some(frame) = backend
-            .buffered_frame()
+        // The first `ready` bytes of the backend's buffer are frames to relay as they are.
+        let mut ready = 0;
+        while let Some((tag, length)) = backend
+            .frame_at(ready)
             .map_err(|error| backend_failed(error, replied))?
         {
-            match frame.tag {
+            let body = &backend.received()[ready + 5..ready + length];
+            match tag {
                 b'1' | b'3' if swallow > 0 => {
+                    if ready > 0 {
+                        client.send(&backend.received()[..ready]).await?;
+                        backend.consume(ready);
+                        (ready, replied) = (0, true);
+                    }
+                    backend.consume(length);
                     swallow -= 1;
                     continue;
                 }
@@ -1239,23 +1258,24 @@ async fn relay(
                         "COPY BOTH (replication) is not supported by the proxy".into(),
                     )));
                 }
-                b'C' => relayed.last_tag = command_tag(&frame),
+                b'C' => relayed.rolled_back = body == b"ROLLBACK\0",
                 b'Z' => {
-                    relayed.status = frame.body().first().copied().and_then(TxStatus::from_byte);
+                    relayed.status = body.first().copied().and_then(TxStatus::from_byte);
                     syncs = syncs.saturating_sub(1);
                 }
                 _ => {}
             }
-            out.extend_from_slice(&frame.bytes);
-            if frame.tag == b'Z' && syncs == 0 && !open {
-                client.send(&out).await?;
+            ready += length;
+            if tag == b'Z' && syncs == 0 && !open {
+                client.send(&backend.received()[..ready]).await?;
+                backend.consume(ready);
                 return Ok(relayed);
             }
         }
-        if !out.is_empty() {
-            client.send(&out).await?;
+        if ready > 0 {
+            client.send(&backend.received()[..ready]).await?;
+            backend.consume(ready);
             replied = true;
-            out.clear();
         }
         let from_client = copy_in || open;
         // Otherwise the client is still watched, so that one that leaves mid-query ends
@@ -1318,12 +1338,4 @@ async fn stream_client(
         .send(&out)
         .await
         .map_err(|error| RelayError::Backend { error, replied })
-}
-
-/// A CommandComplete's tag (`INSERT 0 1`, `COMMIT`, `ROLLBACK`).
-fn command_tag(frame: &Frame) -> Option<String> {
-    wire::Reader::new(frame.body(), "CommandComplete")
-        .cstr()
-        .ok()
-        .map(str::to_owned)
 }

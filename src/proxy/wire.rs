@@ -47,28 +47,35 @@ impl Frame {
     }
 }
 
-/// Takes the next complete tagged frame off the front of `buffer`, if there is one.
-/// Lengths below 4 or above `max_bytes` are errors: the proxy never waits for (or
-/// allocates) a 2 GB message.
-pub fn split_frame(buffer: &mut BytesMut, max_bytes: usize) -> Result<Option<Frame>, WireError> {
-    if buffer.len() < 5 {
+/// The whole length (type byte included) of the tagged frame at the front of `bytes`, once
+/// its header is there; the frame itself may still be arriving. Lengths below 4 or above
+/// `max_bytes` are errors: the proxy never waits for (or allocates) a 2 GB message.
+pub fn frame_length(bytes: &[u8], max_bytes: usize) -> Result<Option<usize>, WireError> {
+    let [_, a, b, c, d, ..] = *bytes else {
         return Ok(None);
-    }
-    let length = i32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]);
-    let valid = usize::try_from(length)
+    };
+    let length = i32::from_be_bytes([a, b, c, d]);
+    usize::try_from(length)
         .ok()
-        .filter(|length| (4..=max_bytes).contains(length));
-    let Some(length) = valid else {
-        return Err(WireError::Length {
+        .filter(|length| (4..=max_bytes).contains(length))
+        .map(|length| Some(1 + length))
+        .ok_or(WireError::Length {
             length: i64::from(length),
             limit: max_bytes,
-        });
+        })
+}
+
+/// Takes the next complete tagged frame off the front of `buffer`, if there is one, and
+/// makes room for one still arriving.
+pub fn split_frame(buffer: &mut BytesMut, max_bytes: usize) -> Result<Option<Frame>, WireError> {
+    let Some(length) = frame_length(buffer, max_bytes)? else {
+        return Ok(None);
     };
-    if buffer.len() < 1 + length {
-        buffer.reserve(1 + length - buffer.len());
+    if buffer.len() < length {
+        buffer.reserve(length - buffer.len());
         return Ok(None);
     }
-    let bytes = buffer.split_to(1 + length).freeze();
+    let bytes = buffer.split_to(length).freeze();
     Ok(Some(Frame {
         tag: bytes[0],
         bytes,
