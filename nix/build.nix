@@ -14,9 +14,23 @@ let
   # servers (`nix run`) and the dev shell's.
   inherit (pkgs) postgresql;
 
+  # The real clients the tests drive the project with, besides PostgreSQL's
+  # own psql and pgbench: grpcurl, Python's psycopg 3, grpcio (through
+  # reflection) and prometheus_client, and headless Chromium (Linux only, as
+  # nixpkgs builds it; the browser tests fail elsewhere, saying so).
+  testClients = [
+    pkgs.grpcurl
+    (pkgs.python3.withPackages (ps: [
+      ps.psycopg
+      ps.prometheus-client
+      ps.grpcio
+      ps.grpcio-reflection
+    ]))
+  ] ++ lib.optional pkgs.stdenv.hostPlatform.isLinux pkgs.chromium;
+
   crate = import ./package.nix {
     inherit (pkgs) lib rustPlatform rustc clippy;
-    inherit postgresql cargoToml src lockFile;
+    inherit postgresql testClients cargoToml src lockFile;
   };
   lagprobe = crate.package;
 
@@ -66,13 +80,12 @@ in
       pkgs.rustfmt
       pkgs.rust-analyzer
       postgresql
-      pkgs.grpcurl
       pkgs.docker-compose
       pkgs.shellcheck
       # libclang for pg_query's bindgen step (the hook sets LIBCLANG_PATH and
       # BINDGEN_EXTRA_CLANG_ARGS in the shell too)
       pkgs.rustPlatform.bindgenHook
-    ];
+    ] ++ testClients;
     # `lagprobe lab` and the tests look here first, then `pg_config --bindir`,
     # then `initdb` on PATH, which the shell hook puts first.
     LAGPROBE_PG_BINDIR = "${postgresql}/bin";

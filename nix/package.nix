@@ -6,6 +6,7 @@
 , rustc
 , clippy
 , postgresql
+, testClients
 , cargoToml
 , src
 , lockFile
@@ -29,11 +30,12 @@ let
     // {
       # The tests start real PostgreSQL servers (a primary and a streaming
       # replica each) on loopback ports, in temporary directories, as the
-      # build user. They look for the server programs in LAGPROBE_PG_BINDIR,
+      # build user, and drive the project with real clients (testClients,
+      # found on PATH). They look for the server programs in LAGPROBE_PG_BINDIR,
       # then `pg_config --bindir`, then `initdb` on PATH. All three point at
       # nixpkgs' PostgreSQL (its server programs are in the default output,
       # `pg_config` in `dev`).
-      nativeCheckInputs = [ postgresql ];
+      nativeCheckInputs = [ postgresql ] ++ testClients;
       preCheck = ''
         export PATH=${postgresql}/bin:$PATH
         export LAGPROBE_PG_BINDIR=${postgresql}/bin
