@@ -34,6 +34,8 @@ pub struct BenchOptions {
     pub proxy_clients: u32,
     /// pgbench seconds (`-T`) per run in the proxy throughput table.
     pub proxy_seconds: u32,
+    /// Rounds of the three ways per mode in the proxy throughput table.
+    pub proxy_rounds: u32,
     /// Which tables to produce: startup, floor, memory, strategies, link, link-memory, pgbench,
     /// rate, page, proxy (all when empty).
     pub sections: Vec<String>,

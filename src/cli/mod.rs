@@ -103,6 +103,9 @@ enum Command {
         /// pgbench seconds (-T) per run in the proxy table.
         #[arg(long, default_value_t = 10)]
         proxy_seconds: u32,
+        /// Rounds per mode in the proxy table (medians and min-max over them).
+        #[arg(long, default_value_t = 3)]
+        proxy_rounds: u32,
         /// Only these tables (comma-separated): startup, floor, memory, strategies, link,
         /// link-memory, pgbench, rate, page, proxy (it needs pgbouncer installed).
         #[arg(long, value_delimiter = ',')]
@@ -190,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate_probes,
             proxy_clients,
             proxy_seconds,
+            proxy_rounds,
             sections,
             pg_bindir,
         } => {
@@ -199,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rate_probes,
                 proxy_clients,
                 proxy_seconds,
+                proxy_rounds,
                 sections,
                 pg_bindir,
             };

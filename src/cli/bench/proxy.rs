@@ -96,56 +96,133 @@ async fn proxy_on(options: &BenchOptions, binary: &Path, app: &App) -> Result<St
         ),
     ];
 
-    let mut report = throughput_table(options, &bindir, pgbench_dir.path(), &urls).await?;
+    let log_dir = pgbench_dir.path();
+    let loaded = Load {
+        clients: options.proxy_clients,
+        seconds: options.proxy_seconds,
+    };
+    let mut report = throughput_table(options, &bindir, log_dir, &urls, loaded).await?;
+    report.push_str(&throughput_table(options, &bindir, log_dir, &urls, ONE_CLIENT).await?);
     report.push_str(&memory_table(&proxy, &bouncer, &urls[1].1, &urls[2].1).await?);
     report.push_str(&write_then_read_table(options, app, &urls[1].1).await?);
     Ok(report)
 }
 
-/// `pgbench -S` in every mode, the three ways interleaved per mode so drift hits all alike.
+/// `pgbench -S` in every mode, the three ways interleaved per mode and repeated in rounds
+/// (each round in another order), so that drift and the machine's noise hit all alike and
+/// show as a spread; rows give medians with min-max.
 async fn throughput_table(
     options: &BenchOptions,
     bindir: &Path,
     log_dir: &Path,
     urls: &[(&str, String); 3],
+    load: Load,
 ) -> Result<String> {
-    let (clients, seconds) = (options.proxy_clients, options.proxy_seconds);
+    let Load { clients, seconds } = load;
+    let rounds = options.proxy_rounds.max(1);
+    // With several clients on few cores the added latency is mostly queueing (a client
+    // waits clients / tps); one client shows what the extra hop itself costs.
+    let why = if clients == 1 {
+        "One client, so that no transaction queues behind another: the added p50 is what \
+         the extra hop itself costs. "
+    } else {
+        ""
+    };
     let mut table = format!(
         "## Proxy throughput: `pgbench -S -c{clients} -T{seconds}` on a lab replica at D = 0\n\n\
-         p50 is the median of pgbench's per-transaction log (`--log`), so it is the \
-         latency a client sees. Targets: the proxy's tps at least PgBouncer's in every \
-         mode, and under 50 us of p50 added over direct.\n\n\
-         | mode | via | tps | vs direct | vs PgBouncer | latency avg ms | p50 us | p50 added us | failed |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+         {why}{rounds} rounds per mode, the three ways in a rotating order; tps is the median \
+         with min-max, the ratios are of medians, and \"rounds ahead\" counts the rounds in \
+         which the proxy's tps was at least PgBouncer's. p50 is the median of pgbench's \
+         per-transaction log (`--log`), so it is the latency a client sees; the rounds' \
+         median. Targets: the proxy's tps at least PgBouncer's in every mode, and under \
+         50 us of p50 added over direct.\n\n\
+         | mode | via | tps (min-max) | vs direct | vs PgBouncer | rounds ahead | latency avg ms | p50 us | p50 added us | failed |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for mode in MODES {
-        let mut runs = Vec::new();
-        for (_, url) in urls {
-            let run = pgbench_select(bindir, log_dir, url, mode, clients, seconds).await?;
-            runs.push(run);
+        let mut runs: [Vec<PgbenchRun>; 3] = Default::default();
+        for round in 0..rounds as usize {
+            for way in 0..urls.len() {
+                let way = (way + round) % urls.len();
+                let url = &urls[way].1;
+                let run = pgbench_select(bindir, log_dir, url, mode, clients, seconds).await?;
+                runs[way].push(run);
+            }
         }
-        for ((label, _), run) in urls.iter().zip(&runs) {
-            let direct = runs[0];
-            let bouncer = runs[2];
-            let added = match (run.latency_p50_us, direct.latency_p50_us) {
-                (Some(run), Some(direct)) => format!("{:+.0}", run - direct),
-                _ => String::new(),
+        let ahead = runs[1]
+            .iter()
+            .zip(&runs[2])
+            .filter(|(proxy, bouncer)| proxy.tps >= bouncer.tps)
+            .count();
+        let summaries = runs.each_ref().map(|runs| RunSummary::of(runs));
+        for (way, ((label, _), summary)) in urls.iter().zip(&summaries).enumerate() {
+            let ahead = if way == 1 {
+                format!("{ahead}/{rounds}")
+            } else {
+                String::new()
             };
-            let _ = writeln!(
-                table,
-                "| {mode} | {label} | {:.0} | {:.2} | {:.2} | {:.3} | {} | {added} | {} |",
-                run.tps,
-                run.tps / direct.tps,
-                run.tps / bouncer.tps,
-                run.latency_avg_ms,
-                run.latency_p50_us
-                    .map_or_else(String::new, |p50| format!("{p50:.0}")),
-                run.failed,
-            );
+            table.push_str(&summary.row(mode, label, &summaries[0], &summaries[2], &ahead));
         }
     }
     table.push('\n');
     Ok(table)
+}
+
+/// pgbench's clients and seconds for one throughput table.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    clients: u32,
+    seconds: u32,
+}
+
+/// The latency table's load: one client, long enough for a stable median.
+const ONE_CLIENT: Load = Load {
+    clients: 1,
+    seconds: 5,
+};
+
+/// The rounds of one mode and way, summarised.
+struct RunSummary {
+    tps: [f64; 3],
+    latency_avg_ms: f64,
+    latency_p50_us: Option<f64>,
+    failed: u64,
+}
+
+impl RunSummary {
+    fn of(runs: &[PgbenchRun]) -> Self {
+        let middle = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied()
+        };
+        let tps = middle(runs.iter().map(|run| run.tps).collect()).unwrap_or(0.0);
+        let min = runs.iter().map(|run| run.tps).fold(f64::INFINITY, f64::min);
+        let max = runs.iter().map(|run| run.tps).fold(0.0, f64::max);
+        RunSummary {
+            tps: [min, tps, max],
+            latency_avg_ms: middle(runs.iter().map(|run| run.latency_avg_ms).collect())
+                .unwrap_or(0.0),
+            latency_p50_us: middle(runs.iter().filter_map(|run| run.latency_p50_us).collect()),
+            failed: runs.iter().map(|run| run.failed).sum(),
+        }
+    }
+
+    fn row(&self, mode: &str, label: &str, direct: &Self, bouncer: &Self, ahead: &str) -> String {
+        let added = match (self.latency_p50_us, direct.latency_p50_us) {
+            (Some(run), Some(direct)) => format!("{:+.0}", run - direct),
+            _ => String::new(),
+        };
+        let [min, tps, max] = self.tps;
+        format!(
+            "| {mode} | {label} | {tps:.0} ({min:.0}-{max:.0}) | {:.2} | {:.2} | {ahead} | {:.3} | {} | {added} | {} |\n",
+            tps / direct.tps[1],
+            tps / bouncer.tps[1],
+            self.latency_avg_ms,
+            self.latency_p50_us
+                .map_or_else(String::new, |p50| format!("{p50:.0}")),
+            self.failed,
+        )
+    }
 }
 
 /// Resident memory of the proxy and of PgBouncer, idle, then with 100 clients connected
