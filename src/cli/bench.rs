@@ -235,6 +235,17 @@ async fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|kib| kib.parse().ok())
 }
 
+/// CPU time the hypervisor has taken from this machine since boot (steal, summed over the
+/// CPUs; `/proc/stat`), in ms: a virtual machine's stalls that no program here causes.
+async fn stolen_ms() -> Option<f64> {
+    let stat = tokio::fs::read_to_string("/proc/stat").await.ok()?;
+    let cpu = stat.lines().find_map(|line| line.strip_prefix("cpu "))?;
+    let steal_ticks: f64 = cpu.split_whitespace().nth(7)?.parse().ok()?;
+    // SAFETY: sysconf only reads a constant of the system.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks_per_second > 0).then(|| steal_ticks * 1000.0 / ticks_per_second as f64)
+}
+
 /// Every strategy on the same interleaved workload at D = 0, 50, 200 and 1000 ms, on a lab
 /// with a synchronous replica (so remote-apply takes effect).
 async fn strategy_table(options: &BenchOptions) -> Result<String> {

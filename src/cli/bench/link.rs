@@ -11,7 +11,7 @@ use std::{
 
 use lagprobe::{DelayLink, Error, ProbeOptions, Result, service::Service};
 
-use super::{BenchOptions, free_port, lab_app, lab_of, status_kib};
+use super::{BenchOptions, free_port, lab_app, lab_of, status_kib, stolen_ms};
 
 /// Times the accuracy table is measured, so that a noisy pass shows as noise.
 const ACCURACY_PASSES: u32 = 3;
@@ -73,6 +73,8 @@ struct Accuracy {
     floor: Spread,
     /// The client really ran at real-time priority.
     realtime: bool,
+    /// CPU time the hypervisor took during the run (all CPUs), if the system says.
+    stolen_ms: Option<f64>,
 }
 
 /// `link-ping`'s output by kind (`direct`, `first`, `link`, `floor`), as ms.
@@ -96,6 +98,7 @@ async fn added_delay(binary: &Path, plan: &PingPlan, realtime: bool) -> Result<A
     .await
     .map_err(Error::io("starting a delay link"))?;
     let stagger_us = plan.delay_ms * 1000 / u64::from(plan.connections);
+    let stolen_before = stolen_ms().await;
     let output = tokio::process::Command::new(binary)
         .arg("link-ping")
         .args(["--echo-listen", &format!("127.0.0.1:{echo_port}")])
@@ -114,6 +117,10 @@ async fn added_delay(binary: &Path, plan: &PingPlan, realtime: bool) -> Result<A
             std::io::Error::other(format!("link-ping exited with {}", output.status)),
         ));
     }
+    let stolen_ms = stolen_ms()
+        .await
+        .zip(stolen_before)
+        .map(|(after, before)| after - before);
     let text = String::from_utf8_lossy(&output.stdout);
     let baseline_ms = Spread::of(parse_ping_output(&text, "direct ")).p50_ms;
     let over = |kind: &str, offset_ms: f64| {
@@ -125,6 +132,7 @@ async fn added_delay(binary: &Path, plan: &PingPlan, realtime: bool) -> Result<A
         first: over("first ", plan.delay_ms as f64 + baseline_ms),
         floor: over("floor ", baseline_ms),
         realtime: text.lines().any(|line| line == "realtime yes"),
+        stolen_ms,
     })
 }
 
@@ -153,10 +161,11 @@ pub async fn accuracy(options: &BenchOptions, binary: &Path) -> Result<String> {
          client and the machine add with no link at all. An ordinary client is what a replica \
          is; a real-time one (SCHED_FIFO, like the link's threads) leaves mostly what the \
          link adds. Each connection's first round trip, which includes the link starting the \
-         connection's thread, is left out of the quantiles and shown apart (max). \
-         {ACCURACY_PASSES} passes.\n\n\
-         | configured ms | pass | client | round trips (connections) | added p50 ms | p99 ms | p99.9 ms | max ms | first round trip max ms | floor p99 ms | floor p99.9 ms |\n\
-         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         connection's thread, is left out of the quantiles and shown apart (max). Stolen is \
+         the CPU time the hypervisor took from this virtual machine during the row (steal in \
+         `/proc/stat`, all CPUs): stalls no program here causes. {ACCURACY_PASSES} passes.\n\n\
+         | configured ms | pass | client | round trips (connections) | added p50 ms | p99 ms | p99.9 ms | max ms | first round trip max ms | floor p99 ms | floor p99.9 ms | stolen ms |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     let measured = async {
         for pass in 1..=ACCURACY_PASSES {
@@ -189,10 +198,12 @@ fn accuracy_row(plan: &PingPlan, pass: u32, asked_realtime: bool, accuracy: &Acc
         added,
         first,
         floor,
+        stolen_ms,
         ..
     } = accuracy;
+    let stolen = stolen_ms.map_or_else(|| "unknown".to_owned(), |ms| format!("{ms:.0}"));
     format!(
-        "| {} | {pass} | {client} | {} ({}) | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+        "| {} | {pass} | {client} | {} ({}) | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {stolen} |\n",
         plan.delay_ms,
         added.samples,
         plan.connections,
