@@ -603,6 +603,7 @@ fn proxy_stats_message(report: ProxyReport) -> pb::ProxyStatsReport {
             fallbacks: totals.fallbacks,
             waits: totals.waits,
             writes: totals.writes,
+            server_waits: totals.server_waits,
         }),
         queries: report
             .queries

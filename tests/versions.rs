@@ -199,6 +199,18 @@ async fn proxy_reads_its_own_writes(app: &harness::TestApp, major: u32) {
         (1, true),
         "PostgreSQL {major}"
     );
+    // At 200 ms each lsn-wait read waited; from 19 on, the replica's WAIT FOR LSN ended
+    // the waits (before, only the watcher's polls can).
+    let (_, report) = app.get_json("/api/proxy").await;
+    let totals = &report["totals"];
+    let waits = totals["waits"].as_u64().unwrap();
+    let server_waits = totals["server_waits"].as_u64().unwrap();
+    assert!(waits >= 2, "PostgreSQL {major}: {totals}");
+    if major >= 19 {
+        assert!(server_waits >= 2, "PostgreSQL {major}: {totals}");
+    } else {
+        assert_eq!(server_waits, 0, "PostgreSQL {major}: {totals}");
+    }
 }
 
 macro_rules! smoke_tests {

@@ -91,7 +91,7 @@ fn totals(out: &mut String, report: &ProxyReport) {
         "1 if the proxy runs in this process.",
         [(String::new(), u8::from(report.running))],
     );
-    let counters: [(&str, &str, u64); 4] = [
+    let counters: [(&str, &str, u64); 5] = [
         ("sessions", "Client sessions started.", totals.sessions),
         (
             "writes",
@@ -102,6 +102,11 @@ fn totals(out: &mut String, report: &ProxyReport) {
             "waits",
             "Reads that waited for a replica to replay.",
             totals.waits,
+        ),
+        (
+            "server_waits",
+            "Replay waits a replica's own WAIT FOR LSN ended (PostgreSQL 19 and later).",
+            totals.server_waits,
         ),
         (
             "fallbacks",

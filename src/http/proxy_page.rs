@@ -92,12 +92,14 @@ pub fn render(report: &ProxyReport) -> String {
     let totals = &report.totals;
     let _ = write!(
         out,
-        "<p>{} sessions, {} writes, {} replica reads, {} primary reads, {} waits, {} fallbacks.</p>",
+        "<p>{} sessions, {} writes, {} replica reads, {} primary reads, {} waits ({} ended by the \
+         replica's WAIT FOR LSN), {} fallbacks.</p>",
         totals.sessions,
         totals.writes,
         totals.replica_reads,
         totals.primary_reads,
         totals.waits,
+        totals.server_waits,
         totals.fallbacks
     );
     out.push_str(

@@ -34,7 +34,7 @@ use crate::{
     settings::{ProxySettings, Secret, StrategyDefaults},
 };
 pub use backend::BackendParams;
-use watcher::{PrimaryPosition, ReplayWatcher};
+use watcher::{PrimaryPosition, ReplayWatcher, Watched};
 
 /// Which of a session's two backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,15 +191,20 @@ struct Watchers {
 }
 
 impl Watchers {
-    fn spawn(databases: &Databases, generation: u64, poll_interval: Duration) -> Self {
+    fn spawn(
+        databases: &Databases,
+        generation: u64,
+        poll_interval: Duration,
+        stats: &ProxyStats,
+    ) -> Self {
         let replicas = (0..databases.replicas().len())
             .map(|index| {
-                Arc::new(ReplayWatcher::spawn(
-                    databases.clone(),
+                let watched = Watched {
+                    databases: databases.clone(),
                     generation,
                     index,
-                    poll_interval,
-                ))
+                };
+                Arc::new(ReplayWatcher::spawn(watched, poll_interval, stats.clone()))
             })
             .collect();
         Watchers {
@@ -289,7 +294,12 @@ impl Shared {
         }
         let mut watchers = self.watchers.write().unwrap_or_else(|p| p.into_inner());
         if watchers.generation != now {
-            *watchers = Watchers::spawn(&self.databases, now, self.settings.poll_interval);
+            *watchers = Watchers::spawn(
+                &self.databases,
+                now,
+                self.settings.poll_interval,
+                &self.stats,
+            );
         }
         watchers.replicas.get(index).cloned()
     }
@@ -351,7 +361,7 @@ pub async fn handle(
     };
     stats.mark_running();
     let generation = databases.urls().generation;
-    let watchers = Watchers::spawn(&databases, generation, settings.poll_interval);
+    let watchers = Watchers::spawn(&databases, generation, settings.poll_interval, &stats);
     ProxyHandle {
         shared: Arc::new(Shared {
             settings: settings.clone(),

@@ -2,10 +2,17 @@
 //! session waits or a thousand: one replay watcher per replica (one position query per poll
 //! interval for every waiting session, and none while nobody waits), and one primary
 //! position fetcher for the `global` strategy.
+//!
+//! On PostgreSQL 19 and later a replica can also say when it has replayed a position
+//! (`WAIT FOR LSN`): while sessions wait, the watcher keeps one such wait open for the
+//! lowest position waited for, so that a wait ends when replay gets there instead of at
+//! the next poll. The polls go on beside it: they serve every other wait, the audit and
+//! lsn-route, and every older replica.
 
 use std::{
+    collections::BTreeMap,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -16,7 +23,15 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{db::Databases, lsn::Lsn};
+use crate::{
+    db::{Databases, WaitOutcome},
+    lsn::Lsn,
+    service::ProxyStats,
+};
+
+/// How long one server-side wait may hold a replica connection before it is asked again
+/// (its waiters have their own timeouts; this only bounds a wait nobody needs any more).
+const SERVER_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Counts a waiter while it lives and wakes the poller when it arrives.
 struct Demand<'a> {
@@ -64,6 +79,79 @@ struct WatcherState {
     position: watch::Sender<Seen>,
     demand: AtomicUsize,
     wake: Notify,
+    /// The positions sessions wait for (with how many wait for each), for the server-side
+    /// wait; `targeted` wakes it when one is added.
+    targets: Mutex<BTreeMap<Lsn, usize>>,
+    targeted: Notify,
+}
+
+impl WatcherState {
+    fn targets(&self) -> std::sync::MutexGuard<'_, BTreeMap<Lsn, usize>> {
+        self.targets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lowest position waited for that the watcher has not yet seen replayed.
+    fn lowest_unreplayed_target(&self) -> Option<Lsn> {
+        let best = self.position.borrow().best.map(|(lsn, _)| lsn);
+        self.targets()
+            .keys()
+            .copied()
+            .find(|&target| best.is_none_or(|best| target > best))
+    }
+
+    /// Evidence from outside the polls: the replica had replayed at least `lsn` by now.
+    fn replayed_at_least(&self, lsn: Lsn) {
+        let now = Instant::now();
+        self.position.send_modify(|seen| {
+            if seen.best.is_none_or(|(best, _)| lsn > best) {
+                seen.best = Some((lsn, now));
+            }
+        });
+    }
+}
+
+/// A wait for one position, registered while it lives.
+struct Target<'a> {
+    state: &'a WatcherState,
+    lsn: Lsn,
+}
+
+impl<'a> Target<'a> {
+    fn new(state: &'a WatcherState, lsn: Lsn) -> Self {
+        *state.targets().entry(lsn).or_default() += 1;
+        state.targeted.notify_one();
+        Target { state, lsn }
+    }
+}
+
+impl Drop for Target<'_> {
+    fn drop(&mut self) {
+        let mut targets = self.state.targets();
+        if let Some(count) = targets.get_mut(&self.lsn) {
+            *count -= 1;
+            if *count == 0 {
+                targets.remove(&self.lsn);
+            }
+        }
+    }
+}
+
+/// The replica a watcher watches: `databases.replicas()[index]` of topology `generation`.
+pub struct Watched {
+    pub databases: Databases,
+    pub generation: u64,
+    pub index: usize,
+}
+
+impl Watched {
+    /// The replica, while the topology is still the one watched. After a failover the
+    /// index names another server, which this watcher's evidence says nothing about.
+    fn replica(&self) -> Option<crate::db::Replica> {
+        if self.databases.urls().generation != self.generation {
+            return None;
+        }
+        self.databases.replicas().get(self.index).cloned()
+    }
 }
 
 /// One replica's replay position, polled while anyone waits on it. Replay positions only
@@ -71,31 +159,35 @@ struct WatcherState {
 /// the replica without asking again.
 pub struct ReplayWatcher {
     state: Arc<WatcherState>,
-    task: JoinHandle<()>,
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl ReplayWatcher {
-    /// Watches `databases.replicas()[index]` of topology `generation`, polling every
-    /// `poll_interval` while wanted, until the topology is re-pointed.
-    pub fn spawn(
-        databases: Databases,
-        generation: u64,
-        index: usize,
-        poll_interval: Duration,
-    ) -> Self {
+    /// Watches a replica, polling every `poll_interval` while wanted and waiting on the
+    /// server where it can (counted in `stats`), until the topology is re-pointed.
+    pub fn spawn(watched: Watched, poll_interval: Duration, stats: ProxyStats) -> Self {
         let state = Arc::new(WatcherState {
             position: watch::channel(Seen::default()).0,
             demand: AtomicUsize::new(0),
             wake: Notify::new(),
+            targets: Mutex::default(),
+            targeted: Notify::new(),
         });
-        let task = tokio::spawn(poll_replay(
-            Arc::clone(&state),
-            databases,
-            generation,
-            index,
-            poll_interval,
-        ));
-        ReplayWatcher { state, task }
+        let watched = Arc::new(watched);
+        let tasks = [
+            tokio::spawn(poll_replay(
+                Arc::clone(&state),
+                Arc::clone(&watched),
+                poll_interval,
+            )),
+            tokio::spawn(wait_on_server(
+                Arc::clone(&state),
+                watched,
+                poll_interval,
+                stats,
+            )),
+        ];
+        ReplayWatcher { state, tasks }
     }
 
     /// The latest position seen, without waiting.
@@ -128,6 +220,7 @@ impl ReplayWatcher {
             return true;
         }
         let _demand = Demand::new(&self.state.demand, &self.state.wake);
+        let _target = Target::new(&self.state, min_lsn);
         let mut receiver = self.state.position.subscribe();
         let reached = receiver.wait_for(|seen| seen.best.is_some_and(|(lsn, _)| lsn >= min_lsn));
         matches!(tokio::time::timeout(timeout, reached).await, Ok(Ok(_)))
@@ -147,30 +240,22 @@ impl ReplayWatcher {
 
 impl Drop for ReplayWatcher {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
-async fn poll_replay(
-    state: Arc<WatcherState>,
-    databases: Databases,
-    generation: u64,
-    index: usize,
-    poll_interval: Duration,
-) {
+async fn poll_replay(state: Arc<WatcherState>, watched: Arc<Watched>, poll_interval: Duration) {
     loop {
         until_wanted(&state.demand, &state.wake).await;
-        // After a failover the index names another server, which this watcher's evidence
-        // says nothing about: its waiters time out (and read the primary), and the new
+        // After a failover the waiters time out (and read the primary), and the new
         // generation's watcher takes over.
-        if databases.urls().generation != generation {
-            return;
-        }
-        let Some(replica) = databases.replicas().get(index).cloned() else {
+        let Some(replica) = watched.replica() else {
             return;
         };
         let sent = Instant::now();
-        match databases.replay_lsn(&replica).await {
+        match watched.databases.replay_lsn(&replica).await {
             Ok(replayed) => {
                 let answered = Instant::now();
                 state.position.send_modify(|seen| {
@@ -191,6 +276,55 @@ async fn poll_replay(
             }
         }
         tokio::time::sleep(poll_interval).await;
+    }
+}
+
+/// Keeps one `WAIT FOR LSN` open on the replica for the lowest position sessions wait for,
+/// while there is one; on replicas before PostgreSQL 19 it ends at its first wait.
+async fn wait_on_server(
+    state: Arc<WatcherState>,
+    watched: Arc<Watched>,
+    poll_interval: Duration,
+    stats: ProxyStats,
+) {
+    loop {
+        let Some(target) = next_target(&state).await else {
+            continue;
+        };
+        let Some(replica) = watched.replica() else {
+            return;
+        };
+        let waited = watched
+            .databases
+            .wait_for_lsn(&replica, target, SERVER_WAIT_TIMEOUT);
+        match waited.await {
+            Ok(None) => return,
+            Ok(Some(WaitOutcome::Replayed)) => {
+                state.replayed_at_least(target);
+                stats
+                    .counters()
+                    .server_waits
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Some(WaitOutcome::TimedOut)) => {}
+            // Promoted, or unreachable: the polls and the waiters' timeouts take it from
+            // here; ask again no faster than they poll.
+            Ok(Some(WaitOutcome::NotInRecovery)) | Err(_) => {
+                tokio::time::sleep(poll_interval).await;
+            }
+        }
+    }
+}
+
+/// The lowest position waited for and not yet seen replayed, once there is one.
+async fn next_target(state: &WatcherState) -> Option<Lsn> {
+    let targeted = state.targeted.notified();
+    match state.lowest_unreplayed_target() {
+        Some(target) => Some(target),
+        None => {
+            targeted.await;
+            None
+        }
     }
 }
 

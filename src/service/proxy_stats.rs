@@ -36,6 +36,9 @@ pub struct ProxyCounters {
     /// was unreachable, or lsn-wait timed out).
     pub fallbacks: AtomicU64,
     pub waits: AtomicU64,
+    /// Replay waits a replica's own `WAIT FOR LSN` ended (PostgreSQL 19 and later), rather
+    /// than the watcher's next poll.
+    pub server_waits: AtomicU64,
     pub writes: AtomicU64,
 }
 
@@ -47,6 +50,7 @@ pub struct ProxyCounts {
     pub replica_reads: u64,
     pub fallbacks: u64,
     pub waits: u64,
+    pub server_waits: u64,
     pub writes: u64,
 }
 
@@ -59,6 +63,7 @@ impl ProxyCounters {
             replica_reads: get(&self.replica_reads),
             fallbacks: get(&self.fallbacks),
             waits: get(&self.waits),
+            server_waits: get(&self.server_waits),
             writes: get(&self.writes),
         }
     }
