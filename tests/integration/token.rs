@@ -193,7 +193,10 @@ async fn watch_reports_a_primary_outage_per_probe_and_carries_on_after_it() {
             .expect("an outage is an item, not the stream's end");
         (probe.verdict(), probe.error)
     };
-    assert_eq!(next_verdict(&mut stream).await.0, Verdict::Fresh);
+    // A probe that wrote and read: at D = 0 an immediate read-back is stale part of the time.
+    let wrote_and_read = |verdict| matches!(verdict, Verdict::Fresh | Verdict::Stale);
+    let (first, error) = next_verdict(&mut stream).await;
+    assert!(wrote_and_read(first), "{first:?}: {error:?}");
 
     let cut = |link_down| lagprobe::DelaySettings {
         link_down,
@@ -216,7 +219,7 @@ async fn watch_reports_a_primary_outage_per_probe_and_carries_on_after_it() {
     link.control().apply(cut(false));
     let mut recovered = false;
     for _ in 0..30 {
-        if next_verdict(&mut stream).await.0 == Verdict::Fresh {
+        if wrote_and_read(next_verdict(&mut stream).await.0) {
             recovered = true;
             break;
         }
