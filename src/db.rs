@@ -9,7 +9,10 @@
 use std::{
     collections::HashSet,
     str::FromStr,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{
+        Arc, OnceLock, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -140,6 +143,8 @@ const WAIT_FOR_LSN_VERSION_NUM: u32 = 190_000;
 #[derive(Debug, Clone)]
 pub struct Databases {
     topology: Arc<RwLock<Arc<Topology>>>,
+    /// The topology's generation, readable without the lock: sessions check it per read.
+    generation: Arc<AtomicU64>,
     settings: PoolSettings,
 }
 
@@ -418,6 +423,7 @@ impl Databases {
                 settings,
                 0,
             )?))),
+            generation: Arc::new(AtomicU64::new(0)),
             settings: *settings,
         })
     }
@@ -429,6 +435,12 @@ impl Databases {
     /// The servers' URLs now, and how many times they have been re-pointed.
     pub fn urls(&self) -> Arc<TopologyUrls> {
         Arc::clone(&self.topology().urls)
+    }
+
+    /// How many times the servers have been re-pointed: the generation [`Databases::urls`]
+    /// would carry, without taking the topology's lock.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The replicas now (none after a failover that left no standby).
@@ -448,6 +460,7 @@ impl Databases {
             generation,
         )?);
         let old = std::mem::replace(&mut *current, topology);
+        self.generation.store(generation, Ordering::Release);
         drop(current);
         tokio::spawn(async move {
             old.primary.close().await;

@@ -282,7 +282,7 @@ impl Shared {
     /// The watcher of replica `index` of topology `generation`, while that is the current
     /// one: a session opened before a failover has no watcher to vouch for its replica.
     fn watcher(&self, generation: u64, index: usize) -> Option<Arc<ReplayWatcher>> {
-        let now = self.databases.urls().generation;
+        let now = self.generation();
         if now != generation {
             return None;
         }
@@ -302,6 +302,11 @@ impl Shared {
             );
         }
         watchers.replicas.get(index).cloned()
+    }
+
+    /// The topology's generation now: it changes when a failover re-points the servers.
+    fn generation(&self) -> u64 {
+        self.databases.generation()
     }
 
     /// Where a new session connects: the databases' topology, re-read after a failover

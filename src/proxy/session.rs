@@ -28,6 +28,7 @@ use super::{
     classify::{self, Classified, ProxyCommand, Route},
     scram,
     statements::{Plan, StatementUse, Statements},
+    watcher::ReplayWatcher,
     wire::{self, ClientMessage, Frame, TxStatus},
 };
 mod local;
@@ -140,6 +141,41 @@ struct Unit {
     syncs: usize,
 }
 
+impl Unit {
+    /// Empties the unit for the next one, keeping what its vectors allocated: a session
+    /// runs a unit per query, and reusing them saves allocations on every one.
+    fn clear(&mut self) {
+        let Unit {
+            frames,
+            uses,
+            sets,
+            deallocates,
+            closes,
+            ..
+        } = self;
+        let (frames, uses, sets, deallocates, closes) = (
+            std::mem::take(frames),
+            std::mem::take(uses),
+            std::mem::take(sets),
+            std::mem::take(deallocates),
+            std::mem::take(closes),
+        );
+        *self = Unit {
+            frames: emptied(frames),
+            uses: emptied(uses),
+            sets: emptied(sets),
+            deallocates: emptied(deallocates),
+            closes: emptied(closes),
+            ..Unit::default()
+        };
+    }
+}
+
+fn emptied<T>(mut items: Vec<T>) -> Vec<T> {
+    items.clear();
+    items
+}
+
 /// How a relay ended.
 #[derive(Debug, Default)]
 struct Relayed {
@@ -197,6 +233,16 @@ struct Session {
     cache: classify::Cache,
     /// What routing the current read learnt, for the audit.
     read_note: ReadNote,
+    /// The last unit, emptied, for the next one to reuse.
+    spare: Unit,
+    /// Where a unit of several messages is put together before it is sent (kept, for its
+    /// allocation).
+    outgoing: BytesMut,
+    /// The watcher of this session's replica, and the topology generation it was looked
+    /// up for.
+    watcher: (u64, Option<Arc<ReplayWatcher>>),
+    /// The backend the cancel registry points at now.
+    cancel_points_at: Option<Target>,
 }
 
 /// Runs one client connection to its end; never panics the proxy and never outlives it
@@ -237,6 +283,7 @@ pub(super) async fn run(
         .sessions
         .fetch_add(1, Ordering::Relaxed);
     let result = tokio::select! {
+        biased;
         result = session.serve() => result,
         () = stopped(&mut stopping) => Err(ProxyError::ShuttingDown),
     };
@@ -459,7 +506,26 @@ impl Session {
             token: None,
             cache: classify::Cache::default(),
             read_note: ReadNote::default(),
+            spare: Unit::default(),
+            outgoing: BytesMut::new(),
+            watcher: (u64::MAX, None),
+            cancel_points_at: None,
         }
+    }
+
+    /// An empty unit, reusing the last one's allocations.
+    fn unit(&mut self) -> Unit {
+        std::mem::take(&mut self.spare)
+    }
+
+    /// The replica's watcher: looked up again only after the topology changed.
+    fn watcher(&mut self) -> Option<Arc<ReplayWatcher>> {
+        let generation = self.shared.generation();
+        if self.watcher.0 != generation {
+            let watcher = self.shared.watcher(self.generation, self.replica_index);
+            self.watcher = (generation, watcher);
+        }
+        self.watcher.1.clone()
     }
 
     /// Ends the session: a query still running for a client that left is cancelled, then
@@ -497,12 +563,9 @@ impl Session {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.extended(frame).await?,
                 // A fastpath function call may do anything.
                 b'F' => {
-                    let unit = Unit {
-                        frames: vec![frame],
-                        writes: true,
-                        syncs: 1,
-                        ..Unit::default()
-                    };
+                    let mut unit = self.unit();
+                    unit.frames.push(frame);
+                    (unit.writes, unit.syncs) = (true, 1);
                     self.run_unit(Target::Primary, unit).await?;
                 }
                 b'X' => return Err(ProxyError::ClientGone),
@@ -538,6 +601,7 @@ impl Session {
                 }
             };
             let event = tokio::select! {
+                biased;
                 filled = self.client.fill() => { filled?; Event::Client }
                 received = self.primary.receive() => Event::Primary(received),
                 received = replica => Event::Replica(received),
@@ -588,17 +652,16 @@ impl Session {
         if let Some(command) = &classified.command {
             return self.proxy_command(command).await;
         }
-        let unit = Unit {
-            frames: vec![frame],
-            writes: classified.writes,
-            read: classified.route == Route::Read,
-            fingerprint: classified.fingerprint,
-            sets: classified.session_sets.clone(),
-            deallocates_all: classified.deallocates_all,
-            deallocates: classified.deallocates.clone(),
-            syncs: 1,
-            ..Unit::default()
-        };
+        let mut unit = self.unit();
+        unit.frames.push(frame);
+        unit.writes = classified.writes;
+        unit.read = classified.route == Route::Read;
+        unit.fingerprint = classified.fingerprint;
+        unit.sets.extend(classified.session_sets.iter().cloned());
+        unit.deallocates_all = classified.deallocates_all;
+        unit.deallocates
+            .extend(classified.deallocates.iter().cloned());
+        unit.syncs = 1;
         let target = self.route(&unit).await;
         self.run_unit(target, unit).await
     }
@@ -606,7 +669,7 @@ impl Session {
     /// Reads an extended-protocol batch up to its Sync (or Flush), noting the statements
     /// it prepares and uses, then runs it on one backend.
     async fn extended(&mut self, first: Frame) -> Result<(), ProxyError> {
-        let mut unit = Unit::default();
+        let mut unit = self.unit();
         let mut buffered = 0;
         let mut frame = first;
         let mut executes = false;
@@ -618,19 +681,16 @@ impl Session {
                 ClientMessage::Parse { statement, sql } => {
                     let classified = self.classify(sql);
                     mix.note(classified.command.is_some());
-                    let version =
+                    let (name, version) =
                         self.statements
                             .define(statement, frame.bytes.clone(), classified);
-                    unit.uses.push(StatementUse::Parse {
-                        name: statement.to_owned(),
-                        version,
-                    });
+                    unit.uses.push(StatementUse::Parse { name, version });
                 }
                 ClientMessage::Bind { statement, .. } => {
                     executes = true;
-                    match self.statements.get(statement) {
-                        Some(defined) => {
-                            let classified = Arc::clone(&defined.classified);
+                    let name = match self.statements.get(statement) {
+                        Some((name, defined)) => {
+                            let classified = &defined.classified;
                             mix.note(classified.command.is_some());
                             may_write |= classified.route == Route::Primary;
                             unit.fingerprint = unit.fingerprint.or(classified.fingerprint);
@@ -639,23 +699,23 @@ impl Session {
                             unit.deallocates_all |= classified.deallocates_all;
                             unit.deallocates
                                 .extend(classified.deallocates.iter().cloned());
+                            Arc::clone(name)
                         }
                         None => {
                             mix.note(false);
                             may_write = true;
                             unit.writes = true;
+                            Arc::from(statement)
                         }
-                    }
-                    unit.uses.push(StatementUse::Use {
-                        name: statement.to_owned(),
-                    });
+                    };
+                    unit.uses.push(StatementUse::Use { name });
                 }
                 ClientMessage::Describe { kind: b'S', name } => unit.uses.push(StatementUse::Use {
-                    name: name.to_owned(),
+                    name: self.statements.name(name),
                 }),
                 ClientMessage::Close { kind: b'S', name } => {
                     unit.uses.push(StatementUse::Close {
-                        name: name.to_owned(),
+                        name: self.statements.name(name),
                     });
                     unit.closes.push(name.to_owned());
                 }
@@ -684,7 +744,9 @@ impl Session {
             }
         }
         if mix.commands {
-            return self.answer_locally(&unit.frames, mix.others).await;
+            let answered = self.answer_locally(&unit.frames, mix.others).await;
+            self.recycle(unit);
+            return answered;
         }
         unit.syncs = usize::from(!unit.open);
         // Preparing alone needs no freshness: the primary (statements follow to the replica
@@ -711,7 +773,7 @@ impl Session {
         let started = Instant::now();
         self.read_note = ReadNote::default();
         let shared = Arc::clone(&self.shared);
-        let watcher = shared.watcher(self.generation, self.replica_index);
+        let watcher = self.watcher();
         let watcher = watcher.as_deref();
         let wait_timeout = shared.defaults.lsn_wait_timeout;
         match self.strategy {
@@ -823,6 +885,17 @@ impl Session {
     /// a replica that fails before answering a read outside a transaction gets the read
     /// sent to the primary instead.
     async fn run_unit(&mut self, wanted: Target, unit: Unit) -> Result<(), ProxyError> {
+        let ran = self.run_unit_on(wanted, &unit).await;
+        self.recycle(unit);
+        ran
+    }
+
+    fn recycle(&mut self, mut unit: Unit) {
+        unit.clear();
+        self.spare = unit;
+    }
+
+    async fn run_unit_on(&mut self, wanted: Target, unit: &Unit) -> Result<(), ProxyError> {
         let mut target = wanted;
         if target == Target::Replica && !self.replica_ready().await {
             if self.in_transaction == Some(Target::Replica) {
@@ -840,9 +913,9 @@ impl Session {
         loop {
             let plan = self.statements.plan(&unit.uses, target);
             let sent = Instant::now();
-            let watcher = self.shared.watcher(self.generation, self.replica_index);
+            let watcher = self.watcher();
             let seen_before = watcher.as_ref().and_then(|watcher| watcher.seen());
-            match self.forward(target, &unit, &plan).await {
+            match self.forward(target, unit, &plan).await {
                 Ok(relayed) => {
                     if audited {
                         let read = (target == Target::Replica).then(|| ReplicaRead {
@@ -853,7 +926,7 @@ impl Session {
                         });
                         self.audit(unit.fingerprint, read);
                     }
-                    self.after(target, &unit, &plan, relayed);
+                    self.after(target, unit, relayed);
                     return Ok(());
                 }
                 Err(RelayError::Session(error)) => return Err(error),
@@ -905,41 +978,29 @@ impl Session {
         unit: &Unit,
         plan: &Plan,
     ) -> Result<Relayed, RelayError> {
-        let joined;
+        let mut joined = std::mem::take(&mut self.outgoing);
+        joined.clear();
         let out: &[u8] = match unit.frames.as_slice() {
             // The common unit, a simple Query: sent as it came.
             [frame] if plan.prefix.is_empty() => &frame.bytes,
             frames => {
-                let mut out = BytesMut::with_capacity(
-                    plan.prefix.len() + frames.iter().map(|f| f.bytes.len()).sum::<usize>(),
-                );
-                out.extend_from_slice(&plan.prefix);
+                joined.extend_from_slice(&plan.prefix);
                 for frame in frames {
-                    out.extend_from_slice(&frame.bytes);
+                    joined.extend_from_slice(&frame.bytes);
                 }
-                joined = out;
                 &joined
             }
         };
+        let sent = self.send_unit(target, out).await;
+        self.outgoing = joined;
+        sent?;
         let backend = match target {
             Target::Primary => &mut self.primary,
             Target::Replica => match self.replica.as_mut() {
                 Some(replica) => &mut replica.backend,
-                None => {
-                    return Err(RelayError::Session(ProxyError::ReplicaLost(
-                        "no replica connection".into(),
-                    )));
-                }
+                None => unreachable_replica()?,
             },
         };
-        *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some((backend.addr, backend.key));
-        self.busy = Some(target);
-        if let Err(error) = backend.send(out).await {
-            return Err(RelayError::Backend {
-                error,
-                replied: false,
-            });
-        }
         let relayed = relay(
             &mut self.client,
             backend,
@@ -952,9 +1013,35 @@ impl Session {
         Ok(relayed)
     }
 
+    /// Sends a unit's bytes to `target`, pointing the session's cancel key at it first.
+    async fn send_unit(&mut self, target: Target, out: &[u8]) -> Result<(), RelayError> {
+        let backend = match target {
+            Target::Primary => &mut self.primary,
+            Target::Replica => match self.replica.as_mut() {
+                Some(replica) => &mut replica.backend,
+                None => unreachable_replica()?,
+            },
+        };
+        // The registry changes only when the session moves to the other backend (or a
+        // new replica connection), not on every query.
+        if self.cancel_points_at != Some(target) {
+            *self.cancel.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((backend.addr, backend.key));
+            self.cancel_points_at = Some(target);
+        }
+        self.busy = Some(target);
+        backend
+            .send(out)
+            .await
+            .map_err(|error| RelayError::Backend {
+                error,
+                replied: false,
+            })
+    }
+
     /// What a finished unit changes: the transaction state, prepared statements, settings
     /// to replay, and the session's token after a write.
-    fn after(&mut self, target: Target, unit: &Unit, plan: &Plan, relayed: Relayed) {
+    fn after(&mut self, target: Target, unit: &Unit, relayed: Relayed) {
         let counters = self.shared.stats.counters();
         if unit.read && self.in_transaction.is_none() {
             let counter = match target {
@@ -964,7 +1051,7 @@ impl Session {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         if relayed.errored {
-            self.statements.uncertain(target, &plan.touched);
+            self.statements.uncertain(target, &unit.uses);
         } else if target == Target::Primary {
             if unit.deallocates_all {
                 self.statements.deallocated_all();
@@ -1070,6 +1157,8 @@ impl Session {
                         backend,
                         sets_version: 0,
                     });
+                    // The cancel key must follow to the new connection.
+                    self.cancel_points_at = None;
                 }
                 Err(error) => {
                     self.replica_failed(&error);
@@ -1183,6 +1272,12 @@ impl Session {
     }
 }
 
+fn unreachable_replica<T>() -> Result<T, RelayError> {
+    Err(RelayError::Session(ProxyError::ReplicaLost(
+        "no replica connection".into(),
+    )))
+}
+
 fn primary_lost(error: BackendError) -> ProxyError {
     ProxyError::PrimaryUnavailable(error.to_string())
 }
@@ -1283,6 +1378,7 @@ async fn relay(
         // buffered, up to one message's limit.
         let watch_client = from_client || client.buffer.len() < client.max_message_bytes;
         let client_sent = tokio::select! {
+            biased;
             received = backend.receive() => {
                 received.map_err(|error| backend_failed(error, replied))?;
                 false

@@ -7,6 +7,11 @@
 //! batch, whose CloseComplete and ParseComplete the proxy swallows. Close of a statement
 //! that does not exist is not an error, so an uncertain state (after a failed batch) is
 //! repaired the same way.
+//!
+//! Every Bind passes through here, so a batch of known statements costs no allocation:
+//! names are shared (`Arc<str>`, the map's own key) and the maps hash with foldhash, not
+//! SipHash. A client can only slow its own session's maps, so DoS-resistant hashing buys
+//! nothing here.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -14,22 +19,37 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{Target, classify::Classified};
 
+/// A statement name, shared between the maps and the batches that use it.
+pub type Name = Arc<str>;
+
+type Map<V> = HashMap<Name, V, foldhash::fast::RandomState>;
+
 /// How one message of a batch uses a prepared statement (owned, so a batch can be planned
 /// again for another backend).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatementUse {
     /// A Parse, with the version [`Statements::define`] gave it.
     Parse {
-        name: String,
+        name: Name,
         version: u64,
     },
     /// A Bind, or a Describe of the statement.
     Use {
-        name: String,
+        name: Name,
     },
     Close {
-        name: String,
+        name: Name,
     },
+}
+
+impl StatementUse {
+    fn name(&self) -> &str {
+        match self {
+            StatementUse::Parse { name, .. }
+            | StatementUse::Use { name }
+            | StatementUse::Close { name } => name,
+        }
+    }
 }
 
 /// A statement as the client last prepared it.
@@ -45,9 +65,9 @@ const UNKNOWN: u64 = u64::MAX;
 
 #[derive(Debug, Default)]
 pub struct Statements {
-    defined: HashMap<String, Statement>,
+    defined: Map<Statement>,
     /// Per backend ([`Target::index`]): statement name -> version prepared there.
-    prepared: [HashMap<String, u64>; 2],
+    prepared: [Map<u64>; 2],
     next_version: u64,
 }
 
@@ -57,8 +77,6 @@ pub struct Plan {
     pub prefix: BytesMut,
     /// Responses to the prefix (CloseComplete, ParseComplete) to swallow.
     pub injected: usize,
-    /// Statement names the batch touched on that backend (uncertain if the batch fails).
-    pub touched: Vec<String>,
 }
 
 /// Closes statement `name` on a backend before it is parsed again there; the unnamed
@@ -78,24 +96,33 @@ fn close_statement(name: &str, plan: &mut Plan) {
 }
 
 impl Statements {
-    /// The classification of statement `name` as the client defined it.
-    pub fn get(&self, name: &str) -> Option<&Statement> {
-        self.defined.get(name)
+    /// Statement `name` as the client defined it, with the shared form of its name.
+    pub fn get(&self, name: &str) -> Option<(&Name, &Statement)> {
+        self.defined.get_key_value(name)
     }
 
-    /// Records a Parse the client sent (before the batch is planned).
-    pub fn define(&mut self, name: &str, parse: Bytes, classified: Arc<Classified>) -> u64 {
+    /// The shared form of `name`: the map's own key when the statement is known.
+    pub fn name(&self, name: &str) -> Name {
+        match self.defined.get_key_value(name) {
+            Some((shared, _)) => Arc::clone(shared),
+            None => Arc::from(name),
+        }
+    }
+
+    /// Records a Parse the client sent (before the batch is planned): the statement's
+    /// shared name and the version it now has.
+    pub fn define(&mut self, name: &str, parse: Bytes, classified: Arc<Classified>) -> (Name, u64) {
         self.next_version += 1;
         let version = self.next_version;
-        self.defined.insert(
-            name.to_owned(),
-            Statement {
-                parse,
-                classified,
-                version,
-            },
-        );
-        version
+        let statement = Statement {
+            parse,
+            classified,
+            version,
+        };
+        // A name parsed again (the unnamed statement, every time) keeps its key.
+        let shared = self.name(name);
+        self.defined.insert(Arc::clone(&shared), statement);
+        (shared, version)
     }
 
     /// Plans a batch's statement uses for backend `target`, updating what that backend
@@ -104,38 +131,38 @@ impl Statements {
     pub fn plan(&mut self, uses: &[StatementUse], target: Target) -> Plan {
         let mut plan = Plan::default();
         let prepared = &mut self.prepared[target.index()];
-        for usage in uses {
-            let first_use = |name: &str, plan: &Plan| !plan.touched.iter().any(|seen| seen == name);
+        for (index, usage) in uses.iter().enumerate() {
+            let first_use = !uses[..index]
+                .iter()
+                .any(|earlier| earlier.name() == usage.name());
             match usage {
                 StatementUse::Parse { name, version } => {
-                    if first_use(name, &plan) && prepared.contains_key(name) {
+                    if first_use && prepared.contains_key(name) {
                         close_statement(name, &mut plan);
                     }
-                    prepared.insert(name.clone(), *version);
-                    plan.touched.push(name.clone());
+                    prepared.insert(Arc::clone(name), *version);
                 }
-                StatementUse::Use { name } => {
-                    if !first_use(name, &plan) {
-                        continue;
-                    }
-                    plan.touched.push(name.clone());
+                StatementUse::Use { name } if first_use => {
                     let Some(defined) = self.defined.get(name) else {
                         continue;
                     };
-                    match prepared.get(name) {
-                        Some(&held) if held == defined.version => {}
-                        held => {
-                            if held.is_some() {
-                                close_statement(name, &mut plan);
-                            }
+                    match prepared.get_mut(name) {
+                        Some(held) if *held == defined.version => {}
+                        Some(held) => {
+                            close_statement(name, &mut plan);
+                            *held = defined.version;
                             plan.prefix.extend_from_slice(&defined.parse);
                             plan.injected += 1;
-                            prepared.insert(name.clone(), defined.version);
+                        }
+                        None => {
+                            prepared.insert(Arc::clone(name), defined.version);
+                            plan.prefix.extend_from_slice(&defined.parse);
+                            plan.injected += 1;
                         }
                     }
                 }
+                StatementUse::Use { .. } => {}
                 StatementUse::Close { name } => {
-                    plan.touched.push(name.clone());
                     prepared.remove(name);
                 }
             }
@@ -150,9 +177,9 @@ impl Statements {
     }
 
     /// A batch on `target` failed: what it touched there is uncertain now.
-    pub fn uncertain(&mut self, target: Target, names: &[String]) {
-        for name in names {
-            if let Some(version) = self.prepared[target.index()].get_mut(name) {
+    pub fn uncertain(&mut self, target: Target, uses: &[StatementUse]) {
+        for usage in uses {
+            if let Some(version) = self.prepared[target.index()].get_mut(usage.name()) {
                 *version = UNKNOWN;
             }
         }
@@ -194,13 +221,13 @@ mod tests {
     /// A batch that parses `name` and binds it, as a client sends it.
     fn parse_and_bind(statements: &mut Statements, name: &str) -> Vec<StatementUse> {
         let classified = Arc::new(Classified::primary());
-        let version = statements.define(name, parse(name), classified);
+        let (name, version) = statements.define(name, parse(name), classified);
         vec![
             StatementUse::Parse {
-                name: name.into(),
+                name: Arc::clone(&name),
                 version,
             },
-            StatementUse::Use { name: name.into() },
+            StatementUse::Use { name },
         ]
     }
 

@@ -151,7 +151,7 @@ impl Session {
             session
                 .statements
                 .get(statement)
-                .and_then(|defined| defined.classified.command.clone())
+                .and_then(|(_, defined)| defined.classified.command.clone())
                 .ok_or(LocalError::Mixed)
         };
         match wire::client_message(frame).map_err(|_| LocalError::Mixed)? {
