@@ -69,6 +69,10 @@ pub struct Statements {
     /// Per backend ([`Target::index`]): statement name -> version prepared there.
     prepared: [Map<u64>; 2],
     next_version: u64,
+    /// Scratch for [`Statements::plan`]: where each name first appears in the batch, kept
+    /// for its allocation. A pipelined batch may bind one statement a thousand times, so
+    /// earlier uses are compared per distinct name, not per message.
+    first_uses: Vec<usize>,
 }
 
 /// What to send ahead of a batch on one backend.
@@ -130,11 +134,16 @@ impl Statements {
     /// as the batch was read.
     pub fn plan(&mut self, uses: &[StatementUse], target: Target) -> Plan {
         let mut plan = Plan::default();
+        let mut first_uses = std::mem::take(&mut self.first_uses);
+        first_uses.clear();
         let prepared = &mut self.prepared[target.index()];
         for (index, usage) in uses.iter().enumerate() {
-            let first_use = !uses[..index]
+            let first_use = !first_uses
                 .iter()
-                .any(|earlier| earlier.name() == usage.name());
+                .any(|&earlier| uses[earlier].name() == usage.name());
+            if first_use {
+                first_uses.push(index);
+            }
             match usage {
                 StatementUse::Parse { name, version } => {
                     if first_use && prepared.contains_key(name) {
@@ -167,6 +176,7 @@ impl Statements {
                 }
             }
         }
+        self.first_uses = first_uses;
         plan
     }
 
@@ -268,5 +278,17 @@ mod tests {
         let plan = statements.plan(&bind_only, Target::Replica);
         assert_eq!(plan.injected, 1);
         assert_eq!(&plan.prefix[..], &parse("")[..]);
+    }
+
+    #[test]
+    fn a_pipelined_batch_of_binds_prepares_its_statement_once() {
+        let mut statements = Statements::default();
+        let uses = parse_and_bind(&mut statements, "s1");
+        statements.plan(&uses, Target::Primary);
+        let binds = vec![StatementUse::Use { name: "s1".into() }; 1000];
+        let plan = statements.plan(&binds, Target::Replica);
+        assert_eq!(plan.injected, 1);
+        assert_eq!(&plan.prefix[..], &parse("s1")[..]);
+        assert_eq!(statements.plan(&binds, Target::Replica).injected, 0);
     }
 }
