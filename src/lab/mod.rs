@@ -932,7 +932,7 @@ impl Programs<'_> {
             let mut command = self.command("postgres");
             command.args(common_server_args()).args(extra_args);
             let node = Arc::new(PgNode::spawn(command, name, data_dir, port, &log_path).await?);
-            match wait_until_accepting(&node, ready_database).await {
+            match wait_until_accepting(&node, data_dir, ready_database).await {
                 Ok(()) => return Ok(node),
                 Err(LabError::NodeExited { log_tail, .. })
                     if requested_port == 0
@@ -950,18 +950,46 @@ impl Programs<'_> {
     }
 }
 
-async fn wait_until_accepting(node: &Arc<PgNode>, database: &str) -> Result<(), LabError> {
+/// Polls until `node` accepts connections. A connection is only taken as ready once the
+/// server that answered reports `data_dir` as its own: with automatic ports, a parallel
+/// lab can bind the chosen port first, and then this node's bind fails while the port
+/// answers for somebody else's server.
+async fn wait_until_accepting(
+    node: &Arc<PgNode>,
+    data_dir: &Path,
+    database: &str,
+) -> Result<(), LabError> {
     let options = lab_connect_options(node.port, database);
     let patience = Patience::new(node, std::slice::from_ref(node), CONNECT_POLL_INTERVAL);
+    let own_dir = tokio::fs::canonicalize(data_dir)
+        .await
+        .unwrap_or_else(|_| data_dir.to_path_buf());
     loop {
         patience.alive().await?;
-        match PgConnection::connect_with(&options).await {
-            Ok(connection) => {
-                let _ = connection.close().await;
-                return Ok(());
+        let mut connection = match PgConnection::connect_with(&options).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                patience.not_yet(error.to_string()).await?;
+                continue;
             }
-            Err(error) => patience.not_yet(error.to_string()).await?,
+        };
+        let answered: Result<String, _> = sqlx::query_scalar(sql::DATA_DIRECTORY)
+            .fetch_one(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        let answered = answered.map_err(LabError::sql(node.name))?;
+        let answered_dir = tokio::fs::canonicalize(&answered)
+            .await
+            .unwrap_or_else(|_| PathBuf::from(&answered));
+        if answered_dir == own_dir {
+            return Ok(());
         }
+        patience
+            .not_yet(format!(
+                "port {} answers for another server (data directory {answered})",
+                node.port
+            ))
+            .await?;
     }
 }
 
@@ -1012,5 +1040,35 @@ mod tests {
             );
             assert!(!kept.path().join("lab").exists());
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_could_not_bind_is_not_taken_for_the_one_holding_its_port() {
+        let lab = Lab::start(&LabSettings::with_delay(Duration::ZERO), async |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .await
+        .expect("a lab starts (it needs PostgreSQL's server binaries)");
+        lab.stop_server("replica1", StopMode::Fast).await.unwrap();
+        // The replica's own cluster, started on the port the primary holds: the primary
+        // accepts the connection, but it is not this server.
+        let data_dir = lab.root.join("replica1");
+        let args = replica_args(lab.upstream_of("replica1"), "replica1");
+        let started = lab
+            .programs()
+            .start_node(
+                "replica1",
+                &data_dir,
+                lab.primary().port,
+                &args,
+                LAB_DATABASE,
+            )
+            .await;
+        let error = started.expect_err("the server that could not bind was taken as started");
+        assert!(
+            matches!(&error, LabError::NodeExited { log_tail, .. } if log_tail.contains("could not bind")),
+            "{error}"
+        );
+        lab.shutdown().await;
     }
 }

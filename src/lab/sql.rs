@@ -18,6 +18,10 @@ pub(super) const CREATE_LAB_DATABASE: &str = "CREATE DATABASE lagprobe";
 /// On a replica: its WAL receiver's status (`streaming` once it follows the primary).
 pub(super) const WAL_RECEIVER_STATUS: &str = "SELECT status FROM pg_stat_wal_receiver LIMIT 1";
 
+/// Any server: its data directory, to tell the lab's own server from another one that
+/// holds the same port.
+pub(super) const DATA_DIRECTORY: &str = "SELECT current_setting('data_directory')";
+
 /// On the primary: how many standbys it treats as synchronous.
 pub(super) const SYNCHRONOUS_STANDBYS: &str =
     "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'";

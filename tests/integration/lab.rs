@@ -97,6 +97,28 @@ async fn a_taken_http_address_fails_before_any_cluster_is_built() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_port_held_by_another_server_fails_with_the_bind_error() {
+    // Another lab's primary answers on the port this lab's replica is told to use: the
+    // replica cannot bind it, and the lab must say so rather than take the other server,
+    // which accepts connections just as well, for its own.
+    let other = spawn_app(0).await;
+    let (_, taken_port) = ports(&other.lab().primary_url()).await;
+    let lab = LabSettings {
+        replica_port: u16::try_from(taken_port).unwrap(),
+        ..LabSettings::with_delay(Duration::ZERO)
+    };
+    let built = lagprobe::server::build(crate::harness::settings(DatabaseSettings::Lab(lab))).await;
+    let Err(error) = built else {
+        panic!("a lab whose replica could not bind its port started anyway");
+    };
+    let message = error.to_string();
+    assert!(message.contains("replica1"), "{message}");
+    assert!(message.contains("could not bind"), "{message}");
+    probes_fine(&other).await;
+    other.shutdown().await;
+}
+
 /// The newest Debian-layout bindir that has pg_basebackup (the machine's own PostgreSQL).
 fn system_bindir() -> std::path::PathBuf {
     let mut bindirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
