@@ -13,21 +13,24 @@
 
 /// Stands for a numeric constant; a control character, so no text that has one of its own
 /// gets a shape.
-const NUMBER: char = '\u{1}';
+const NUMBER: &str = "\u{1}";
 
 /// Writes `sql`'s shape into `out`; false when the text has something this does not mask
-/// with certainty (then `out` is garbage and the text goes to the parser).
+/// with certainty (then `out` is garbage and the text goes to the parser). Text between
+/// masked constants is copied a run at a time: every simple-protocol query pays for this.
 pub fn literal_shape(sql: &str, out: &mut String) -> bool {
     out.clear();
     let bytes = sql.as_bytes();
     let mut at = 0;
+    // `sql[copied..at]` is text kept as it is, not yet in `out`.
+    let mut copied = 0;
     // Whether the byte before `at` continues an identifier or keyword (so a digit there is
     // part of a name, as in `int4` or `t1`).
     let mut in_word = false;
     while at < bytes.len() {
         let byte = bytes[at];
         let next = bytes.get(at + 1).copied();
-        match byte {
+        let (mask, end, word) = match byte {
             b'$' | b'\\' => return false,
             b'-' if next == Some(b'-') => return false,
             b'/' if next == Some(b'*') => return false,
@@ -35,7 +38,6 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
                 let Some(close) = bytes[at + 1..].iter().position(|&b| b == b'"') else {
                     return false;
                 };
-                out.push_str(&sql[at..at + close + 2]);
                 at += close + 2;
                 in_word = true;
                 continue;
@@ -45,35 +47,28 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
                 let Some(end) = string_end(bytes, at).filter(|_| !after_prefix) else {
                     return false;
                 };
-                out.push_str("''");
-                at = end;
-                in_word = true;
-                continue;
+                ("''", end, true)
             }
             b'0'..=b'9' if !in_word => {
                 let Some(end) = number_end(bytes, at) else {
                     return false;
                 };
-                out.push(NUMBER);
-                at = end;
-                continue;
+                (NUMBER, end, false)
             }
             _ if byte.is_ascii_control() && !byte.is_ascii_whitespace() && byte != 0x0b => {
                 return false;
             }
-            _ => {}
-        }
-        in_word = byte.is_ascii_alphanumeric() || byte == b'_' || !byte.is_ascii();
-        if byte.is_ascii() {
-            out.push(char::from(byte));
-            at += 1;
-        } else {
-            // Whole characters only: a non-ASCII character's bytes are copied together.
-            let width = sql[at..].chars().next().map_or(1, char::len_utf8);
-            out.push_str(&sql[at..at + width]);
-            at += width;
-        }
+            _ => {
+                in_word = byte.is_ascii_alphanumeric() || byte == b'_' || !byte.is_ascii();
+                at += 1;
+                continue;
+            }
+        };
+        out.push_str(&sql[copied..at]);
+        out.push_str(mask);
+        (at, copied, in_word) = (end, end, word);
     }
+    out.push_str(&sql[copied..]);
     true
 }
 
