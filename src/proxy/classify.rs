@@ -326,6 +326,10 @@ fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
     (classified, by_shape)
 }
 
+/// A session's own cache: its client can only slow itself, so foldhash (not SipHash),
+/// which every query's lookup pays for.
+type Map<K> = HashMap<K, Arc<Classified>, foldhash::fast::RandomState>;
+
 /// Classifications a session has made, so that a repeated query is not parsed again:
 /// by text (a prepared statement's or ORM's text repeats exactly), and for verdicts that
 /// follow from the fingerprint ([`classify_parsed`]) by the text's shape with its
@@ -335,9 +339,9 @@ fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
 /// trip to Rust).
 #[derive(Debug, Default)]
 pub struct Cache {
-    by_text: HashMap<Box<str>, Arc<Classified>>,
-    by_shape: HashMap<Box<str>, Arc<Classified>>,
-    by_fingerprint: HashMap<u64, Arc<Classified>>,
+    by_text: Map<Box<str>>,
+    by_shape: Map<Box<str>>,
+    by_fingerprint: Map<u64>,
     /// The last text's shape, kept to save an allocation per query.
     shape: String,
 }
@@ -394,11 +398,7 @@ impl Cache {
     }
 }
 
-fn remember<K: std::hash::Hash + Eq>(
-    map: &mut HashMap<K, Arc<Classified>>,
-    key: K,
-    classified: &Arc<Classified>,
-) {
+fn remember<K: std::hash::Hash + Eq>(map: &mut Map<K>, key: K, classified: &Arc<Classified>) {
     if map.len() >= Cache::ENTRIES {
         map.clear();
     }

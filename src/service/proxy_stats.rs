@@ -178,9 +178,11 @@ struct Entry {
     last_at_risk: Option<Evidence>,
 }
 
+/// Every read takes one lookup here. Fingerprints are already hashes, and the table is
+/// bounded, so foldhash (not SipHash) is enough.
 #[derive(Debug, Default)]
 struct Table {
-    queries: HashMap<u64, Entry>,
+    queries: HashMap<u64, Entry, foldhash::fast::RandomState>,
     other: QueryCounts,
 }
 
