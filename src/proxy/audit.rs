@@ -93,21 +93,23 @@ impl ReplicaRead {
     }
 }
 
-/// Records one read: at once when the evidence is at hand, else from a task.
+/// Records one read: at once when the evidence is at hand, else from a task. `read` is the
+/// replica read's timing, taken only when the session has a token to judge it by (reads of
+/// a session that never wrote need no clock).
 pub(super) fn record(
     shared: &Arc<Shared>,
     note: ReadNote,
-    replica: Option<ReplicaRead>,
+    on_replica: bool,
+    read: Option<ReplicaRead>,
     token: TokenAtRead,
 ) {
-    let on_replica = replica.is_some();
     let record = move |verdict| ReadRecord {
         on_replica,
         fallback: note.fallback,
         waited: note.waited,
         verdict,
     };
-    let Some(read) = replica else {
+    let Some(read) = read.filter(|_| on_replica) else {
         let verdict = ReplayVerdict::NotApplicable;
         return shared.stats.record(note.fingerprint, &record(verdict));
     };

@@ -395,7 +395,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> crate::error::Result<()> {
     tokio::pin!(shutdown);
-    let (stop, stopping) = tokio::sync::watch::channel(false);
+    // One stop signal per session, dropped to stop it: a session checks its own on every
+    // wake-up, and a oneshot's check is an atomic load where a shared watch channel takes
+    // the channel's lock each time.
+    let mut stops: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut sessions = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -403,10 +406,13 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
         };
         while sessions.try_join_next().is_some() {}
+        stops.retain(|stop| !stop.is_closed());
         match accepted {
             Ok((stream, peer)) => {
                 let shared = Arc::clone(&proxy.shared);
-                sessions.spawn(session::run(shared, stream, peer, stopping.clone()));
+                let (stop, stopping) = tokio::sync::oneshot::channel();
+                stops.push(stop);
+                sessions.spawn(session::run(shared, stream, peer, stopping));
             }
             // Out of file descriptors and the like: wait a moment rather than spin.
             Err(error) => {
@@ -416,7 +422,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = stop.send(true);
+    drop(stops);
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while sessions.join_next().await.is_some() {}
     });

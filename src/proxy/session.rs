@@ -18,7 +18,7 @@ use tokio::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::watch,
+    sync::{oneshot, watch},
 };
 
 use super::{
@@ -251,7 +251,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    mut stopping: watch::Receiver<bool>,
+    mut stopping: oneshot::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
@@ -266,7 +266,7 @@ pub(super) async fn run(
     let started = tokio::select! {
         started = starting => started
             .unwrap_or_else(|_| Err(ProxyError::Protocol("no startup packet in time".into()))),
-        () = stopped(&mut stopping) => Err(ProxyError::ShuttingDown),
+        _ = &mut stopping => Err(ProxyError::ShuttingDown),
     };
     let mut session = match started {
         Ok(Some(parts)) => Session::new(Arc::clone(&shared), client, parts),
@@ -282,19 +282,38 @@ pub(super) async fn run(
         .counters()
         .sessions
         .fetch_add(1, Ordering::Relaxed);
-    let result = tokio::select! {
-        biased;
-        result = session.serve() => result,
-        () = stopped(&mut stopping) => Err(ProxyError::ShuttingDown),
-    };
+    let result = until_stopped(session.serve(), &mut stopping).await;
     let error = result.err().unwrap_or(ProxyError::ClientGone);
     log_end(peer, &error);
     session.finish(&error).await;
 }
 
-/// Resolves once the proxy is shutting down (or its server is gone).
-async fn stopped(stopping: &mut watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|stop| *stop).await;
+/// Runs `serving` until it ends or the proxy stops. The stop signal is polled (its waker
+/// registered) on the first poll only: every later poll runs in the same task, whose waker
+/// the signal already holds, so each of the session's wake-ups costs one atomic load here
+/// instead of a poll through the runtime's cooperative budget.
+async fn until_stopped(
+    serving: impl Future<Output = Result<(), ProxyError>>,
+    stopping: &mut oneshot::Receiver<()>,
+) -> Result<(), ProxyError> {
+    let mut serving = std::pin::pin!(serving);
+    let mut registered = false;
+    std::future::poll_fn(|cx| {
+        let stopped = if registered {
+            !matches!(
+                stopping.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            )
+        } else {
+            registered = true;
+            std::pin::Pin::new(&mut *stopping).poll(cx).is_ready()
+        };
+        if stopped {
+            return std::task::Poll::Ready(Err(ProxyError::ShuttingDown));
+        }
+        serving.as_mut().poll(cx)
+    })
+    .await
 }
 
 fn log_end(peer: SocketAddr, error: &ProxyError) {
@@ -768,86 +787,90 @@ impl Session {
         self.route_read().await
     }
 
-    /// The strategy's decision for a read outside a transaction.
+    /// The strategy's decision for a read outside a transaction. Only the position-based
+    /// strategies read the clock or look up the watcher.
     async fn route_read(&mut self) -> Target {
-        let started = Instant::now();
         self.read_note = ReadNote::default();
-        let shared = Arc::clone(&self.shared);
-        let watcher = self.watcher();
-        let watcher = watcher.as_deref();
-        let wait_timeout = shared.defaults.lsn_wait_timeout;
         match self.strategy {
             ProxyStrategy::Probe(Strategy::Primary) => Target::Primary,
             ProxyStrategy::Probe(Strategy::Replica | Strategy::RemoteApply) => Target::Replica,
             ProxyStrategy::Probe(Strategy::PinWindow) => {
+                let pin_window = self.shared.defaults.pin_window;
                 let pinned = self
                     .last_write
-                    .is_some_and(|wrote| wrote.elapsed() < shared.defaults.pin_window);
+                    .is_some_and(|wrote| wrote.elapsed() < pin_window);
                 if pinned {
                     Target::Primary
                 } else {
                     Target::Replica
                 }
             }
-            ProxyStrategy::Probe(Strategy::LsnRoute) => {
-                let Some(token) = self.token().await else {
-                    return Target::Replica;
-                };
-                // A replica added by a failover has no watcher: nothing can vouch for it.
-                let Some(watcher) = watcher else {
-                    return Target::Primary;
-                };
-                if watcher.latest().is_some_and(|replayed| replayed >= token) {
-                    return Target::Replica;
-                }
-                // One fresh look, not a wait: lsn-route never holds a read back for long.
-                let fresh = watcher
-                    .fresh(wait_timeout.min(shared.settings.connect_timeout))
-                    .await;
-                if fresh.is_some_and(|replayed| replayed >= token) {
-                    Target::Replica
-                } else {
-                    Target::Primary
-                }
-            }
+            ProxyStrategy::Probe(Strategy::LsnRoute) => self.route_by_replay().await,
             ProxyStrategy::Probe(Strategy::LsnWait) => {
+                let started = Instant::now();
                 let Some(token) = self.token().await else {
                     return Target::Replica;
                 };
-                let Some(watcher) = watcher else {
-                    return Target::Primary;
-                };
-                self.wait_or_fall_back(watcher, token, started).await
+                self.wait_or_fall_back(token, started).await
             }
-            ProxyStrategy::Global => {
-                let Some(watcher) = watcher else {
-                    return Target::Primary;
-                };
-                let Some(position) = shared.primary_position.after(started, wait_timeout).await
-                else {
-                    shared
-                        .stats
-                        .counters()
-                        .fallbacks
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.read_note.fallback = true;
-                    return Target::Primary;
-                };
-                let token = self
-                    .token()
-                    .await
-                    .map_or(position, |token| token.max(position));
-                self.wait_or_fall_back(watcher, token, started).await
-            }
+            ProxyStrategy::Global => self.wait_for_primary_position(Instant::now()).await,
         }
     }
 
-    async fn wait_or_fall_back(
-        &mut self,
-        watcher: &super::watcher::ReplayWatcher,
-        token: Lsn,
-        started: Instant,
-    ) -> Target {
+    /// lsn-route: the replica if its watcher has seen the token replayed (after one fresh
+    /// look at most, never a wait), else the primary.
+    async fn route_by_replay(&mut self) -> Target {
+        let Some(token) = self.token().await else {
+            return Target::Replica;
+        };
+        // A replica added by a failover has no watcher: nothing can vouch for it.
+        let Some(watcher) = self.watcher() else {
+            return Target::Primary;
+        };
+        if watcher.latest().is_some_and(|replayed| replayed >= token) {
+            return Target::Replica;
+        }
+        let settings = &self.shared;
+        let fresh = watcher
+            .fresh(
+                settings
+                    .defaults
+                    .lsn_wait_timeout
+                    .min(settings.settings.connect_timeout),
+            )
+            .await;
+        if fresh.is_some_and(|replayed| replayed >= token) {
+            Target::Replica
+        } else {
+            Target::Primary
+        }
+    }
+
+    /// global: waits until the replica has replayed the primary's position as of the
+    /// read's start (and the session's own token).
+    async fn wait_for_primary_position(&mut self, started: Instant) -> Target {
+        let shared = Arc::clone(&self.shared);
+        if self.watcher().is_none() {
+            return Target::Primary;
+        }
+        let wait_timeout = shared.defaults.lsn_wait_timeout;
+        let Some(position) = shared.primary_position.after(started, wait_timeout).await else {
+            self.fell_back();
+            return Target::Primary;
+        };
+        let token = self
+            .token()
+            .await
+            .map_or(position, |token| token.max(position));
+        self.wait_or_fall_back(token, started).await
+    }
+
+    /// Waits (from `started`, up to lsn-wait's timeout) until the replica's watcher has
+    /// seen `token` replayed; the primary if it does not in time, or nothing watches it.
+    async fn wait_or_fall_back(&mut self, token: Lsn, started: Instant) -> Target {
+        let Some(watcher) = self.watcher() else {
+            return Target::Primary;
+        };
         let counters = self.shared.stats.counters();
         if watcher.latest().is_some_and(|replayed| replayed >= token) {
             return Target::Replica;
@@ -912,19 +935,22 @@ impl Session {
         let audited = unit.read && self.in_transaction.is_none();
         loop {
             let plan = self.statements.plan(&unit.uses, target);
-            let sent = Instant::now();
-            let watcher = self.watcher();
-            let seen_before = watcher.as_ref().and_then(|watcher| watcher.seen());
+            let judged = audited && target == Target::Replica && self.has_token();
+            let before = judged.then(|| {
+                let watcher = self.watcher();
+                let seen_before = watcher.as_ref().and_then(|watcher| watcher.seen());
+                (watcher, Instant::now(), seen_before)
+            });
             match self.forward(target, unit, &plan).await {
                 Ok(relayed) => {
                     if audited {
-                        let read = (target == Target::Replica).then(|| ReplicaRead {
+                        let read = before.map(|(watcher, sent, seen_before)| ReplicaRead {
                             watcher,
                             sent,
                             answered: Instant::now(),
                             seen_before,
                         });
-                        self.audit(unit.fingerprint, read);
+                        self.audit(unit.fingerprint, target == Target::Replica, read);
                     }
                     self.after(target, unit, relayed);
                     return Ok(());
@@ -952,8 +978,13 @@ impl Session {
         self.read_note.fallback = true;
     }
 
+    /// Whether the session has a token (known, or being fetched) a read could be judged by.
+    fn has_token(&self) -> bool {
+        self.token.is_some() || self.last_commit_lsn.max(self.min_lsn).is_some()
+    }
+
     /// Hands a finished read to the audit with the session's token as it stands.
-    fn audit(&mut self, fingerprint: Option<u64>, read: Option<ReplicaRead>) {
+    fn audit(&mut self, fingerprint: Option<u64>, on_replica: bool, read: Option<ReplicaRead>) {
         let note = ReadNote {
             fingerprint,
             ..self.read_note
@@ -962,7 +993,7 @@ impl Session {
             known: self.last_commit_lsn.max(self.min_lsn),
             pending: self.token.clone(),
         };
-        audit::record(&self.shared, note, read, token);
+        audit::record(&self.shared, note, on_replica, read, token);
     }
 
     fn replica_failed(&mut self, error: &BackendError) {
