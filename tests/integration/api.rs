@@ -319,12 +319,12 @@ async fn delay_calls_without_a_lab_are_failed_precondition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_primary_is_unavailable_with_the_cause() {
     let app = spawn_app(0).await;
-    // Nothing listens on this port once the listener is dropped.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A socket bound but not listening holds its port for the whole test (no parallel
+    // test's server can take it), and connecting to it is refused.
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    held.bind(&loopback.into()).unwrap();
+    let closed_port = held.local_addr().unwrap().as_socket().unwrap().port();
     let down_primary = format!("postgres://postgres@127.0.0.1:{closed_port}/lagprobe");
     let servers = spawn_service(down_primary, app.replica_urls(), false).await;
 

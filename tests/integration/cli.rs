@@ -345,18 +345,12 @@ fn lab_stops_cleanly_on_sigint_at_every_moment_of_start_up() {
 fn interrupt_lab_start(moment: Moment) {
     use std::os::unix::process::CommandExt;
     let cache = tempfile::tempdir().unwrap();
-    let http_port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let http_addr = format!("127.0.0.1:{http_port}");
     let mut command = Command::new(env!("CARGO_BIN_EXE_lagprobe"));
     command
         .args([
             "lab",
             "--http-addr",
-            &http_addr,
+            "127.0.0.1:0",
             "--grpc-addr",
             "127.0.0.1:0",
         ])
@@ -392,7 +386,12 @@ fn interrupt_lab_start(moment: Moment) {
         Moment::AtExec => {}
         Moment::BuildingTheTemplate | Moment::Initdb => log.wait_for("starting the lab"),
         Moment::BaseBackup => log.wait_for("primary accepting connections"),
-        Moment::Readyz => while http_status(&http_addr, "/readyz") != Some(200) {},
+        Moment::Readyz => {
+            // The lab binds its own port (one picked here could be taken before it binds).
+            log.wait_for("serving http_addr=");
+            let http_addr = log.field("serving http_addr=", "http_addr=").unwrap();
+            while http_status(&http_addr, "/readyz") != Some(200) {}
+        }
         Moment::Banner => {
             read_until(&mut child, "Ctrl-C stops everything");
         }
@@ -493,14 +492,17 @@ impl LogLines {
 
     /// The lab's directory, from its "starting the lab" line (`dir=...`).
     fn data_dir(&self) -> Option<String> {
+        self.field("starting the lab", "dir=")
+    }
+
+    /// The value after `key` on the first line containing `marker`.
+    fn field(&self, marker: &str, key: &str) -> Option<String> {
         let text = self.text();
-        let line = text
-            .lines()
-            .find(|line| line.contains("starting the lab"))?;
-        let dir = line
+        let line = text.lines().find(|line| line.contains(marker))?;
+        let value = line
             .split_whitespace()
-            .find_map(|field| field.strip_prefix("dir="))?;
-        Some(dir.to_owned())
+            .find_map(|field| field.strip_prefix(key))?;
+        Some(value.to_owned())
     }
 }
 
