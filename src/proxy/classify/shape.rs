@@ -28,6 +28,17 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
     // part of a name, as in `int4` or `t1`).
     let mut in_word = false;
     while at < bytes.len() {
+        // Skip a run of plain bytes at once: only its last one says whether a digit after
+        // it continues a word.
+        let run = bytes[at..].iter().position(|&byte| !PLAIN[usize::from(byte)]);
+        let run = run.unwrap_or(bytes.len() - at);
+        if run > 0 {
+            at += run;
+            in_word = continues_word(bytes[at - 1]);
+            if at == bytes.len() {
+                break;
+            }
+        }
         let byte = bytes[at];
         let next = bytes.get(at + 1).copied();
         let (mask, end, word) = match byte {
@@ -59,7 +70,7 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
                 return false;
             }
             _ => {
-                in_word = byte.is_ascii_alphanumeric() || byte == b'_' || !byte.is_ascii();
+                in_word = continues_word(byte);
                 at += 1;
                 continue;
             }
@@ -71,6 +82,27 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
     out.push_str(&sql[copied..]);
     true
 }
+
+/// Whether `byte` is part of an identifier or keyword (a digit after it is too).
+fn continues_word(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_' || !byte.is_ascii()
+}
+
+/// Bytes [`literal_shape`] copies without a look at what follows: not a digit, quote,
+/// `$`, backslash, `-`, `/` or control character (whitespace aside).
+const PLAIN: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let b = byte as u8;
+        let control = b.is_ascii_control() && !b.is_ascii_whitespace() && b != 0x0b;
+        plain[byte] = !(control
+            || b.is_ascii_digit()
+            || matches!(b, b'$' | b'\\' | b'-' | b'/' | b'"' | b'\''));
+        byte += 1;
+    }
+    plain
+};
 
 /// The end of the string constant opening at `start` (a quote doubled inside it is part
 /// of it), if it ends and has no backslash (which escapes under
