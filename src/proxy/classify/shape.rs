@@ -30,7 +30,9 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
     while at < bytes.len() {
         // Skip a run of plain bytes at once: only its last one says whether a digit after
         // it continues a word.
-        let run = bytes[at..].iter().position(|&byte| !PLAIN[usize::from(byte)]);
+        let run = bytes[at..]
+            .iter()
+            .position(|&byte| !PLAIN[usize::from(byte)]);
         let run = run.unwrap_or(bytes.len() - at);
         if run > 0 {
             at += run;
