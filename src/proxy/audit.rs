@@ -93,9 +93,9 @@ impl ReplicaRead {
     }
 }
 
-/// Records one read: at once when the evidence is at hand, else from a task. `read` is the
+/// Records one read: at once when the evidence is at hand, else from a task. `read` is a
 /// replica read's timing, taken only when the session has a token to judge it by (reads of
-/// a session that never wrote need no clock).
+/// a session that never wrote need no clock); a primary read has none.
 pub(super) fn record(
     shared: &Arc<Shared>,
     note: ReadNote,
@@ -109,7 +109,7 @@ pub(super) fn record(
         waited: note.waited,
         verdict,
     };
-    let Some(read) = read.filter(|_| on_replica) else {
+    let Some(read) = read else {
         let verdict = ReplayVerdict::NotApplicable;
         return shared.stats.record(note.fingerprint, &record(verdict));
     };

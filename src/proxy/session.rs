@@ -830,15 +830,12 @@ impl Session {
         if watcher.latest().is_some_and(|replayed| replayed >= token) {
             return Target::Replica;
         }
-        let settings = &self.shared;
-        let fresh = watcher
-            .fresh(
-                settings
-                    .defaults
-                    .lsn_wait_timeout
-                    .min(settings.settings.connect_timeout),
-            )
-            .await;
+        let shared = &self.shared;
+        let look_timeout = shared
+            .defaults
+            .lsn_wait_timeout
+            .min(shared.settings.connect_timeout);
+        let fresh = watcher.fresh(look_timeout).await;
         if fresh.is_some_and(|replayed| replayed >= token) {
             Target::Replica
         } else {

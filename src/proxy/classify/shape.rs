@@ -68,9 +68,7 @@ pub fn literal_shape(sql: &str, out: &mut String) -> bool {
                 };
                 (NUMBER, end, false)
             }
-            _ if byte.is_ascii_control() && !byte.is_ascii_whitespace() && byte != 0x0b => {
-                return false;
-            }
+            _ if refused_control(byte) => return false,
             _ => {
                 in_word = continues_word(byte);
                 at += 1;
@@ -90,6 +88,11 @@ fn continues_word(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || byte == b'_' || !byte.is_ascii()
 }
 
+/// A control character a shape cannot stand for (whitespace and vertical tab aside).
+const fn refused_control(byte: u8) -> bool {
+    byte.is_ascii_control() && !byte.is_ascii_whitespace() && byte != 0x0b
+}
+
 /// Bytes [`literal_shape`] copies without a look at what follows: not a digit, quote,
 /// `$`, backslash, `-`, `/` or control character (whitespace aside).
 const PLAIN: [bool; 256] = {
@@ -97,8 +100,7 @@ const PLAIN: [bool; 256] = {
     let mut byte = 0;
     while byte < 256 {
         let b = byte as u8;
-        let control = b.is_ascii_control() && !b.is_ascii_whitespace() && b != 0x0b;
-        plain[byte] = !(control
+        plain[byte] = !(refused_control(b)
             || b.is_ascii_digit()
             || matches!(b, b'$' | b'\\' | b'-' | b'/' | b'"' | b'\''));
         byte += 1;
