@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use super::{Shared, watcher::ReplayWatcher};
 use crate::{
+    db::Databases,
     lsn::Lsn,
     service::{Evidence, ReadRecord, ReplayVerdict},
 };
@@ -24,6 +25,25 @@ use crate::{
 /// The session's token fetched after a write: `None` while the fetch is in flight, then
 /// the position (`None` if the primary could not say).
 pub(super) type TokenFetch = watch::Receiver<Option<Option<Lsn>>>;
+
+/// Fetches the primary's position after a write in a task of its own. Not inlined: the
+/// sqlx future is about 9 KB, and built inside a session's poll function it made that
+/// function reserve (and probe) 45 KB of stack on every poll, write or not.
+#[inline(never)]
+pub(super) fn fetch_token(databases: Databases) -> TokenFetch {
+    let (fetched, fetch) = watch::channel(None);
+    tokio::spawn(Box::pin(async move {
+        let lsn = match databases.primary_insert_lsn().await {
+            Ok(lsn) => Some(lsn),
+            Err(error) => {
+                tracing::warn!(%error, "reading the primary's position after a write");
+                None
+            }
+        };
+        fetched.send_replace(Some(lsn));
+    }));
+    fetch
+}
 
 /// The fetched token, once the fetch is done.
 pub(super) async fn fetched(fetch: &mut TokenFetch) -> Option<Lsn> {

@@ -18,7 +18,7 @@ use tokio::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::{oneshot, watch},
+    sync::oneshot,
 };
 
 use super::{
@@ -1142,19 +1142,7 @@ impl Session {
             .writes
             .fetch_add(1, Ordering::Relaxed);
         self.last_write = Some(Instant::now());
-        let databases = self.shared.databases.clone();
-        let (fetched, fetch) = watch::channel(None);
-        tokio::spawn(async move {
-            let lsn = match databases.primary_insert_lsn().await {
-                Ok(lsn) => Some(lsn),
-                Err(error) => {
-                    tracing::warn!(%error, "reading the primary's position after a write");
-                    None
-                }
-            };
-            fetched.send_replace(Some(lsn));
-        });
-        self.token = Some(fetch);
+        self.token = Some(audit::fetch_token(self.shared.databases.clone()));
     }
 
     /// The replica connection, connected (on first use or after a failure, once the retry
