@@ -145,12 +145,17 @@ impl Statements {
                 first_uses.push(index);
             }
             match usage {
-                StatementUse::Parse { name, version } => {
-                    if first_use && prepared.contains_key(name) {
-                        close_statement(name, &mut plan);
+                StatementUse::Parse { name, version } => match prepared.get_mut(name) {
+                    Some(held) => {
+                        if first_use {
+                            close_statement(name, &mut plan);
+                        }
+                        *held = *version;
                     }
-                    prepared.insert(Arc::clone(name), *version);
-                }
+                    None => {
+                        prepared.insert(Arc::clone(name), *version);
+                    }
+                },
                 StatementUse::Use { name } if first_use => {
                     let Some(defined) = self.defined.get(name) else {
                         continue;

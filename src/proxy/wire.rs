@@ -126,11 +126,7 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string; invalid UTF-8 is malformed (PostgreSQL would refuse it too).
     pub fn cstr(&mut self) -> Result<&'a str, WireError> {
-        let end = self
-            .rest
-            .iter()
-            .position(|&byte| byte == 0)
-            .ok_or_else(|| self.malformed())?;
+        let end = memchr::memchr(0, self.rest).ok_or_else(|| self.malformed())?;
         let text = std::str::from_utf8(&self.rest[..end]).map_err(|_| self.malformed())?;
         self.rest = &self.rest[end + 1..];
         Ok(text)
