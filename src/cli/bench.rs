@@ -235,15 +235,34 @@ async fn status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|kib| kib.parse().ok())
 }
 
+/// CPU time a process has used since it started (user plus system, all its threads;
+/// fields 14 and 15 of `/proc/PID/stat`), in ms.
+async fn process_cpu_ms(pid: u32) -> Option<f64> {
+    let stat = tokio::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .await
+        .ok()?;
+    // The command name (field 2) may hold spaces; the fields after it are plain numbers.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user_ticks: f64 = fields.next()?.parse().ok()?;
+    let system_ticks: f64 = fields.next()?.parse().ok()?;
+    ticks_to_ms(user_ticks + system_ticks)
+}
+
+/// Clock ticks (`/proc`'s unit of CPU time) in ms.
+fn ticks_to_ms(ticks: f64) -> Option<f64> {
+    // SAFETY: sysconf only reads a constant of the system.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks_per_second > 0).then(|| ticks * 1000.0 / ticks_per_second as f64)
+}
+
 /// CPU time the hypervisor has taken from this machine since boot (steal, summed over the
 /// CPUs; `/proc/stat`), in ms: a virtual machine's stalls that no program here causes.
 async fn stolen_ms() -> Option<f64> {
     let stat = tokio::fs::read_to_string("/proc/stat").await.ok()?;
     let cpu = stat.lines().find_map(|line| line.strip_prefix("cpu "))?;
     let steal_ticks: f64 = cpu.split_whitespace().nth(7)?.parse().ok()?;
-    // SAFETY: sysconf only reads a constant of the system.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (ticks_per_second > 0).then(|| steal_ticks * 1000.0 / ticks_per_second as f64)
+    ticks_to_ms(steal_ticks)
 }
 
 /// Every strategy on the same interleaved workload at D = 0, 50, 200 and 1000 ms, on a lab

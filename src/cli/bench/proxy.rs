@@ -17,7 +17,7 @@ use lagprobe::{Error, Result, bench_sql, server::App, settings::LabSettings};
 use sqlx::{Connection, postgres::PgConnection};
 use tokio::process::{Child, Command};
 
-use super::{BenchOptions, free_port, lab_app, lab_of, resident_kib};
+use super::{BenchOptions, free_port, lab_app, lab_of, process_cpu_ms, resident_kib};
 
 /// pgbench's query modes, in the issue's order.
 const MODES: [&str; 3] = ["simple", "extended", "prepared"];
@@ -42,6 +42,9 @@ struct PgbenchRun {
     /// From the per-transaction log.
     latency_p50_us: Option<f64>,
     failed: u64,
+    /// CPU time (user plus system) the relay in the path (the proxy, PgBouncer) used per
+    /// transaction: what the hop costs, whatever the machine's noise does to tps.
+    relay_cpu_us_per_tx: Option<f64>,
 }
 
 /// A server process the bench started, killed when dropped.
@@ -85,15 +88,21 @@ async fn proxy_on(options: &BenchOptions, binary: &Path, app: &App) -> Result<St
     let bouncer_dir = tempfile::tempdir().map_err(Error::io("a pgbouncer directory"))?;
     let bouncer = start_pgbouncer(bouncer_dir.path(), &lab.replica_url()).await?;
     let urls = [
-        ("direct to the replica", lab.replica_url()),
-        (
-            "lagprobe proxy (replica)",
-            with_port(&lab.replica_url(), proxy.port)?,
-        ),
-        (
-            "PgBouncer (session mode)",
-            with_port(&lab.replica_url(), bouncer.port)?,
-        ),
+        Way {
+            label: "direct to the replica",
+            url: lab.replica_url(),
+            relay_pid: None,
+        },
+        Way {
+            label: "lagprobe proxy (replica)",
+            url: with_port(&lab.replica_url(), proxy.port)?,
+            relay_pid: Some(proxy.pid()),
+        },
+        Way {
+            label: "PgBouncer (session mode)",
+            url: with_port(&lab.replica_url(), bouncer.port)?,
+            relay_pid: Some(bouncer.pid()),
+        },
     ];
 
     let log_dir = pgbench_dir.path();
@@ -103,9 +112,16 @@ async fn proxy_on(options: &BenchOptions, binary: &Path, app: &App) -> Result<St
     };
     let mut report = throughput_table(options, &bindir, log_dir, &urls, loaded).await?;
     report.push_str(&throughput_table(options, &bindir, log_dir, &urls, ONE_CLIENT).await?);
-    report.push_str(&memory_table(&proxy, &bouncer, &urls[1].1, &urls[2].1).await?);
-    report.push_str(&write_then_read_table(options, app, &urls[1].1).await?);
+    report.push_str(&memory_table(&proxy, &bouncer, &urls[1].url, &urls[2].url).await?);
+    report.push_str(&write_then_read_table(options, app, &urls[1].url).await?);
     Ok(report)
+}
+
+/// One way to the replica: its label, URL, and the relay process in between, if any.
+struct Way {
+    label: &'static str,
+    url: String,
+    relay_pid: Option<u32>,
 }
 
 /// `pgbench -S` in every mode, the three ways interleaved per mode and repeated in rounds
@@ -115,7 +131,7 @@ async fn throughput_table(
     options: &BenchOptions,
     bindir: &Path,
     log_dir: &Path,
-    urls: &[(&str, String); 3],
+    urls: &[Way; 3],
     load: Load,
 ) -> Result<String> {
     let Load { clients, seconds } = load;
@@ -134,18 +150,19 @@ async fn throughput_table(
          with min-max, the ratios are of medians, and \"rounds ahead\" counts the rounds in \
          which the proxy's tps was at least PgBouncer's. p50 is the median of pgbench's \
          per-transaction log (`--log`), so it is the latency a client sees; the rounds' \
-         median. Targets: the proxy's tps at least PgBouncer's in every mode, and under \
-         50 us of p50 added over direct.\n\n\
-         | mode | via | tps (min-max) | vs direct | vs PgBouncer | rounds ahead | latency avg ms | p50 us | p50 added us | failed |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+         median. Relay CPU is the user plus system time the proxy's or PgBouncer's process \
+         used per transaction (`/proc/PID/stat`), the rounds' median: the hop's own cost, \
+         which the machine's noise moves far less than tps. Targets: the proxy's tps at \
+         least PgBouncer's in every mode, and under 50 us of p50 added over direct.\n\n\
+         | mode | via | tps (min-max) | vs direct | vs PgBouncer | rounds ahead | latency avg ms | p50 us | p50 added us | relay CPU us/tx | failed |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for mode in MODES {
         let mut runs: [Vec<PgbenchRun>; 3] = Default::default();
         for round in 0..rounds as usize {
             for way in 0..urls.len() {
                 let way = (way + round) % urls.len();
-                let url = &urls[way].1;
-                let run = pgbench_select(bindir, log_dir, url, mode, clients, seconds).await?;
+                let run = pgbench_select(bindir, log_dir, &urls[way], mode, load).await?;
                 runs[way].push(run);
             }
         }
@@ -155,7 +172,7 @@ async fn throughput_table(
             .filter(|(proxy, bouncer)| proxy.tps >= bouncer.tps)
             .count();
         let summaries = runs.each_ref().map(|runs| RunSummary::of(runs));
-        for (way, ((label, _), summary)) in urls.iter().zip(&summaries).enumerate() {
+        for (way, (Way { label, .. }, summary)) in urls.iter().zip(&summaries).enumerate() {
             let ahead = if way == 1 {
                 format!("{ahead}/{rounds}")
             } else {
@@ -187,6 +204,7 @@ struct RunSummary {
     latency_avg_ms: f64,
     latency_p50_us: Option<f64>,
     failed: u64,
+    relay_cpu_us_per_tx: Option<f64>,
 }
 
 impl RunSummary {
@@ -204,6 +222,11 @@ impl RunSummary {
                 .unwrap_or(0.0),
             latency_p50_us: middle(runs.iter().filter_map(|run| run.latency_p50_us).collect()),
             failed: runs.iter().map(|run| run.failed).sum(),
+            relay_cpu_us_per_tx: middle(
+                runs.iter()
+                    .filter_map(|run| run.relay_cpu_us_per_tx)
+                    .collect(),
+            ),
         }
     }
 
@@ -214,12 +237,14 @@ impl RunSummary {
         };
         let [min, tps, max] = self.tps;
         format!(
-            "| {mode} | {label} | {tps:.0} ({min:.0}-{max:.0}) | {:.2} | {:.2} | {ahead} | {:.3} | {} | {added} | {} |\n",
+            "| {mode} | {label} | {tps:.0} ({min:.0}-{max:.0}) | {:.2} | {:.2} | {ahead} | {:.3} | {} | {added} | {} | {} |\n",
             tps / direct.tps[1],
             tps / bouncer.tps[1],
             self.latency_avg_ms,
             self.latency_p50_us
                 .map_or_else(String::new, |p50| format!("{p50:.0}")),
+            self.relay_cpu_us_per_tx
+                .map_or_else(String::new, |cpu| format!("{cpu:.1}")),
             self.failed,
         )
     }
@@ -396,11 +421,11 @@ async fn pgbench(bindir: &Path, url: &str, args: &[&str]) -> std::io::Result<Str
 async fn pgbench_select(
     bindir: &Path,
     log_dir: &Path,
-    url: &str,
+    way: &Way,
     mode: &str,
-    clients: u32,
-    seconds: u32,
+    load: Load,
 ) -> Result<PgbenchRun> {
+    let Load { clients, seconds } = load;
     let prefix = log_dir.join("tx");
     let (clients, seconds) = (clients.to_string(), seconds.to_string());
     let log_prefix = format!("--log-prefix={}", prefix.display());
@@ -416,20 +441,36 @@ async fn pgbench_select(
         "--log",
         &log_prefix,
     ];
-    let text = pgbench(bindir, url, &args)
+    let relay_cpu_ms = async || process_cpu_ms(way.relay_pid?).await;
+    let cpu_before = relay_cpu_ms().await;
+    let text = pgbench(bindir, &way.url, &args)
         .await
         .map_err(Error::io(format!("pgbench -S -M {mode}")))?;
+    let cpu_after = relay_cpu_ms().await;
     let value = |prefix: &str| -> Option<f64> {
         text.lines()
             .find_map(|line| line.strip_prefix(prefix))
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     };
     let latencies = transaction_latencies_us(log_dir).await;
+    // "number of transactions actually processed: 290851" (-T; with -t, "N/M").
+    let transactions = text
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split('/').next()?.trim().parse::<f64>().ok())
+        .filter(|&transactions| transactions > 0.0);
+    let relay_cpu_us_per_tx = match (cpu_before, cpu_after, transactions) {
+        (Some(before), Some(after), Some(transactions)) => {
+            Some((after - before) * 1000.0 / transactions)
+        }
+        _ => None,
+    };
     Ok(PgbenchRun {
         tps: value("tps = ").unwrap_or(0.0),
         latency_avg_ms: value("latency average = ").unwrap_or(0.0),
         latency_p50_us: median(latencies),
         failed: value("number of failed transactions: ").unwrap_or(0.0) as u64,
+        relay_cpu_us_per_tx,
     })
 }
 
