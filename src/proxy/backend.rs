@@ -351,17 +351,8 @@ impl Backend {
     /// The tag and whole length of the frame at `offset` of [`Backend::received`], once it
     /// has all arrived (room is made for one still arriving).
     pub fn frame_at(&mut self, offset: usize) -> Result<Option<(u8, usize)>, BackendError> {
-        let rest = &self.buffer[offset..];
-        let length = wire::frame_length(rest, self.max_message_bytes)
-            .map_err(|error: WireError| self.protocol_error(error.to_string()))?;
-        match length {
-            Some(length) if rest.len() >= length => Ok(Some((rest[0], length))),
-            Some(length) => {
-                self.buffer.reserve(offset + length - self.buffer.len());
-                Ok(None)
-            }
-            None => Ok(None),
-        }
+        wire::frame_at(&mut self.buffer, offset, self.max_message_bytes)
+            .map_err(|error: WireError| self.protocol_error(error.to_string()))
     }
 
     /// Drops the first `bytes` of [`Backend::received`] (relayed or swallowed).

@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
 };
@@ -62,6 +62,15 @@ impl Client {
 
     fn buffered_frame(&mut self) -> Result<Option<Frame>, ProxyError> {
         Ok(wire::split_frame(&mut self.buffer, self.max_message_bytes)?)
+    }
+
+    /// The tag and length of the complete frame at `offset` of the buffer, if it is there.
+    fn frame_at(&mut self, offset: usize) -> Result<Option<(u8, usize)>, ProxyError> {
+        Ok(wire::frame_at(
+            &mut self.buffer,
+            offset,
+            self.max_message_bytes,
+        )?)
     }
 
     async fn next_frame(&mut self) -> Result<Frame, ProxyError> {
@@ -121,7 +130,9 @@ struct ReplicaConnection {
 /// One unit of work for one backend.
 #[derive(Default)]
 struct Unit {
-    frames: Vec<Frame>,
+    /// The unit's messages as the client sent them, back to back: a batch is forwarded
+    /// as one slice, not message by message.
+    wire: BytesMut,
     /// Statement uses of an extended batch, for preparing statements on the backend.
     uses: Vec<StatementUse>,
     /// Whether the unit may write (the session's token moves after it).
@@ -142,38 +153,38 @@ struct Unit {
 }
 
 impl Unit {
-    /// Empties the unit for the next one, keeping what its vectors allocated: a session
-    /// runs a unit per query, and reusing them saves allocations on every one.
+    /// Empties the unit for the next one, keeping what its buffers allocated: a session
+    /// runs a unit per query, and reusing them saves allocations on every one. (Every
+    /// field is named, so that a new one cannot be forgotten here.)
     fn clear(&mut self) {
         let Unit {
-            frames,
+            wire,
             uses,
+            writes,
+            read,
+            fingerprint,
+            open,
             sets,
+            deallocates_all,
             deallocates,
             closes,
-            ..
+            syncs,
         } = self;
-        let (frames, uses, sets, deallocates, closes) = (
-            std::mem::take(frames),
-            std::mem::take(uses),
-            std::mem::take(sets),
-            std::mem::take(deallocates),
-            std::mem::take(closes),
-        );
-        *self = Unit {
-            frames: emptied(frames),
-            uses: emptied(uses),
-            sets: emptied(sets),
-            deallocates: emptied(deallocates),
-            closes: emptied(closes),
-            ..Unit::default()
-        };
+        wire.clear();
+        uses.clear();
+        sets.clear();
+        deallocates.clear();
+        closes.clear();
+        (*writes, *read, *open, *deallocates_all) = (false, false, false, false);
+        *fingerprint = None;
+        *syncs = 0;
     }
-}
 
-fn emptied<T>(mut items: Vec<T>) -> Vec<T> {
-    items.clear();
-    items
+    /// Moves the first `bytes` of the client's buffer (whole frames) into the unit.
+    fn take_from(&mut self, client: &mut Client, bytes: usize) {
+        self.wire.extend_from_slice(&client.buffer[..bytes]);
+        client.buffer.advance(bytes);
+    }
 }
 
 /// How a relay ended.
@@ -576,20 +587,20 @@ impl Session {
     async fn serve(&mut self) -> Result<(), ProxyError> {
         self.sync_remote_apply().await?;
         loop {
-            let frame = self.next_client_frame().await?;
-            match frame.tag {
-                b'Q' => self.simple_query(frame).await?,
-                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.extended(frame).await?,
+            let (tag, length) = self.client_frame_at(0).await?;
+            match tag {
+                b'Q' => self.simple_query(length).await?,
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' => self.extended().await?,
                 // A fastpath function call may do anything.
                 b'F' => {
                     let mut unit = self.unit();
-                    unit.frames.push(frame);
+                    unit.take_from(&mut self.client, length);
                     (unit.writes, unit.syncs) = (true, 1);
                     self.run_unit(Target::Primary, unit).await?;
                 }
                 b'X' => return Err(ProxyError::ClientGone),
                 // PostgreSQL ignores copy messages outside COPY (after a failed COPY).
-                b'd' | b'c' | b'f' => {}
+                b'd' | b'c' | b'f' => self.client.buffer.advance(length),
                 other => {
                     return Err(ProxyError::Protocol(format!(
                         "unexpected message type {:?}",
@@ -600,18 +611,19 @@ impl Session {
         }
     }
 
-    /// The next client message; meanwhile, the primary's asynchronous messages (LISTEN
-    /// notifications, parameter changes, a shutdown's FATAL) reach the client, and a
-    /// replica connection that drops is forgotten.
-    async fn next_client_frame(&mut self) -> Result<Frame, ProxyError> {
+    /// Waits until the client's buffer holds a complete frame at `offset` (the frames
+    /// before it stay there, read in place): its tag and length. Meanwhile, the primary's
+    /// asynchronous messages (LISTEN notifications, parameter changes, a shutdown's FATAL)
+    /// reach the client, and a replica connection that drops is forgotten.
+    async fn client_frame_at(&mut self, offset: usize) -> Result<(u8, usize), ProxyError> {
         enum Event {
             Client,
             Primary(Result<(), BackendError>),
             Replica(Result<(), BackendError>),
         }
         loop {
-            if let Some(frame) = self.client.buffered_frame()? {
-                return Ok(frame);
+            if let Some(found) = self.client.frame_at(offset)? {
+                return Ok(found);
             }
             let replica = async {
                 match self.replica.as_mut() {
@@ -656,23 +668,19 @@ impl Session {
         }
     }
 
-    fn classify(&mut self, sql: &str) -> Arc<Classified> {
-        let stats = &self.shared.stats;
-        self.cache.classify(sql, |fingerprint| {
-            stats.admit(fingerprint, || classify::normalized(sql));
-        })
-    }
-
-    async fn simple_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
-        let ClientMessage::Query { sql } = wire::client_message(&frame)? else {
+    /// The Query message of `length` bytes at the front of the client's buffer.
+    async fn simple_query(&mut self, length: usize) -> Result<(), ProxyError> {
+        let frame = &self.client.buffer[..length];
+        let ClientMessage::Query { sql } = wire::client_message(frame)? else {
             return Err(ProxyError::Protocol("malformed Query message".into()));
         };
-        let classified = self.classify(sql);
+        let classified = classify_sql(&mut self.cache, &self.shared, sql);
         if let Some(command) = &classified.command {
+            self.client.buffer.advance(length);
             return self.proxy_command(command).await;
         }
         let mut unit = self.unit();
-        unit.frames.push(frame);
+        unit.take_from(&mut self.client, length);
         unit.writes = classified.writes;
         unit.read = classified.route == Route::Read;
         unit.fingerprint = classified.fingerprint;
@@ -685,24 +693,35 @@ impl Session {
         self.run_unit(target, unit).await
     }
 
-    /// Reads an extended-protocol batch up to its Sync (or Flush), noting the statements
-    /// it prepares and uses, then runs it on one backend.
-    async fn extended(&mut self, first: Frame) -> Result<(), ProxyError> {
+    /// Reads an extended-protocol batch (at the front of the client's buffer) up to its
+    /// Sync (or Flush), noting the statements it prepares and uses, then runs it on one
+    /// backend. The messages are read in place and taken off the buffer as one slice.
+    async fn extended(&mut self) -> Result<(), ProxyError> {
         let mut unit = self.unit();
-        let mut buffered = 0;
-        let mut frame = first;
+        // The batch's bytes so far, at the front of the client's buffer.
+        let mut end = 0;
         let mut executes = false;
         let mut may_write = false;
         let mut mix = local::Mix::default();
         loop {
-            buffered += frame.bytes.len();
-            match wire::client_message(&frame)? {
+            // Waiting (a future and its poll) only when the frame has not all arrived.
+            let (tag, length) = match self.client.frame_at(end)? {
+                Some(found) => found,
+                None => self.client_frame_at(end).await?,
+            };
+            if !matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') {
+                return Err(ProxyError::Protocol(format!(
+                    "message type {:?} inside an extended-protocol batch",
+                    char::from(tag)
+                )));
+            }
+            let frame = &self.client.buffer[end..end + length];
+            end += length;
+            match wire::client_message(frame)? {
                 ClientMessage::Parse { statement, sql } => {
-                    let classified = self.classify(sql);
+                    let classified = classify_sql(&mut self.cache, &self.shared, sql);
                     mix.note(classified.command.is_some());
-                    let (name, version) =
-                        self.statements
-                            .define(statement, frame.bytes.clone(), classified);
+                    let (name, version) = self.statements.define(statement, frame, classified);
                     unit.uses.push(StatementUse::Parse { name, version });
                 }
                 ClientMessage::Bind { statement, .. } => {
@@ -740,30 +759,22 @@ impl Session {
                 }
                 _ => {}
             }
-            let tag = frame.tag;
-            unit.frames.push(frame);
             match tag {
                 b'S' => break,
                 b'H' => {
                     unit.open = true;
                     break;
                 }
-                _ if buffered > BATCH_BUFFER_BYTES => {
+                _ if end > BATCH_BUFFER_BYTES => {
                     unit.open = true;
                     break;
                 }
                 _ => {}
             }
-            frame = self.next_client_frame().await?;
-            if !matches!(frame.tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S') {
-                return Err(ProxyError::Protocol(format!(
-                    "message type {:?} inside an extended-protocol batch",
-                    char::from(frame.tag)
-                )));
-            }
         }
+        unit.take_from(&mut self.client, end);
         if mix.commands {
-            let answered = self.answer_locally(&unit.frames, mix.others).await;
+            let answered = self.answer_locally(&unit.wire, mix.others).await;
             self.recycle(unit);
             return answered;
         }
@@ -1008,16 +1019,12 @@ impl Session {
     ) -> Result<Relayed, RelayError> {
         let mut joined = std::mem::take(&mut self.outgoing);
         joined.clear();
-        let out: &[u8] = match unit.frames.as_slice() {
-            // The common unit, a simple Query: sent as it came.
-            [frame] if plan.prefix.is_empty() => &frame.bytes,
-            frames => {
-                joined.extend_from_slice(&plan.prefix);
-                for frame in frames {
-                    joined.extend_from_slice(&frame.bytes);
-                }
-                &joined
-            }
+        let out: &[u8] = if plan.prefix.is_empty() {
+            &unit.wire
+        } else {
+            joined.extend_from_slice(&plan.prefix);
+            joined.extend_from_slice(&unit.wire);
+            &joined
         };
         let sent = self.send_unit(target, out).await;
         self.outgoing = joined;
@@ -1288,6 +1295,17 @@ impl Session {
     }
 }
 
+/// Classifies a statement through the session's cache, admitting a fingerprint seen for
+/// the first time to the audit. A function of the fields it uses, not of the session, so
+/// that the statement's text can stay borrowed from the client's buffer meanwhile.
+fn classify_sql(cache: &mut classify::Cache, shared: &Shared, sql: &str) -> Arc<Classified> {
+    cache.classify(sql, |fingerprint| {
+        shared
+            .stats
+            .admit(fingerprint, || classify::normalized(sql));
+    })
+}
+
 fn unreachable_replica<T>() -> Result<T, RelayError> {
     Err(RelayError::Session(ProxyError::ReplicaLost(
         "no replica connection".into(),
@@ -1428,15 +1446,16 @@ async fn stream_client(
     syncs: &mut usize,
     replied: bool,
 ) -> Result<(), RelayError> {
-    let mut out = BytesMut::new();
+    // The frames to forward, at the front of the client's buffer.
+    let mut end = 0;
     while *copy_in || *open {
-        let Some(frame) = client.buffered_frame()? else {
+        let Some((tag, length)) = client.frame_at(end)? else {
             break;
         };
-        if frame.tag == b'X' {
+        if tag == b'X' {
             return Err(RelayError::Session(ProxyError::ClientGone));
         }
-        match frame.tag {
+        match tag {
             b'c' | b'f' => *copy_in = false,
             b'S' if *open => {
                 *open = false;
@@ -1444,10 +1463,9 @@ async fn stream_client(
             }
             _ => {}
         }
-        out.extend_from_slice(&frame.bytes);
+        end += length;
     }
-    backend
-        .send(&out)
-        .await
-        .map_err(|error| RelayError::Backend { error, replied })
+    let sent = backend.send(&client.buffer[..end]).await;
+    client.buffer.advance(end);
+    sent.map_err(|error| RelayError::Backend { error, replied })
 }

@@ -55,6 +55,8 @@ impl StatementUse {
 /// A statement as the client last prepared it.
 #[derive(Debug, Clone)]
 pub struct Statement {
+    /// The map's key, shared.
+    name: Name,
     pub parse: Bytes,
     pub classified: Arc<Classified>,
     version: u64,
@@ -113,18 +115,28 @@ impl Statements {
         }
     }
 
-    /// Records a Parse the client sent (before the batch is planned): the statement's
-    /// shared name and the version it now has.
-    pub fn define(&mut self, name: &str, parse: Bytes, classified: Arc<Classified>) -> (Name, u64) {
+    /// Records a Parse the client sent (the whole message, before the batch is planned):
+    /// the statement's shared name and the version it now has.
+    pub fn define(&mut self, name: &str, parse: &[u8], classified: Arc<Classified>) -> (Name, u64) {
         self.next_version += 1;
         let version = self.next_version;
+        // A name parsed again (the unnamed statement, every time with pgbench -M extended)
+        // keeps its key, and its copy of the message while the text is the same.
+        if let Some(statement) = self.defined.get_mut(name) {
+            if statement.parse[..] != *parse {
+                statement.parse = Bytes::copy_from_slice(parse);
+            }
+            statement.classified = classified;
+            statement.version = version;
+            return (Arc::clone(&statement.name), version);
+        }
+        let shared: Name = Arc::from(name);
         let statement = Statement {
-            parse,
+            name: Arc::clone(&shared),
+            parse: Bytes::copy_from_slice(parse),
             classified,
             version,
         };
-        // A name parsed again (the unnamed statement, every time) keeps its key.
-        let shared = self.name(name);
         self.defined.insert(Arc::clone(&shared), statement);
         (shared, version)
     }
@@ -236,7 +248,7 @@ mod tests {
     /// A batch that parses `name` and binds it, as a client sends it.
     fn parse_and_bind(statements: &mut Statements, name: &str) -> Vec<StatementUse> {
         let classified = Arc::new(Classified::primary());
-        let (name, version) = statements.define(name, parse(name), classified);
+        let (name, version) = statements.define(name, &parse(name), classified);
         vec![
             StatementUse::Parse {
                 name: Arc::clone(&name),

@@ -50,7 +50,7 @@ impl Frame {
 /// The whole length (type byte included) of the tagged frame at the front of `bytes`, once
 /// its header is there; the frame itself may still be arriving. Lengths below 4 or above
 /// `max_bytes` are errors: the proxy never waits for (or allocates) a 2 GB message.
-pub fn frame_length(bytes: &[u8], max_bytes: usize) -> Result<Option<usize>, WireError> {
+fn frame_length(bytes: &[u8], max_bytes: usize) -> Result<Option<usize>, WireError> {
     let [_, a, b, c, d, ..] = *bytes else {
         return Ok(None);
     };
@@ -65,16 +65,42 @@ pub fn frame_length(bytes: &[u8], max_bytes: usize) -> Result<Option<usize>, Wir
         })
 }
 
+/// The tag and whole length of the frame at `offset` of `buffer`, once it has all arrived;
+/// room is made for one still arriving. Frames are read in place this way, so that a batch
+/// of them is forwarded as the one slice it arrived as.
+pub fn frame_at(
+    buffer: &mut BytesMut,
+    offset: usize,
+    max_bytes: usize,
+) -> Result<Option<(u8, usize)>, WireError> {
+    let rest = buffer.get(offset..).unwrap_or_default();
+    match frame_length(rest, max_bytes)? {
+        Some(length) if rest.len() >= length => Ok(Some((rest[0], length))),
+        Some(length) => {
+            buffer.reserve(offset + length - buffer.len());
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// The frames of `bytes`, which holds complete frames back to back (as
+/// [`frame_at`] found them), each whole.
+pub fn frames(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let length = frame_length(bytes, usize::MAX).ok()??;
+        let (frame, rest) = bytes.split_at_checked(length)?;
+        bytes = rest;
+        Some(frame)
+    })
+}
+
 /// Takes the next complete tagged frame off the front of `buffer`, if there is one, and
 /// makes room for one still arriving.
 pub fn split_frame(buffer: &mut BytesMut, max_bytes: usize) -> Result<Option<Frame>, WireError> {
-    let Some(length) = frame_length(buffer, max_bytes)? else {
+    let Some((_, length)) = frame_at(buffer, 0, max_bytes)? else {
         return Ok(None);
     };
-    if buffer.len() < length {
-        buffer.reserve(length - buffer.len());
-        return Ok(None);
-    }
     let bytes = buffer.split_to(length).freeze();
     Ok(Some(Frame {
         tag: bytes[0],
@@ -191,10 +217,12 @@ pub enum ClientMessage<'a> {
     Other,
 }
 
-/// Reads the routing fields of a client frame.
-pub fn client_message(frame: &Frame) -> Result<ClientMessage<'_>, WireError> {
-    let body = frame.body();
-    Ok(match frame.tag {
+/// Reads the routing fields of a whole client frame (type byte and length included).
+pub fn client_message(frame: &[u8]) -> Result<ClientMessage<'_>, WireError> {
+    let (Some(&tag), Some(body)) = (frame.first(), frame.get(5..)) else {
+        return Err(WireError::Malformed { what: "message" });
+    };
+    Ok(match tag {
         b'Q' => ClientMessage::Query {
             sql: Reader::new(body, "Query").cstr()?,
         },
@@ -216,18 +244,14 @@ pub fn client_message(frame: &Frame) -> Result<ClientMessage<'_>, WireError> {
             portal: Reader::new(body, "Execute").cstr()?,
         },
         b'D' | b'C' => {
-            let what = if frame.tag == b'D' {
-                "Describe"
-            } else {
-                "Close"
-            };
+            let what = if tag == b'D' { "Describe" } else { "Close" };
             let mut reader = Reader::new(body, what);
             let kind = reader.u8()?;
             let name = reader.cstr()?;
             if !matches!(kind, b'S' | b'P') {
                 return Err(WireError::Malformed { what });
             }
-            if frame.tag == b'D' {
+            if tag == b'D' {
                 ClientMessage::Describe { kind, name }
             } else {
                 ClientMessage::Close { kind, name }
@@ -312,7 +336,7 @@ mod tests {
         let first = split_frame(&mut buffer, 1024).unwrap().unwrap();
         assert_eq!(first.tag, b'Q');
         assert_eq!(
-            client_message(&first).unwrap(),
+            client_message(&first.bytes).unwrap(),
             ClientMessage::Query { sql: "SELECT 1" }
         );
         assert!(split_frame(&mut buffer, 1024).unwrap().is_none());
@@ -328,6 +352,39 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_found_in_place_at_an_offset_and_walked_back_to_back() {
+        let mut buffer = frame(b'P', b"\0SELECT 1\0\0\0");
+        let parse_length = buffer.len();
+        buffer.extend_from_slice(&frame(b'S', b""));
+        let execute = frame(b'E', b"\0\0\0\0\0");
+        buffer.extend_from_slice(&execute[..4]);
+        assert_eq!(
+            frame_at(&mut buffer, 0, 1024).unwrap(),
+            Some((b'P', parse_length))
+        );
+        assert_eq!(
+            frame_at(&mut buffer, parse_length, 1024).unwrap(),
+            Some((b'S', 5))
+        );
+        // A frame still arriving, and an offset past the end, are not there yet.
+        assert_eq!(frame_at(&mut buffer, parse_length + 5, 1024).unwrap(), None);
+        let past_the_end = buffer.len() + 1;
+        assert_eq!(frame_at(&mut buffer, past_the_end, 1024).unwrap(), None);
+        assert!(frame_at(&mut BytesMut::from(&[b'Q', 0, 0, 0, 3][..]), 0, 1024).is_err());
+        // The complete frames, walked without splitting (the partial one is left out).
+        let tags: Vec<u8> = frames(&buffer).map(|frame| frame[0]).collect();
+        assert_eq!(tags, b"PS");
+        assert_eq!(
+            client_message(frames(&buffer).next().unwrap()).unwrap(),
+            ClientMessage::Parse {
+                statement: "",
+                sql: "SELECT 1"
+            }
+        );
+        assert!(client_message(b"Q\0\0").is_err());
+    }
+
+    #[test]
     fn short_or_unterminated_bodies_are_malformed_not_panics() {
         for (tag, body) in [
             (b'Q', &b"no terminator"[..]),
@@ -339,7 +396,7 @@ mod tests {
         ] {
             let mut buffer = frame(tag, body);
             let frame = split_frame(&mut buffer, 1024).unwrap().unwrap();
-            assert!(client_message(&frame).is_err(), "{}", tag as char);
+            assert!(client_message(&frame.bytes).is_err(), "{}", tag as char);
         }
         assert!(startup_parameters(b"user\0postgres").is_err());
         assert_eq!(

@@ -87,6 +87,14 @@ BEGIN;
 SELECT 1 / 0;
 SELECT 1;
 ROLLBACK;
+BEGIN;
+CREATE TEMP TABLE pasted (x int, y text);
+COPY pasted FROM STDIN WITH (FORMAT csv);
+1,one
+2,"two, quoted"
+\.
+SELECT * FROM pasted ORDER BY x;
+ROLLBACK;
 EXPLAIN (COSTS OFF) SELECT * FROM facts WHERE id = 1;
 SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
 PREPARE by_id(int) AS SELECT body FROM facts WHERE id = $1;
@@ -147,6 +155,11 @@ async fn psql_and_psycopg_get_the_same_results_through_the_proxy_as_direct() {
         direct.1
     );
     assert!(direct.0.contains("INSERT 0 3\n6\nROLLBACK"), "{}", direct.0);
+    assert!(
+        direct.0.contains("COPY 2\n1|one\n2|two, quoted\nROLLBACK"),
+        "{}",
+        direct.0
+    );
     assert_eq!(
         first_difference(&proxied.0, &direct.0),
         None,
@@ -160,10 +173,22 @@ async fn psql_and_psycopg_get_the_same_results_through_the_proxy_as_direct() {
 
     let compared = psycopg_script("psycopg_compare.py", &[&primary, &url]).await;
     let compared = compared.as_array().unwrap();
-    assert_eq!(compared.len(), 20, "{compared:?}");
+    assert_eq!(compared.len(), 24, "{compared:?}");
     for row in compared {
         assert_eq!(row[1], row[2], "{}", row[0]);
     }
+    // Flush-ended batches (a pipeline fetched from before its Sync) and COPY FROM STDIN
+    // stream through the proxy to the backend that began them.
+    let answer = |label: &str| {
+        let row = compared.iter().find(|row| row[0] == label);
+        row.map(|row| row[2].clone()).unwrap_or_default()
+    };
+    assert_eq!(answer("pipeline: fetched after a flush"), "[('one',)]");
+    assert_eq!(answer("pipeline: sent after the flush"), "[(3,)]");
+    assert_eq!(
+        answer("copy in: 2000 rows, read back"),
+        "[(2000, 2001000, 'row 999')]"
+    );
     assert!(
         compared.iter().any(|row| row[1] == "error 22012"),
         "{compared:?}"

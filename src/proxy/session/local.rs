@@ -17,7 +17,7 @@ use pgwire::messages::{
 use super::{ProxyCommand, ProxyError, Session};
 use crate::proxy::{
     CommandError,
-    wire::{self, ClientMessage, Frame},
+    wire::{self, ClientMessage},
 };
 
 /// The PostgreSQL type of every `SHOW` column: text.
@@ -107,11 +107,12 @@ impl Session {
         Ok(())
     }
 
-    /// Answers an extended-protocol batch of `lagprobe.*` commands (`mixed`: it names
-    /// other statements too, which is refused with 0A000) message by message.
+    /// Answers an extended-protocol batch of `lagprobe.*` commands (its messages back to
+    /// back; `mixed`: it names other statements too, which is refused with 0A000) message
+    /// by message.
     pub(super) async fn answer_locally(
         &mut self,
-        frames: &[Frame],
+        batch: &[u8],
         mixed: bool,
     ) -> Result<(), ProxyError> {
         let mut out = BytesMut::new();
@@ -120,8 +121,8 @@ impl Session {
         if mixed {
             LocalError::Mixed.put(&mut out);
         }
-        for frame in frames {
-            match frame.tag {
+        for frame in wire::frames(batch) {
+            match frame[0] {
                 b'S' => {
                     failed = false;
                     portals.clear();
@@ -143,7 +144,7 @@ impl Session {
 
     async fn answer_message(
         &mut self,
-        frame: &Frame,
+        frame: &[u8],
         portals: &mut HashMap<String, ProxyCommand>,
         out: &mut BytesMut,
     ) -> Result<(), LocalError> {

@@ -1,5 +1,5 @@
 """The same queries with psycopg 3, text and binary results, on two URLs (straight to a
-server, and through the lagprobe proxy). Prints a JSON list of [query, direct, proxied],
+server, and through the lagprobe proxy), then a pipeline and a COPY FROM STDIN. Prints a JSON list of [query, direct, proxied],
 each result the repr of the rows or the error's SQLSTATE. Usage: psycopg_compare.py URL URL"""
 import json
 import sys
@@ -33,10 +33,42 @@ def run(url, binary):
     return results
 
 
+PIPELINED = [
+    "pipeline: fetched after a flush",
+    "pipeline: sent before the flush",
+    "pipeline: sent after the flush",
+    "copy in: 2000 rows, read back",
+]
+
+
+def pipelined(url):
+    """A pipeline, whose first fetch comes before its Sync (psycopg sends a Flush, so the
+    proxy gets an open batch and the rest follows it), then COPY FROM STDIN."""
+    results = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.pipeline():
+            first = conn.execute("SELECT body FROM facts WHERE id = %s", (1,))
+            second = conn.execute("SELECT body FROM facts WHERE id = %s", (3,))
+            results.append(repr(first.fetchall()))
+            third = conn.execute("SELECT count(*) FROM facts")
+            results.append(repr(second.fetchall()))
+            results.append(repr(third.fetchall()))
+        with conn.transaction(), conn.cursor() as cursor:
+            cursor.execute("CREATE TEMP TABLE pasted (x int, y text) ON COMMIT DROP")
+            with cursor.copy("COPY pasted FROM STDIN") as copy:
+                for x in range(1, 2001):
+                    copy.write_row((x, f"row {x}"))
+            cursor.execute("SELECT count(*), sum(x), max(y) FROM pasted")
+            results.append(repr(cursor.fetchall()))
+    return results
+
+
 direct_url, proxy_url = sys.argv[1], sys.argv[2]
 compared = []
 for binary in (False, True):
     direct, proxied = run(direct_url, binary), run(proxy_url, binary)
     for (query, _), one, other in zip(QUERIES, direct, proxied):
         compared.append([f"{'binary' if binary else 'text'}: {query}", one, other])
+for label, one, other in zip(PIPELINED, pipelined(direct_url), pipelined(proxy_url)):
+    compared.append([label, one, other])
 print(json.dumps(compared))
