@@ -7,7 +7,10 @@
 //! go to the primary, and the SETs among them are replayed on the replica connection later.
 //! Anything the parser rejects goes to the primary, which reports the error itself.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use pg_query::{NodeEnum, protobuf};
 use serde_json::Value;
@@ -336,7 +339,8 @@ type Map<K> = HashMap<K, Arc<Classified>, foldhash::fast::RandomState>;
 /// constants masked ([`shape`]) and by fingerprint. So the same query with other constants
 /// (`WHERE id = 1`, `WHERE id = 2` in the simple protocol) costs a pass over its text, or
 /// where its text has no shape one fingerprint (one parse in C, without the parse tree's
-/// trip to Rust).
+/// trip to Rust). What a session has not met yet it looks up in the proxy's
+/// [`SharedCache`] before it parses.
 #[derive(Debug, Default)]
 pub struct Cache {
     by_text: Map<Box<str>>,
@@ -351,16 +355,44 @@ impl Cache {
     /// never repeat gains nothing from keeping them).
     const ENTRIES: usize = 1024;
 
-    /// `sql`'s classification; `first_seen` is called with a read's fingerprint the first
-    /// time this session meets it (for the audit to make room for it).
-    pub fn classify(&mut self, sql: &str, first_seen: impl FnOnce(u64)) -> Arc<Classified> {
+    /// `sql`'s classification; `first_seen` is called with a read's fingerprint when it is
+    /// parsed (for the audit to make room for it).
+    pub fn classify(
+        &mut self,
+        sql: &str,
+        shared: &SharedCache,
+        first_seen: impl FnOnce(u64),
+    ) -> Arc<Classified> {
         if let Some(known) = self.by_text.get(sql) {
             return Arc::clone(known);
         }
         let shaped = shape::literal_shape(sql, &mut self.shape);
-        if let Some(known) = self.by_shape.get(self.shape.as_str()).filter(|_| shaped) {
+        let shape = shaped.then_some(self.shape.as_str());
+        if let Some(known) = shape.and_then(|shape| self.by_shape.get(shape)) {
             return Arc::clone(known);
         }
+        if let Some((known, by_shape)) = shared.known(sql, shape) {
+            if by_shape {
+                remember(&mut self.by_shape, self.shape.as_str().into(), &known);
+            } else {
+                remember(&mut self.by_text, sql.into(), &known);
+            }
+            return known;
+        }
+        let (classified, by_shape) = self.parsed(sql, shaped, first_seen);
+        shared.remember(sql, by_shape.then_some(self.shape.as_str()), &classified);
+        classified
+    }
+
+    /// The parser's classification of `sql` (found by its fingerprint when this session
+    /// has met the fingerprint), remembered; and whether its shape (`self.shape`, when
+    /// `shaped`) now stands for it.
+    fn parsed(
+        &mut self,
+        sql: &str,
+        shaped: bool,
+        first_seen: impl FnOnce(u64),
+    ) -> (Arc<Classified>, bool) {
         let hinted = hint(sql);
         let fingerprint = match hinted {
             None => pg_query::fingerprint(sql, 0, 0).ok().map(|f| f.value),
@@ -371,21 +403,23 @@ impl Cache {
             if shaped {
                 remember(&mut self.by_shape, self.shape.as_str().into(), &known);
             }
-            return known;
+            return (known, shaped);
         }
+        let mut by_shape = false;
         let classified = if hinted == Some(Hint::Primary) {
             Arc::new(Classified::primary())
         } else {
-            let (mut classified, by_shape) = classify_parsed(sql, hinted);
+            let (mut classified, shape_decides) = classify_parsed(sql, hinted);
             if classified.is_read() {
                 classified.fingerprint =
                     fingerprint.or_else(|| pg_query::fingerprint(sql, 0, 0).ok().map(|f| f.value));
             }
             let classified = Arc::new(classified);
-            if let (true, Some(fingerprint)) = (by_shape, fingerprint) {
+            if let (true, Some(fingerprint)) = (shape_decides, fingerprint) {
                 remember(&mut self.by_fingerprint, fingerprint, &classified);
                 if shaped {
                     remember(&mut self.by_shape, self.shape.as_str().into(), &classified);
+                    by_shape = true;
                 }
             }
             classified
@@ -394,7 +428,52 @@ impl Cache {
             first_seen(fingerprint);
         }
         remember(&mut self.by_text, sql.into(), &classified);
-        classified
+        (classified, by_shape)
+    }
+}
+
+/// Classifications every session shares, so that a new session (an application that
+/// connects per request) looks up what another session has classified instead of
+/// parsing it again, which costs about 1.5 million instructions for a short SELECT. A
+/// session asks only when its own [`Cache`] misses: the lock is taken once per statement
+/// per session, not per query. Its maps are seeded at random (foldhash) and start over
+/// when full, like a session's; texts over [`SharedCache::TEXT_BYTES`] are not kept,
+/// which bounds its memory.
+#[derive(Debug, Default)]
+pub struct SharedCache {
+    maps: Mutex<SharedMaps>,
+}
+
+#[derive(Debug, Default)]
+struct SharedMaps {
+    by_text: Map<Box<str>>,
+    by_shape: Map<Box<str>>,
+}
+
+impl SharedCache {
+    /// The longest text (and shape) kept, in bytes.
+    const TEXT_BYTES: usize = 8192;
+
+    /// `sql`'s classification by its text, or by its `shape`; and whether by shape.
+    fn known(&self, sql: &str, shape: Option<&str>) -> Option<(Arc<Classified>, bool)> {
+        let maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = maps.by_text.get(sql) {
+            return Some((Arc::clone(known), false));
+        }
+        let known = maps.by_shape.get(shape?)?;
+        Some((Arc::clone(known), true))
+    }
+
+    /// A session parsed `sql`; `shape` when the shape stands for it.
+    fn remember(&self, sql: &str, shape: Option<&str>, classified: &Arc<Classified>) {
+        if sql.len() > Self::TEXT_BYTES {
+            return;
+        }
+        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        remember(&mut maps.by_text, sql.into(), classified);
+        if let Some(shape) = shape {
+            remember(&mut maps.by_shape, shape.into(), classified);
+        }
     }
 }
 
@@ -617,9 +696,9 @@ mod tests {
 
     #[test]
     fn the_cache_shares_a_verdict_only_where_the_fingerprint_decides_it() {
-        let mut cache = Cache::default();
+        let (mut cache, shared) = (Cache::default(), SharedCache::default());
         let mut admitted = Vec::new();
-        let mut classify = |sql: &str| cache.classify(sql, |f| admitted.push(f));
+        let mut classify = |sql: &str| cache.classify(sql, &shared, |f| admitted.push(f));
         let first = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
         let other_constant = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 2");
         assert_eq!(first.route, Route::Read);
@@ -662,6 +741,43 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), admitted.len(), "{admitted:?}");
+    }
+
+    #[test]
+    fn a_new_session_finds_what_another_classified_without_parsing_it() {
+        let shared = SharedCache::default();
+        let parsed_by = |cache: &mut Cache, sql: &str| {
+            let mut parsed = false;
+            let classified = cache.classify(sql, &shared, |_| parsed = true);
+            (classified, parsed)
+        };
+        let (mut first_session, mut second_session) = (Cache::default(), Cache::default());
+        let text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+        let (first, parsed) = parsed_by(&mut first_session, text);
+        assert!(parsed, "the first session parses");
+        let (second, parsed) = parsed_by(&mut second_session, text);
+        assert!(
+            !parsed && Arc::ptr_eq(&first, &second),
+            "the second looks it up"
+        );
+        // By shape too: other constants, the same verdict, still no parse.
+        let (one, _) = parsed_by(&mut first_session, "SELECT x FROM t WHERE id = 1");
+        let (two, parsed) = parsed_by(&mut second_session, "SELECT x FROM t WHERE id = 2");
+        assert!(!parsed && Arc::ptr_eq(&one, &two));
+        // What only its text decides is shared by its text alone.
+        let (read_only, _) = parsed_by(&mut first_session, "BEGIN READ ONLY");
+        let (again, _) = parsed_by(&mut second_session, "BEGIN READ ONLY");
+        assert!(Arc::ptr_eq(&read_only, &again));
+        let (read_write, _) = parsed_by(&mut second_session, "BEGIN READ WRITE");
+        assert_eq!(
+            (read_only.route, read_write.route),
+            (Route::Read, Route::Primary)
+        );
+        // A text too long to keep is parsed by each session.
+        let long = format!("SELECT {} AS wide", "1 + ".repeat(SharedCache::TEXT_BYTES));
+        let (long_first, _) = parsed_by(&mut first_session, &long);
+        let (long_second, _) = parsed_by(&mut second_session, &long);
+        assert!(!Arc::ptr_eq(&long_first, &long_second));
     }
 
     #[test]

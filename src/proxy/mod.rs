@@ -180,6 +180,8 @@ struct Shared {
     next_replica: AtomicUsize,
     /// The service's: counters and the per-query audit.
     stats: ProxyStats,
+    /// Statements any session has classified.
+    classified: classify::SharedCache,
 }
 
 /// The replay watchers of one topology generation. A failover re-points the replicas, and
@@ -379,6 +381,7 @@ pub async fn handle(
             cancels: CancelRegistry::default(),
             next_replica: AtomicUsize::new(0),
             stats,
+            classified: classify::SharedCache::default(),
         }),
     }
 }

@@ -1295,11 +1295,11 @@ impl Session {
     }
 }
 
-/// Classifies a statement through the session's cache, admitting a fingerprint seen for
-/// the first time to the audit. A function of the fields it uses, not of the session, so
+/// Classifies a statement through the session's cache (and the proxy's), admitting a
+/// fingerprint parsed for the first time to the audit. A function of the fields it uses, not of the session, so
 /// that the statement's text can stay borrowed from the client's buffer meanwhile.
 fn classify_sql(cache: &mut classify::Cache, shared: &Shared, sql: &str) -> Arc<Classified> {
-    cache.classify(sql, |fingerprint| {
+    cache.classify(sql, &shared.classified, |fingerprint| {
         shared
             .stats
             .admit(fingerprint, || classify::normalized(sql));
