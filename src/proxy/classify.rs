@@ -343,8 +343,8 @@ type Map<K> = HashMap<K, Arc<Classified>, foldhash::fast::RandomState>;
 /// [`SharedCache`] before it parses.
 #[derive(Debug, Default)]
 pub struct Cache {
-    by_text: Map<Box<str>>,
-    by_shape: Map<Box<str>>,
+    by_text: Texts,
+    by_shape: Texts,
     by_fingerprint: Map<u64>,
     /// The last text's shape, kept to save an allocation per query.
     shape: String,
@@ -354,6 +354,8 @@ impl Cache {
     /// Entries each map keeps at most; a full map starts over (a session whose queries
     /// never repeat gains nothing from keeping them).
     const ENTRIES: usize = 1024;
+    /// The bytes of text each of a session's text maps keeps at most.
+    const TEXT_BYTES: usize = 128 << 10;
 
     /// `sql`'s classification; `first_seen` is called with a read's fingerprint when it is
     /// parsed (for the audit to make room for it).
@@ -373,9 +375,10 @@ impl Cache {
         }
         if let Some((known, by_shape)) = shared.known(sql, shape) {
             if by_shape {
-                remember(&mut self.by_shape, self.shape.as_str().into(), &known);
+                self.by_shape
+                    .remember(&self.shape, &known, Self::TEXT_BYTES);
             } else {
-                remember(&mut self.by_text, sql.into(), &known);
+                self.by_text.remember(sql, &known, Self::TEXT_BYTES);
             }
             return known;
         }
@@ -401,7 +404,8 @@ impl Cache {
         if let Some(known) = fingerprint.and_then(|f| self.by_fingerprint.get(&f)) {
             let known = Arc::clone(known);
             if shaped {
-                remember(&mut self.by_shape, self.shape.as_str().into(), &known);
+                self.by_shape
+                    .remember(&self.shape, &known, Self::TEXT_BYTES);
             }
             return (known, shaped);
         }
@@ -418,7 +422,8 @@ impl Cache {
             if let (true, Some(fingerprint)) = (shape_decides, fingerprint) {
                 remember(&mut self.by_fingerprint, fingerprint, &classified);
                 if shaped {
-                    remember(&mut self.by_shape, self.shape.as_str().into(), &classified);
+                    self.by_shape
+                        .remember(&self.shape, &classified, Self::TEXT_BYTES);
                     by_shape = true;
                 }
             }
@@ -427,7 +432,7 @@ impl Cache {
         if let Some(fingerprint) = classified.fingerprint {
             first_seen(fingerprint);
         }
-        remember(&mut self.by_text, sql.into(), &classified);
+        self.by_text.remember(sql, &classified, Self::TEXT_BYTES);
         (classified, by_shape)
     }
 }
@@ -437,8 +442,7 @@ impl Cache {
 /// parsing it again, which costs about 1.5 million instructions for a short SELECT. A
 /// session asks only when its own [`Cache`] misses: the lock is taken once per statement
 /// per session, not per query. Its maps are seeded at random (foldhash) and start over
-/// when full, like a session's; texts over [`SharedCache::TEXT_BYTES`] are not kept,
-/// which bounds its memory.
+/// when full, like a session's, with a larger budget of text ([`SharedCache::TEXT_BYTES`]).
 #[derive(Debug, Default)]
 pub struct SharedCache {
     maps: Mutex<SharedMaps>,
@@ -446,13 +450,13 @@ pub struct SharedCache {
 
 #[derive(Debug, Default)]
 struct SharedMaps {
-    by_text: Map<Box<str>>,
-    by_shape: Map<Box<str>>,
+    by_text: Texts,
+    by_shape: Texts,
 }
 
 impl SharedCache {
-    /// The longest text (and shape) kept, in bytes.
-    const TEXT_BYTES: usize = 8192;
+    /// The bytes of text each of its maps keeps at most.
+    const TEXT_BYTES: usize = 4 << 20;
 
     /// `sql`'s classification by its text, or by its `shape`; and whether by shape.
     fn known(&self, sql: &str, shape: Option<&str>) -> Option<(Arc<Classified>, bool)> {
@@ -466,13 +470,10 @@ impl SharedCache {
 
     /// A session parsed `sql`; `shape` when the shape stands for it.
     fn remember(&self, sql: &str, shape: Option<&str>, classified: &Arc<Classified>) {
-        if sql.len() > Self::TEXT_BYTES {
-            return;
-        }
         let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
-        remember(&mut maps.by_text, sql.into(), classified);
+        maps.by_text.remember(sql, classified, Self::TEXT_BYTES);
         if let Some(shape) = shape {
-            remember(&mut maps.by_shape, shape.into(), classified);
+            maps.by_shape.remember(shape, classified, Self::TEXT_BYTES);
         }
     }
 }
@@ -482,6 +483,41 @@ fn remember<K: std::hash::Hash + Eq>(map: &mut Map<K>, key: K, classified: &Arc<
         map.clear();
     }
     map.insert(key, Arc::clone(classified));
+}
+
+/// Classifications by text (or by shape), bounded in entries and in the bytes of text
+/// they keep: a client's long distinct texts (an IN list of every length) must not pile
+/// up, in a session or across them.
+#[derive(Debug, Default)]
+struct Texts {
+    map: Map<Box<str>>,
+    text_bytes: usize,
+}
+
+impl Texts {
+    fn get(&self, text: &str) -> Option<&Arc<Classified>> {
+        self.map.get(text)
+    }
+
+    /// Keeps `text`'s classification, starting over when `max_bytes` (or
+    /// [`Cache::ENTRIES`]) would be passed; a text over a sixteenth of `max_bytes` is not
+    /// kept, so that one long text cannot empty the map every time it comes.
+    fn remember(&mut self, text: &str, classified: &Arc<Classified>, max_bytes: usize) {
+        if text.len() > max_bytes / 16 {
+            return;
+        }
+        if self.map.len() >= Cache::ENTRIES || self.text_bytes + text.len() > max_bytes {
+            self.map.clear();
+            self.text_bytes = 0;
+        }
+        if self
+            .map
+            .insert(text.into(), Arc::clone(classified))
+            .is_none()
+        {
+            self.text_bytes += text.len();
+        }
+    }
 }
 
 /// The query as the audit shows it: constants replaced by `$1`, `$2`, ... (a query that
@@ -774,10 +810,32 @@ mod tests {
             (Route::Read, Route::Primary)
         );
         // A text too long to keep is parsed by each session.
-        let long = format!("SELECT {} AS wide", "1 + ".repeat(SharedCache::TEXT_BYTES));
+        let padding = "x".repeat(SharedCache::TEXT_BYTES / 16);
+        let long = format!("SELECT 1 /* {padding} */");
         let (long_first, _) = parsed_by(&mut first_session, &long);
         let (long_second, _) = parsed_by(&mut second_session, &long);
         assert!(!Arc::ptr_eq(&long_first, &long_second));
+    }
+
+    #[test]
+    fn long_distinct_texts_do_not_pile_up_in_a_session() {
+        let (mut cache, shared) = (Cache::default(), SharedCache::default());
+        let padding = "x".repeat(1000);
+        for alias in 0..300 {
+            // An alias is not a constant: every text is a statement of its own.
+            let sql = format!("SELECT 1 AS c{alias} /* {padding} */");
+            assert_eq!(cache.classify(&sql, &shared, |_| {}).route, Route::Read);
+        }
+        for texts in [&cache.by_text, &cache.by_shape] {
+            let kept: usize = texts.map.keys().map(|text| text.len()).sum();
+            assert_eq!(kept, texts.text_bytes);
+            assert!(kept <= Cache::TEXT_BYTES, "{kept} bytes kept");
+        }
+        let kept = cache.by_text.map.len();
+        assert!(kept > 0 && kept < 300, "{kept} texts kept");
+        // The shared cache, with more room, kept them all.
+        let shared = shared.maps.lock().unwrap();
+        assert_eq!(shared.by_text.map.len(), 300);
     }
 
     #[test]
