@@ -43,6 +43,19 @@ use crate::{
 /// routed as it stands and the rest streams to the same backend.
 const BATCH_BUFFER_BYTES: usize = 1 << 20;
 
+/// A session's reused buffers keep at most this capacity between units: one large message
+/// (a big Bind, a long query text) must not hold its memory for the rest of the session.
+const KEPT_BUFFER_BYTES: usize = 64 << 10;
+
+/// Empties a reused buffer, dropping its allocation if one large unit grew it.
+fn emptied(buffer: &mut BytesMut) {
+    if buffer.capacity() > KEPT_BUFFER_BYTES {
+        *buffer = BytesMut::new();
+    } else {
+        buffer.clear();
+    }
+}
+
 /// The client's side of the session.
 struct Client {
     read: OwnedReadHalf,
@@ -170,7 +183,7 @@ impl Unit {
             closes,
             syncs,
         } = self;
-        wire.clear();
+        emptied(wire);
         uses.clear();
         sets.clear();
         deallocates.clear();
@@ -1018,7 +1031,7 @@ impl Session {
         plan: &Plan,
     ) -> Result<Relayed, RelayError> {
         let mut joined = std::mem::take(&mut self.outgoing);
-        joined.clear();
+        emptied(&mut joined);
         let out: &[u8] = if plan.prefix.is_empty() {
             &unit.wire
         } else {
@@ -1296,8 +1309,9 @@ impl Session {
 }
 
 /// Classifies a statement through the session's cache (and the proxy's), admitting a
-/// fingerprint parsed for the first time to the audit. A function of the fields it uses, not of the session, so
-/// that the statement's text can stay borrowed from the client's buffer meanwhile.
+/// fingerprint parsed for the first time to the audit. A function of the fields it uses,
+/// not of the session, so that the statement's text can stay borrowed from the client's
+/// buffer meanwhile.
 fn classify_sql(cache: &mut classify::Cache, shared: &Shared, sql: &str) -> Arc<Classified> {
     cache.classify(sql, &shared.classified, |fingerprint| {
         shared
@@ -1468,4 +1482,25 @@ async fn stream_client(
     let sent = backend.send(&client.buffer[..end]).await;
     client.buffer.advance(end);
     sent.map_err(|error| RelayError::Backend { error, replied })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unit_keeps_a_small_buffer_for_the_next_and_drops_a_large_one() {
+        let mut unit = Unit::default();
+        unit.wire.extend_from_slice(&[b'Q'; 512]);
+        let small = unit.wire.capacity();
+        unit.clear();
+        assert!(unit.wire.is_empty());
+        assert_eq!(unit.wire.capacity(), small, "kept for the next unit");
+        unit.wire
+            .extend_from_slice(&vec![b'B'; 4 * KEPT_BUFFER_BYTES]);
+        (unit.writes, unit.syncs, unit.open) = (true, 3, true);
+        unit.clear();
+        assert!(unit.wire.capacity() <= KEPT_BUFFER_BYTES);
+        assert_eq!((unit.writes, unit.syncs, unit.open), (false, 0, false));
+    }
 }
