@@ -152,6 +152,12 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string; invalid UTF-8 is malformed (PostgreSQL would refuse it too).
     pub fn cstr(&mut self) -> Result<&'a str, WireError> {
+        // The empty string (the unnamed statement and portal, in nearly every Bind and
+        // Execute) is common enough to skip memchr's and from_utf8's setup for.
+        if let Some((&0, rest)) = self.rest.split_first() {
+            self.rest = rest;
+            return Ok("");
+        }
         let end = memchr::memchr(0, self.rest).ok_or_else(|| self.malformed())?;
         let text = std::str::from_utf8(&self.rest[..end]).map_err(|_| self.malformed())?;
         self.rest = &self.rest[end + 1..];
@@ -382,6 +388,24 @@ mod tests {
             }
         );
         assert!(client_message(b"Q\0\0").is_err());
+        // Empty names (the unnamed portal and statement) and named ones.
+        let bind = frame(b'B', b"\0P0_1\0\0\0\0\0\0\0");
+        assert_eq!(
+            client_message(&bind).unwrap(),
+            ClientMessage::Bind {
+                portal: "",
+                statement: "P0_1"
+            }
+        );
+        let bind = frame(b'B', b"\0\0\0\0\0\0\0\0");
+        assert_eq!(
+            client_message(&bind).unwrap(),
+            ClientMessage::Bind {
+                portal: "",
+                statement: ""
+            }
+        );
+        assert!(client_message(&frame(b'E', b"")).is_err());
     }
 
     #[test]
