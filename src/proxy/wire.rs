@@ -389,22 +389,15 @@ mod tests {
         );
         assert!(client_message(b"Q\0\0").is_err());
         // Empty names (the unnamed portal and statement) and named ones.
-        let bind = frame(b'B', b"\0P0_1\0\0\0\0\0\0\0");
-        assert_eq!(
-            client_message(&bind).unwrap(),
-            ClientMessage::Bind {
+        for (body, statement) in [(&b"\0P0_1\0"[..], "P0_1"), (b"\0\0", "")] {
+            // No parameter formats, no parameters, no result formats.
+            let bind = frame(b'B', &[body, &[0; 6]].concat());
+            let expected = ClientMessage::Bind {
                 portal: "",
-                statement: "P0_1"
-            }
-        );
-        let bind = frame(b'B', b"\0\0\0\0\0\0\0\0");
-        assert_eq!(
-            client_message(&bind).unwrap(),
-            ClientMessage::Bind {
-                portal: "",
-                statement: ""
-            }
-        );
+                statement,
+            };
+            assert_eq!(client_message(&bind).unwrap(), expected);
+        }
         assert!(client_message(&frame(b'E', b"")).is_err());
     }
 
