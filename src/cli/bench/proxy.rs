@@ -453,11 +453,7 @@ async fn pgbench_select(
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     };
     let latencies = transaction_latencies_us(log_dir).await;
-    // "number of transactions actually processed: 290851" (-T; with -t, "N/M").
-    let transactions = text
-        .lines()
-        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
-        .and_then(|rest| rest.split('/').next()?.trim().parse::<f64>().ok())
+    let transactions = value("number of transactions actually processed: ")
         .filter(|&transactions| transactions > 0.0);
     let relay_cpu_us_per_tx = match (cpu_before, cpu_after, transactions) {
         (Some(before), Some(after), Some(transactions)) => {
