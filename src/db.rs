@@ -821,6 +821,23 @@ pub mod session_sql {
     pub const REMOTE_APPLY: &str = "SET synchronous_commit = remote_apply";
     /// Leaving remote-apply.
     pub const RESET_SYNCHRONOUS_COMMIT: &str = "RESET synchronous_commit";
+
+    /// A client's session-level `set_config(name, value, false)`, replayed on a replica
+    /// connection. Not `SET name = value`: for some variables the two differ (`''` is an
+    /// empty search_path to set_config and a schema named "" to SET).
+    pub fn set_config(name: &str, value: &str) -> String {
+        format!(
+            "SELECT pg_catalog.set_config({}, {}, false)",
+            literal(name),
+            literal(value)
+        )
+    }
+
+    /// A string constant that reads the same whatever `standard_conforming_strings` is:
+    /// an E'' string always takes backslash escapes.
+    fn literal(text: &str) -> String {
+        format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+    }
 }
 
 /// What `lagprobe bench --sections proxy` sends through the proxy (and PgBouncer) on its

@@ -4,7 +4,8 @@
 //! only when the parser shows it is a plain query (SELECT, VALUES, TABLE, EXPLAIN of one)
 //! with no data-modifying CTE, no row locks, no `SELECT INTO`, and no function outside a
 //! known-safe list (`nextval`, `setval` and any user function may write). Session commands
-//! go to the primary, and the SETs among them are replayed on the replica connection later.
+//! go to the primary, and the SETs among them are replayed on the replica connection later,
+//! as are session-level `set_config(name, value, false)` calls with constant arguments.
 //! Anything the parser rejects goes to the primary, which reports the error itself.
 
 use std::{
@@ -14,6 +15,8 @@ use std::{
 
 use pg_query::{NodeEnum, protobuf};
 use serde_json::Value;
+
+use crate::db::session_sql;
 
 mod shape;
 
@@ -326,6 +329,8 @@ fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
         classified.route = Route::Read;
         classified.writes = false;
     }
+    // Settings to replay carry their values, which the shape and the fingerprint drop.
+    by_shape &= classified.session_sets.is_empty();
     (classified, by_shape)
 }
 
@@ -559,7 +564,16 @@ impl From<Route> for Kind {
 /// One statement's kind; session commands are noted in `classified` as they are met.
 fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
     match node {
-        NodeEnum::SelectStmt(_) => query_route(node).into(),
+        NodeEnum::SelectStmt(_) => {
+            let Ok(tree) = serde_json::to_value(node) else {
+                return Kind::Write;
+            };
+            if tree_is_read_only(&tree) {
+                return Kind::Read;
+            }
+            note_set_configs(&tree, classified);
+            Kind::Write
+        }
         NodeEnum::ExplainStmt(explain) => {
             match explain.query.as_ref().and_then(|q| q.node.as_ref()) {
                 Some(query @ NodeEnum::SelectStmt(_)) => query_route(query).into(),
@@ -644,6 +658,81 @@ fn note_set(set: &protobuf::VariableSetStmt, text: &str, classified: &mut Classi
     }
 }
 
+/// Notes every session-level `set_config(name, value, false)` in a query's tree for replay
+/// on the replica, as SET is. A transaction-local one (`true`) lasts only for the
+/// transaction, which runs on one backend. One whose arguments are not constants
+/// (parameters, expressions) cannot be replayed: the README says to use SET there.
+fn note_set_configs(value: &Value, classified: &mut Classified) {
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .for_each(|item| note_set_configs(item, classified)),
+        Value::Object(fields) => {
+            for (key, child) in fields {
+                if key == "FuncCall"
+                    && function_name(child).is_some_and(|name| is_set_config(&name))
+                    && let Some((name, value)) = session_config(child)
+                {
+                    let replay = session_sql::set_config(name, value);
+                    classified
+                        .session_sets
+                        .push((Some(name.to_ascii_lowercase()), replay));
+                }
+                note_set_configs(child, classified);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn is_set_config(qualified: &[&str]) -> bool {
+    matches!(qualified, ["set_config"] | ["pg_catalog", "set_config"])
+}
+
+/// The name and value of `set_config(name, value, false)` when all three are constants.
+fn session_config(call: &Value) -> Option<(&str, &str)> {
+    let [name, value, is_local] = call.get("args")?.as_array()?.as_slice() else {
+        return None;
+    };
+    let is_local = match constant(is_local)? {
+        Constant::Bool(flag) => flag,
+        Constant::Text(text) => text_is_true(text)?,
+    };
+    match (constant(name)?, constant(value)?, is_local) {
+        (Constant::Text(name), Constant::Text(value), false) => Some((name, value)),
+        _ => None,
+    }
+}
+
+enum Constant<'tree> {
+    Text(&'tree str),
+    Bool(bool),
+}
+
+/// A constant argument, bare or cast (`'x'`, `'x'::text`, `false`); `None` for anything else.
+fn constant(argument: &Value) -> Option<Constant<'_>> {
+    let node = argument.get("node")?;
+    let value = match node.get("TypeCast") {
+        Some(cast) => cast.pointer("/arg/node/AConst/val")?,
+        None => node.pointer("/AConst/val")?,
+    };
+    if let Some(text) = value.pointer("/Sval/sval").and_then(Value::as_str) {
+        return Some(Constant::Text(text));
+    }
+    value
+        .pointer("/Boolval/boolval")
+        .map(|flag| Constant::Bool(flag.as_bool().unwrap_or(false)))
+}
+
+/// PostgreSQL's spellings of a boolean in text; `None` for one this does not know.
+fn text_is_true(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
+        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// `SET lagprobe.x = ...`, `RESET lagprobe.x` or `SHOW lagprobe.x`.
 fn proxy_command(node: &NodeEnum) -> Option<ProxyCommand> {
     use protobuf::VariableSetKind as Kind;
@@ -710,16 +799,17 @@ fn is_empty(value: &Value) -> bool {
     }
 }
 
-/// A FuncCall's `funcname` is a list of String nodes (`pg_catalog`, `now`).
 fn function_call_is_safe(call: &Value) -> bool {
-    let Some(parts) = call.get("funcname").and_then(Value::as_array) else {
-        return false;
-    };
-    let names: Option<Vec<&str>> = parts
+    function_name(call).is_some_and(|names| function_is_safe(&names))
+}
+
+/// A FuncCall's `funcname`: a list of String nodes (`pg_catalog`, `now`).
+fn function_name(call: &Value) -> Option<Vec<&str>> {
+    call.get("funcname")?
+        .as_array()?
         .iter()
         .map(|part| part.pointer("/node/String/sval").and_then(Value::as_str))
-        .collect();
-    names.is_some_and(|names| function_is_safe(&names))
+        .collect()
 }
 
 #[cfg(test)]
@@ -755,6 +845,12 @@ mod tests {
         for ms in [1000, 2000] {
             let sql = format!("SET statement_timeout = {ms}");
             assert_eq!(classify(&sql).session_sets[0].1, sql);
+        }
+        // One shape, and set_config's value is replayed: each keeps its own.
+        for zone in ["UTC", "Asia/Tokyo"] {
+            let sql = format!("SELECT set_config('timezone', '{zone}', false)");
+            let replay = format!("SELECT pg_catalog.set_config(E'timezone', E'{zone}', false)");
+            assert_eq!(classify(&sql).session_sets[0].1, replay);
         }
         // A shape met first through the fingerprint path shares that verdict too.
         let quoted = classify(r#"SELECT "x" FROM "t" WHERE "id" = 'a'"#);
@@ -927,6 +1023,43 @@ mod tests {
         let discard = classify("DISCARD ALL");
         assert!(discard.deallocates_all);
         assert_eq!(classify("DEALLOCATE p").deallocates, vec!["p".to_owned()]);
+    }
+
+    #[test]
+    fn session_level_set_configs_are_noted_for_replay_with_their_values() {
+        let empty_path = classify("SELECT pg_catalog.set_config('search_path', '', false)");
+        assert_eq!(empty_path.route, Route::Primary);
+        assert_eq!(
+            empty_path.session_sets,
+            vec![(
+                Some("search_path".into()),
+                "SELECT pg_catalog.set_config(E'search_path', E'', false)".into()
+            )]
+        );
+        // Quotes and backslashes survive, whatever standard_conforming_strings says.
+        let quoted = classify(r"SELECT set_config('Application_Name', 'it''s \ x', 'off')");
+        assert_eq!(
+            quoted.session_sets,
+            vec![(
+                Some("application_name".into()),
+                r"SELECT pg_catalog.set_config(E'Application_Name', E'it''s \\ x', false)".into()
+            )]
+        );
+        let cast = classify("SELECT set_config('a.b'::text, 'c'::text, false::boolean)");
+        assert_eq!(cast.session_sets[0].0.as_deref(), Some("a.b"));
+        let two = classify("SELECT set_config('a.x', '1', false), set_config('a.y', '2', false)");
+        assert_eq!(two.session_sets.len(), 2);
+        for not_replayed in [
+            "SELECT set_config('search_path', 'a', true)",
+            "SELECT set_config('search_path', $1, false)",
+            "SELECT set_config('search_path', current_user, false)",
+            "SELECT set_config('a.b', 'c', $1)",
+            "SELECT my_schema.set_config('a.b', 'c', false)",
+        ] {
+            let classified = classify(not_replayed);
+            assert!(classified.session_sets.is_empty(), "{not_replayed}");
+            assert_eq!(classified.route, Route::Primary, "{not_replayed}");
+        }
     }
 
     #[test]

@@ -111,6 +111,70 @@ async fn reads_go_to_the_replica_and_transactions_and_writes_to_the_primary() {
     app.shutdown().await;
 }
 
+/// pg_dump empties its search_path with `set_config` (so that nobody's functions in
+/// `public` can take over its catalog queries) and then reads in a READ ONLY transaction,
+/// which the proxy runs on the replica: a session-level set_config must hold there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_level_set_config_follows_the_client_to_the_replica() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    let lines = psql_lines(
+        &url,
+        r"SELECT set_config('search_path', '', false) = '';
+         SELECT 'emptied', current_setting('search_path'), pg_is_in_recovery();
+         BEGIN READ ONLY;
+         SELECT 'read only', current_setting('search_path'), pg_is_in_recovery();
+         COMMIT;
+         SELECT set_config('application_name', 'it''s \ mine', false) IS NOT NULL;
+         SELECT 'named', current_setting('application_name'), pg_is_in_recovery();
+         SELECT set_config('application_name', 'for one statement', true) IS NOT NULL;
+         SELECT 'local', current_setting('application_name'), pg_is_in_recovery();
+         RESET ALL;
+         SELECT 'reset', current_setting('search_path'), pg_is_in_recovery();",
+    )
+    .await;
+    assert_eq!(
+        lines,
+        [
+            "t",
+            "emptied||t",
+            "read only||t",
+            "t",
+            r"named|it's \ mine|t",
+            "t",
+            r"local|it's \ mine|t",
+            r#"reset|"$user", public|t"#,
+        ],
+        "{lines:?}"
+    );
+
+    // And pg_dump itself, a client nobody here wrote, through the proxy as direct.
+    let pg_dump = "/usr/lib/postgresql/15/bin/pg_dump";
+    require(pg_dump, "postgresql-client-15");
+    let schema = |url: String| async move {
+        let output = Command::new(pg_dump)
+            .args(["--schema-only", "--no-owner", &url])
+            .output()
+            .await
+            .expect("pg_dump starts");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "pg_dump {url}: {stderr}");
+        // Each run signs its script with a random \restrict key.
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| !line.starts_with("\\restrict") && !line.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let through_proxy = schema(url).await;
+    assert!(
+        through_proxy.contains("CREATE TABLE lagprobe."),
+        "{through_proxy}"
+    );
+    assert_eq!(through_proxy, schema(app.lab().primary_url()).await);
+    app.shutdown().await;
+}
+
 /// Runs pgbench against `url`; its output, asserting success.
 async fn pgbench(url: &str, args: &[&str]) -> String {
     require(PGBENCH, "postgresql");
