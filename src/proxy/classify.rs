@@ -53,6 +53,13 @@ pub struct Classified {
     pub deallocates_all: bool,
     /// `DEALLOCATE name`: that prepared statement is gone (on the primary, where it ran).
     pub deallocates: Vec<String>,
+    /// Temporary relations it creates: they exist in the primary connection's session only.
+    pub temp_creates: Vec<String>,
+    /// DISCARD TEMP or DISCARD ALL: the session's temporary relations are gone.
+    pub discards_temp: bool,
+    /// A read's relations as the parser names them (`t`, `schema.t`), so that a read of one
+    /// of the session's temporary relations can be sent where that relation is.
+    pub relations: Vec<String>,
     /// Set when the whole string is one `lagprobe.*` command.
     pub command: Option<ProxyCommand>,
     /// A read's pg_query fingerprint, the audit's key: the same for every constant and
@@ -74,6 +81,9 @@ impl Classified {
             session_sets: Vec::new(),
             deallocates_all: false,
             deallocates: Vec::new(),
+            temp_creates: Vec::new(),
+            discards_temp: false,
+            relations: Vec::new(),
             command: None,
             fingerprint: None,
         }
@@ -331,6 +341,9 @@ fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
     }
     // Settings to replay carry their values, which the shape and the fingerprint drop.
     by_shape &= classified.session_sets.is_empty();
+    if classified.route == Route::Read {
+        classified.relations = relation_names(&parsed);
+    }
     (classified, by_shape)
 }
 
@@ -564,7 +577,10 @@ impl From<Route> for Kind {
 /// One statement's kind; session commands are noted in `classified` as they are met.
 fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
     match node {
-        NodeEnum::SelectStmt(_) => {
+        NodeEnum::SelectStmt(select) => {
+            if let Some(into) = &select.into_clause {
+                note_temp(into.rel.as_ref(), classified);
+            }
             let Ok(tree) = serde_json::to_value(node) else {
                 return Kind::Write;
             };
@@ -590,11 +606,33 @@ fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
             Kind::Session
         }
         NodeEnum::DiscardStmt(discard) => {
-            if discard.target == protobuf::DiscardMode::DiscardAll as i32 {
+            use protobuf::DiscardMode;
+            let all = discard.target == DiscardMode::DiscardAll as i32;
+            if all {
                 classified.session_sets.push((None, text.to_owned()));
                 classified.deallocates_all = true;
             }
+            classified.discards_temp |= all || discard.target == DiscardMode::DiscardTemp as i32;
             Kind::Session
+        }
+        NodeEnum::CreateStmt(create) => {
+            note_temp(create.relation.as_ref(), classified);
+            Kind::Write
+        }
+        NodeEnum::CreateTableAsStmt(create) => {
+            note_temp(
+                create.into.as_ref().and_then(|into| into.rel.as_ref()),
+                classified,
+            );
+            Kind::Write
+        }
+        NodeEnum::ViewStmt(view) => {
+            note_temp(view.view.as_ref(), classified);
+            Kind::Write
+        }
+        NodeEnum::CreateSeqStmt(sequence) => {
+            note_temp(sequence.sequence.as_ref(), classified);
+            Kind::Write
         }
         NodeEnum::DeallocateStmt(deallocate) => {
             if deallocate.isall {
@@ -609,6 +647,45 @@ fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
         | NodeEnum::UnlistenStmt(_)
         | NodeEnum::PrepareStmt(_) => Kind::Session,
         _ => Kind::Write,
+    }
+}
+
+/// Notes a relation a statement creates if it is temporary (`TEMP`, or made in `pg_temp`).
+fn note_temp(relation: Option<&protobuf::RangeVar>, classified: &mut Classified) {
+    if let Some(relation) = relation
+        && (relation.relpersistence == "t" || relation.schemaname == "pg_temp")
+    {
+        classified.temp_creates.push(relation.relname.clone());
+    }
+}
+
+/// The relations a statement names, without their schemas: the fingerprint, which shares a
+/// verdict between texts, keeps a relation's name but not its schema (`t`, `public.t` and
+/// `pg_temp.t` have one fingerprint), so nothing that is shared may depend on the schema.
+fn relation_names(parsed: &pg_query::ParseResult) -> Vec<String> {
+    let mut names: Vec<String> = parsed
+        .tables()
+        .into_iter()
+        .map(|table| match table.rsplit_once('.') {
+            Some((_, name)) => name.to_owned(),
+            None => table,
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+impl Classified {
+    /// Whether this read names a relation called like one of the session's `temporary`
+    /// relations, in any schema: unqualified, the temporary one comes first in the search
+    /// path; qualified (`pg_temp.t`, `public.t`) it costs at most a trip to the primary.
+    pub fn reads_any_of(&self, temporary: &[String]) -> bool {
+        !temporary.is_empty()
+            && self
+                .relations
+                .iter()
+                .any(|relation| temporary.contains(relation))
     }
 }
 
@@ -1060,6 +1137,39 @@ mod tests {
             assert!(classified.session_sets.is_empty(), "{not_replayed}");
             assert_eq!(classified.route, Route::Primary, "{not_replayed}");
         }
+    }
+
+    #[test]
+    fn temporary_relations_are_noted_and_their_schema_is_the_primarys() {
+        for (sql, created) in [
+            ("CREATE TEMP TABLE scratch (x int)", "scratch"),
+            ("CREATE TEMPORARY VIEW v AS SELECT 1", "v"),
+            ("CREATE TABLE pg_temp.t (x int)", "t"),
+            ("CREATE TEMP TABLE t3 AS SELECT 1", "t3"),
+            ("SELECT 1 AS x INTO TEMP t4", "t4"),
+            ("CREATE TEMP SEQUENCE s", "s"),
+        ] {
+            let classified = classify(sql);
+            assert_eq!(classified.temp_creates, [created], "{sql}");
+            assert_eq!(classified.route, Route::Primary, "{sql}");
+        }
+        assert!(
+            classify("CREATE TABLE kept (x int)")
+                .temp_creates
+                .is_empty()
+        );
+        assert!(classify("DISCARD TEMP").discards_temp);
+        assert!(classify("DISCARD ALL").discards_temp);
+        assert!(!classify("DISCARD PLANS").discards_temp);
+
+        let read = classify("SELECT * FROM scratch JOIN public.kept USING (x)");
+        assert_eq!(read.route, Route::Read);
+        assert_eq!(read.relations, ["kept", "scratch"]);
+        let temporary = ["scratch".to_owned()];
+        assert!(read.reads_any_of(&temporary));
+        assert!(!read.reads_any_of(&[]));
+        assert!(classify("SELECT * FROM pg_temp.scratch").reads_any_of(&temporary));
+        assert!(!classify("SELECT * FROM other").reads_any_of(&temporary));
     }
 
     #[test]

@@ -161,6 +161,11 @@ struct Unit {
     deallocates_all: bool,
     deallocates: Vec<String>,
     closes: Vec<String>,
+    /// Temporary relations it creates, and whether it drops them all (DISCARD).
+    temp_creates: Vec<String>,
+    discards_temp: bool,
+    /// It reads one of the session's temporary relations, which only the primary has.
+    reads_temp: bool,
     /// ReadyForQuery messages the unit will produce (one per Query or Sync).
     syncs: usize,
 }
@@ -181,6 +186,9 @@ impl Unit {
             deallocates_all,
             deallocates,
             closes,
+            temp_creates,
+            discards_temp,
+            reads_temp,
             syncs,
         } = self;
         emptied(wire);
@@ -188,9 +196,26 @@ impl Unit {
         sets.clear();
         deallocates.clear();
         closes.clear();
+        temp_creates.clear();
         (*writes, *read, *open, *deallocates_all) = (false, false, false, false);
+        (*discards_temp, *reads_temp) = (false, false);
         *fingerprint = None;
         *syncs = 0;
+    }
+
+    /// Takes in what one of its statements does (`temporary`: the session's temporary
+    /// relations).
+    fn absorb(&mut self, classified: &Classified, temporary: &[String]) {
+        self.fingerprint = self.fingerprint.or(classified.fingerprint);
+        self.writes |= classified.writes;
+        self.sets.extend(classified.session_sets.iter().cloned());
+        self.deallocates_all |= classified.deallocates_all;
+        self.deallocates
+            .extend(classified.deallocates.iter().cloned());
+        self.temp_creates
+            .extend(classified.temp_creates.iter().cloned());
+        self.discards_temp |= classified.discards_temp;
+        self.reads_temp |= classified.reads_any_of(temporary);
     }
 
     /// Moves the first `bytes` of the client's buffer (whole frames) into the unit.
@@ -267,6 +292,9 @@ struct Session {
     watcher: (u64, Option<Arc<ReplayWatcher>>),
     /// The backend the cancel registry points at now.
     cancel_points_at: Option<Target>,
+    /// Temporary relations the session created on the primary: reads that name one go
+    /// there.
+    temp_relations: Vec<String>,
 }
 
 /// Runs one client connection to its end; never panics the proxy and never outlives it
@@ -553,6 +581,7 @@ impl Session {
             outgoing: BytesMut::new(),
             watcher: (u64::MAX, None),
             cancel_points_at: None,
+            temp_relations: Vec::new(),
         }
     }
 
@@ -694,13 +723,8 @@ impl Session {
         }
         let mut unit = self.unit();
         unit.take_from(&mut self.client, length);
-        unit.writes = classified.writes;
+        unit.absorb(&classified, &self.temp_relations);
         unit.read = classified.route == Route::Read;
-        unit.fingerprint = classified.fingerprint;
-        unit.sets.extend(classified.session_sets.iter().cloned());
-        unit.deallocates_all = classified.deallocates_all;
-        unit.deallocates
-            .extend(classified.deallocates.iter().cloned());
         unit.syncs = 1;
         let target = self.route(&unit).await;
         self.run_unit(target, unit).await
@@ -744,12 +768,7 @@ impl Session {
                             let classified = &defined.classified;
                             mix.note(classified.command.is_some());
                             may_write |= classified.route == Route::Primary;
-                            unit.fingerprint = unit.fingerprint.or(classified.fingerprint);
-                            unit.writes |= classified.writes;
-                            unit.sets.extend(classified.session_sets.iter().cloned());
-                            unit.deallocates_all |= classified.deallocates_all;
-                            unit.deallocates
-                                .extend(classified.deallocates.iter().cloned());
+                            unit.absorb(classified, &self.temp_relations);
                             Arc::clone(name)
                         }
                         None => {
@@ -805,7 +824,7 @@ impl Session {
         if let Some(target) = self.in_transaction {
             return target;
         }
-        if !unit.read {
+        if !unit.read || unit.reads_temp {
             return Target::Primary;
         }
         self.route_read().await
@@ -1107,6 +1126,13 @@ impl Session {
             for name in &unit.deallocates {
                 self.statements.deallocated(name);
             }
+            // Kept until DISCARD even when dropped or rolled back: a read of a name that
+            // is no longer temporary only costs a trip to the primary.
+            if unit.discards_temp {
+                self.temp_relations.clear();
+            }
+            self.temp_relations
+                .extend(unit.temp_creates.iter().cloned());
         }
         for name in &unit.closes {
             self.statements.closed(name);

@@ -297,6 +297,62 @@ async fn a_named_prepared_statement_runs_on_both_backends() {
     app.shutdown().await;
 }
 
+/// A temporary table lives in the primary connection's session only: reads that name it
+/// go there (psql's simple protocol and sqlx's named statements), and so do reads of a
+/// table of the same name in another schema (the classification cache cannot tell them
+/// apart), while reads of other tables, and of the name once DISCARD TEMP dropped it, go
+/// to the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_a_temporary_table_go_to_the_primary_that_has_it() {
+    let app = spawn_app(0).await;
+    let url = proxy_url(&app);
+    let lines = psql_lines(
+        &url,
+        "SET lagprobe.strategy = 'lsn-wait';
+         CREATE TABLE shadowed (x int);
+         INSERT INTO shadowed VALUES (1);
+         CREATE TEMP TABLE shadowed (x int);
+         INSERT INTO shadowed VALUES (1), (2), (3);
+         SELECT 'temporary', count(*), pg_is_in_recovery() FROM shadowed;
+         SELECT 'qualified', count(*), pg_is_in_recovery() FROM pg_temp.shadowed;
+         SELECT 'permanent', count(*), pg_is_in_recovery() FROM public.shadowed;
+         CREATE TEMP VIEW doubled AS SELECT x * 2 AS y FROM pg_temp.shadowed;
+         SELECT 'view', sum(y), pg_is_in_recovery() FROM doubled;
+         DISCARD TEMP;
+         SELECT 'discarded', count(*), pg_is_in_recovery() FROM shadowed;",
+    )
+    .await;
+    assert_eq!(
+        lines,
+        [
+            "temporary|3|f",
+            "qualified|3|f",
+            "permanent|1|f",
+            "view|12|f",
+            "discarded|1|t",
+        ],
+        "{lines:?}"
+    );
+
+    let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TEMP TABLE scratch AS SELECT 7 AS x")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let (x, on_replica): (i32, bool) = sqlx::query_as("SELECT x, pg_is_in_recovery() FROM scratch")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!((x, on_replica), (7, false));
+    let elsewhere: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+    assert!(elsewhere, "reads of other tables still go to the replica");
+    connection.close().await.unwrap();
+    app.shutdown().await;
+}
+
 /// Whether the proxy still answers a query.
 async fn still_serves(url: &str) {
     assert_eq!(psql_lines(url, "SELECT 40 + 2").await, ["42"]);
