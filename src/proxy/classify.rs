@@ -38,6 +38,30 @@ pub enum ProxyCommand {
     Show { name: String },
 }
 
+/// A session setting to replay on the replica connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSet {
+    /// The variable it sets, lowercased; `None` for RESET ALL and DISCARD ALL, which reset
+    /// every earlier one.
+    pub variable: Option<String>,
+    /// The statement that sets it again.
+    pub text: String,
+    /// `Some(true)` when it makes the session's transactions serializable by default,
+    /// `Some(false)` when it makes them something else: a standby cannot run a serializable
+    /// transaction, so such a session's reads go to the primary.
+    pub serializable: Option<bool>,
+}
+
+impl SessionSet {
+    fn new(variable: Option<String>, text: String) -> Self {
+        SessionSet {
+            variable,
+            text,
+            serializable: None,
+        }
+    }
+}
+
 /// What the proxy learnt about one query string (one or more statements).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Classified {
@@ -46,9 +70,8 @@ pub struct Classified {
     /// consistency token moves after it commits.
     pub writes: bool,
     /// Session settings to replay on the replica connection, in order, once they succeed on
-    /// the primary: `(variable, statement text)`; the variable is `None` for RESET ALL and
-    /// DISCARD ALL, which reset every earlier one.
-    pub session_sets: Vec<(Option<String>, String)>,
+    /// the primary.
+    pub session_sets: Vec<SessionSet>,
     /// DISCARD ALL or DEALLOCATE ALL: every prepared statement of the session is gone.
     pub deallocates_all: bool,
     /// `DEALLOCATE name`: that prepared statement is gone (on the primary, where it ran).
@@ -609,7 +632,10 @@ fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
             use protobuf::DiscardMode;
             let all = discard.target == DiscardMode::DiscardAll as i32;
             if all {
-                classified.session_sets.push((None, text.to_owned()));
+                classified.session_sets.push(SessionSet {
+                    serializable: Some(false),
+                    ..SessionSet::new(None, text.to_owned())
+                });
                 classified.deallocates_all = true;
             }
             classified.discards_temp |= all || discard.target == DiscardMode::DiscardTemp as i32;
@@ -694,7 +720,11 @@ impl Classified {
 fn transaction_route(transaction: &protobuf::TransactionStmt) -> Route {
     use protobuf::TransactionStmtKind as Kind;
     match Kind::try_from(transaction.kind) {
-        Ok(Kind::TransStmtBegin | Kind::TransStmtStart) if read_only(&transaction.options) => {
+        // A standby cannot run a serializable transaction, read-only or not.
+        Ok(Kind::TransStmtBegin | Kind::TransStmtStart)
+            if read_only(&transaction.options)
+                && isolation_option(&transaction.options).as_deref() != Some("serializable") =>
+        {
             Route::Read
         }
         Ok(Kind::TransStmtCommit | Kind::TransStmtRollback) => Route::Read,
@@ -725,14 +755,53 @@ fn note_set(set: &protobuf::VariableSetStmt, text: &str, classified: &mut Classi
     if set.is_local {
         return;
     }
-    match Kind::try_from(set.kind) {
-        Ok(Kind::VarResetAll) => classified.session_sets.push((None, text.to_owned())),
-        Ok(Kind::VarSetMulti) if set.name == "TRANSACTION" => {}
-        Ok(_) => classified
-            .session_sets
-            .push((Some(set.name.to_ascii_lowercase()), text.to_owned())),
-        Err(_) => {}
-    }
+    let variable = set.name.to_ascii_lowercase();
+    let (variable, serializable) = match Kind::try_from(set.kind) {
+        Ok(Kind::VarResetAll) => (None, Some(false)),
+        Ok(Kind::VarSetMulti) if set.name == "TRANSACTION" => return,
+        // SET SESSION CHARACTERISTICS AS TRANSACTION ...
+        Ok(Kind::VarSetMulti) => {
+            let isolation = isolation_option(&set.args);
+            (
+                Some(variable),
+                isolation.map(|level| level == "serializable"),
+            )
+        }
+        Ok(Kind::VarSetValue) if variable == "default_transaction_isolation" => {
+            let level = set_value(&set.args).map(|level| level.to_ascii_lowercase());
+            (
+                Some(variable),
+                Some(level.as_deref() == Some("serializable")),
+            )
+        }
+        Ok(Kind::VarReset | Kind::VarSetDefault) if variable == "default_transaction_isolation" => {
+            (Some(variable), Some(false))
+        }
+        Ok(_) => (Some(variable), None),
+        Err(_) => return,
+    };
+    classified.session_sets.push(SessionSet {
+        serializable,
+        ..SessionSet::new(variable, text.to_owned())
+    });
+}
+
+/// The isolation level among BEGIN's or SET SESSION CHARACTERISTICS' options, lowercased.
+fn isolation_option(options: &[protobuf::Node]) -> Option<String> {
+    options
+        .iter()
+        .find_map(|option| match option.node.as_ref() {
+            Some(NodeEnum::DefElem(element)) if element.defname == "transaction_isolation" => {
+                match element.arg.as_ref()?.node.as_ref()? {
+                    NodeEnum::AConst(protobuf::AConst {
+                        val: Some(protobuf::a_const::Val::Sval(level)),
+                        ..
+                    }) => Some(level.sval.to_ascii_lowercase()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
 }
 
 /// Notes every session-level `set_config(name, value, false)` in a query's tree for replay
@@ -750,10 +819,13 @@ fn note_set_configs(value: &Value, classified: &mut Classified) {
                     && function_name(child).is_some_and(|name| is_set_config(&name))
                     && let Some((name, value)) = session_config(child)
                 {
-                    let replay = session_sql::set_config(name, value);
-                    classified
-                        .session_sets
-                        .push((Some(name.to_ascii_lowercase()), replay));
+                    let variable = name.to_ascii_lowercase();
+                    let serializable = (variable == "default_transaction_isolation")
+                        .then(|| value.eq_ignore_ascii_case("serializable"));
+                    classified.session_sets.push(SessionSet {
+                        serializable,
+                        ..SessionSet::new(Some(variable), session_sql::set_config(name, value))
+                    });
                 }
                 note_set_configs(child, classified);
             }
@@ -913,21 +985,21 @@ mod tests {
         assert_eq!(classify("BEGIN READ ONLY").route, Route::Read);
         assert_eq!(classify("BEGIN READ WRITE").route, Route::Primary);
         assert_eq!(
-            classify("SET timezone = 'UTC'").session_sets[0].1,
+            classify("SET timezone = 'UTC'").session_sets[0].text,
             "SET timezone = 'UTC'"
         );
         let later = classify("SET timezone = 'Europe/Paris'");
-        assert_eq!(later.session_sets[0].1, "SET timezone = 'Europe/Paris'");
+        assert_eq!(later.session_sets[0].text, "SET timezone = 'Europe/Paris'");
         // One shape, but the SET's own text is replayed: each keeps its own.
         for ms in [1000, 2000] {
             let sql = format!("SET statement_timeout = {ms}");
-            assert_eq!(classify(&sql).session_sets[0].1, sql);
+            assert_eq!(classify(&sql).session_sets[0].text, sql);
         }
         // One shape, and set_config's value is replayed: each keeps its own.
         for zone in ["UTC", "Asia/Tokyo"] {
             let sql = format!("SELECT set_config('timezone', '{zone}', false)");
             let replay = format!("SELECT pg_catalog.set_config(E'timezone', E'{zone}', false)");
-            assert_eq!(classify(&sql).session_sets[0].1, replay);
+            assert_eq!(classify(&sql).session_sets[0].text, replay);
         }
         // A shape met first through the fingerprint path shares that verdict too.
         let quoted = classify(r#"SELECT "x" FROM "t" WHERE "id" = 'a'"#);
@@ -1061,8 +1133,13 @@ mod tests {
     fn read_only_transactions_are_reads() {
         assert_eq!(route("BEGIN READ ONLY"), Route::Read);
         assert_eq!(
-            route("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
+            route("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
             Route::Read
+        );
+        // A standby refuses serializable transactions.
+        assert_eq!(
+            route("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"),
+            Route::Primary
         );
         assert_eq!(route("BEGIN READ WRITE"), Route::Primary);
         assert_eq!(route("COMMIT"), Route::Read);
@@ -1078,15 +1155,16 @@ mod tests {
         assert!(classify("SELECT nextval('s')").writes);
         assert_eq!(
             set.session_sets,
-            vec![(
+            vec![SessionSet::new(
                 Some("timezone".into()),
                 "SET timezone = 'Asia/Tokyo'".into()
             )]
         );
         let several = classify("SET search_path TO a; SELECT 1; RESET ALL");
         assert_eq!(several.session_sets.len(), 2);
-        assert_eq!(several.session_sets[0].1, "SET search_path TO a");
-        assert_eq!(several.session_sets[1], (None, "RESET ALL".into()));
+        assert_eq!(several.session_sets[0].text, "SET search_path TO a");
+        assert_eq!(several.session_sets[1].variable, None);
+        assert_eq!(several.session_sets[1].text, "RESET ALL");
         assert!(
             classify("SET LOCAL timezone = 'UTC'")
                 .session_sets
@@ -1108,7 +1186,7 @@ mod tests {
         assert_eq!(empty_path.route, Route::Primary);
         assert_eq!(
             empty_path.session_sets,
-            vec![(
+            vec![SessionSet::new(
                 Some("search_path".into()),
                 "SELECT pg_catalog.set_config(E'search_path', E'', false)".into()
             )]
@@ -1117,13 +1195,13 @@ mod tests {
         let quoted = classify(r"SELECT set_config('Application_Name', 'it''s \ x', 'off')");
         assert_eq!(
             quoted.session_sets,
-            vec![(
+            vec![SessionSet::new(
                 Some("application_name".into()),
                 r"SELECT pg_catalog.set_config(E'Application_Name', E'it''s \\ x', false)".into()
             )]
         );
         let cast = classify("SELECT set_config('a.b'::text, 'c'::text, false::boolean)");
-        assert_eq!(cast.session_sets[0].0.as_deref(), Some("a.b"));
+        assert_eq!(cast.session_sets[0].variable.as_deref(), Some("a.b"));
         let two = classify("SELECT set_config('a.x', '1', false), set_config('a.y', '2', false)");
         assert_eq!(two.session_sets.len(), 2);
         for not_replayed in [
@@ -1170,6 +1248,47 @@ mod tests {
         assert!(!read.reads_any_of(&[]));
         assert!(classify("SELECT * FROM pg_temp.scratch").reads_any_of(&temporary));
         assert!(!classify("SELECT * FROM other").reads_any_of(&temporary));
+    }
+
+    #[test]
+    fn serializable_transactions_and_sessions_are_told_apart() {
+        assert_eq!(
+            route("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"),
+            Route::Primary
+        );
+        assert_eq!(
+            route("START TRANSACTION READ ONLY, ISOLATION LEVEL REPEATABLE READ"),
+            Route::Read
+        );
+        let serializable = |sql: &str| classify(sql).session_sets[0].serializable;
+        assert_eq!(
+            serializable("SET default_transaction_isolation = 'serializable'"),
+            Some(true)
+        );
+        assert_eq!(
+            serializable("SET default_transaction_isolation TO 'read committed'"),
+            Some(false)
+        );
+        assert_eq!(
+            serializable("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            Some(true)
+        );
+        assert_eq!(
+            serializable("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
+            None
+        );
+        assert_eq!(
+            serializable("RESET default_transaction_isolation"),
+            Some(false)
+        );
+        assert_eq!(serializable("RESET ALL"), Some(false));
+        assert_eq!(
+            serializable(
+                "SELECT set_config('default_transaction_isolation', 'SERIALIZABLE', false)"
+            ),
+            Some(true)
+        );
+        assert_eq!(serializable("SET timezone = 'UTC'"), None);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use super::{
     Backends, CancelTarget, CommandError, ProxyError, Shared, Target,
     audit::{self, ReadNote, ReplicaRead, TokenAtRead, TokenFetch},
     backend::{self, Backend, BackendError},
-    classify::{self, Classified, ProxyCommand, Route},
+    classify::{self, Classified, ProxyCommand, Route, SessionSet},
     scram,
     statements::{Plan, StatementUse, Statements},
     watcher::ReplayWatcher,
@@ -157,7 +157,7 @@ struct Unit {
     /// A batch ended by Flush (or too long to buffer): more messages follow to the same
     /// backend until a Sync.
     open: bool,
-    sets: Vec<(Option<String>, String)>,
+    sets: Vec<SessionSet>,
     deallocates_all: bool,
     deallocates: Vec<String>,
     closes: Vec<String>,
@@ -266,10 +266,10 @@ struct Session {
     in_transaction: Option<Target>,
     statements: Statements,
     /// Settings to replay on the replica: the compacted list and its version.
-    sets: Vec<(Option<String>, String)>,
+    sets: Vec<SessionSet>,
     sets_version: u64,
     /// SETs inside a transaction block, kept until it commits.
-    pending_sets: Vec<(Option<String>, String)>,
+    pending_sets: Vec<SessionSet>,
     cancel: CancelTarget,
     key: (i32, i32),
     busy: Option<Target>,
@@ -295,6 +295,9 @@ struct Session {
     /// Temporary relations the session created on the primary: reads that name one go
     /// there.
     temp_relations: Vec<String>,
+    /// The session made its transactions serializable by default, which a standby cannot
+    /// run: its reads go to the primary.
+    serializable: bool,
 }
 
 /// Runs one client connection to its end; never panics the proxy and never outlives it
@@ -582,6 +585,7 @@ impl Session {
             watcher: (u64::MAX, None),
             cancel_points_at: None,
             temp_relations: Vec::new(),
+            serializable: false,
         }
     }
 
@@ -824,7 +828,7 @@ impl Session {
         if let Some(target) = self.in_transaction {
             return target;
         }
-        if !unit.read || unit.reads_temp {
+        if !unit.read || unit.reads_temp || self.serializable {
             return Target::Primary;
         }
         self.route_read().await
@@ -1165,15 +1169,16 @@ impl Session {
 
     /// Adds settings to the replay list, compacted: a later SET of a variable replaces an
     /// earlier one, RESET ALL and DISCARD ALL replace everything.
-    fn replay_later(&mut self, sets: Vec<(Option<String>, String)>) {
-        for (variable, text) in sets {
-            match &variable {
+    fn replay_later(&mut self, sets: Vec<SessionSet>) {
+        for set in sets {
+            match &set.variable {
                 None => self.sets.clear(),
                 Some(name) => self
                     .sets
-                    .retain(|(earlier, _)| earlier.as_ref() != Some(name)),
+                    .retain(|earlier| earlier.variable.as_ref() != Some(name)),
             }
-            self.sets.push((variable, text));
+            self.serializable = set.serializable.unwrap_or(self.serializable);
+            self.sets.push(set);
             self.sets_version += 1;
         }
     }
@@ -1238,7 +1243,7 @@ impl Session {
         if replica.sets_version != 0 {
             statements.push(session_sql::RESET_ALL);
         }
-        statements.extend(self.sets.iter().map(|(_, text)| text.as_str()));
+        statements.extend(self.sets.iter().map(|set| set.text.as_str()));
         match run_internal(&mut replica.backend, &statements).await {
             Ok(()) => {
                 replica.sets_version = self.sets_version;

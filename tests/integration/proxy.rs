@@ -353,6 +353,39 @@ async fn reads_of_a_temporary_table_go_to_the_primary_that_has_it() {
     app.shutdown().await;
 }
 
+/// A standby cannot run a serializable transaction ("cannot use serializable mode in a hot
+/// standby"): a serializable READ ONLY transaction, and every read of a session that made
+/// serializable its default, run on the primary instead of failing on the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_reads_run_on_the_primary() {
+    let app = spawn_app(0).await;
+    let lines = psql_lines(
+        &proxy_url(&app),
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY;
+         SELECT 'serializable read only', pg_is_in_recovery();
+         COMMIT;
+         SET default_transaction_isolation = 'serializable';
+         SELECT 'session', pg_is_in_recovery(), current_setting('transaction_isolation');
+         BEGIN READ ONLY;
+         SELECT 'its read only transaction', pg_is_in_recovery();
+         COMMIT;
+         SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ;
+         SELECT 'repeatable read', pg_is_in_recovery(), current_setting('transaction_isolation');",
+    )
+    .await;
+    assert_eq!(
+        lines,
+        [
+            "serializable read only|f",
+            "session|f|serializable",
+            "its read only transaction|f",
+            "repeatable read|t|repeatable read",
+        ],
+        "{lines:?}"
+    );
+    app.shutdown().await;
+}
+
 /// Whether the proxy still answers a query.
 async fn still_serves(url: &str) {
     assert_eq!(psql_lines(url, "SELECT 40 + 2").await, ["42"]);
