@@ -706,6 +706,7 @@ impl Classified {
     /// Whether this read names a relation called like one of the session's `temporary`
     /// relations, in any schema: unqualified, the temporary one comes first in the search
     /// path; qualified (`pg_temp.t`, `public.t`) it costs at most a trip to the primary.
+    #[inline]
     pub fn reads_any_of(&self, temporary: &[String]) -> bool {
         !temporary.is_empty()
             && self

@@ -205,16 +205,26 @@ impl Unit {
 
     /// Takes in what one of its statements does (`temporary`: the session's temporary
     /// relations).
+    #[inline]
     fn absorb(&mut self, classified: &Classified, temporary: &[String]) {
         self.fingerprint = self.fingerprint.or(classified.fingerprint);
         self.writes |= classified.writes;
-        self.sets.extend(classified.session_sets.iter().cloned());
         self.deallocates_all |= classified.deallocates_all;
-        self.deallocates
-            .extend(classified.deallocates.iter().cloned());
-        self.temp_creates
-            .extend(classified.temp_creates.iter().cloned());
         self.discards_temp |= classified.discards_temp;
+        // Most statements name no setting, statement or temporary relation: every query
+        // comes through here, so the lists are looked at only when there is something.
+        let lists = [
+            classified.session_sets.is_empty(),
+            classified.deallocates.is_empty(),
+            classified.temp_creates.is_empty(),
+        ];
+        if lists != [true; 3] {
+            self.sets.extend(classified.session_sets.iter().cloned());
+            self.deallocates
+                .extend(classified.deallocates.iter().cloned());
+            self.temp_creates
+                .extend(classified.temp_creates.iter().cloned());
+        }
         self.reads_temp |= classified.reads_any_of(temporary);
     }
 
