@@ -148,9 +148,11 @@ async fn session_level_set_config_follows_the_client_to_the_replica() {
         "{lines:?}"
     );
 
-    // And pg_dump itself, a client nobody here wrote, through the proxy as direct.
-    let pg_dump = "/usr/lib/postgresql/15/bin/pg_dump";
-    require(pg_dump, "postgresql-client-15");
+    // And pg_dump itself, a client nobody here wrote, through the proxy as direct: the one
+    // beside the lab's servers, so that it is as new as they are.
+    let pg_dump = app.lab().binaries().bindir.join("pg_dump");
+    let pg_dump = pg_dump.to_str().expect("a UTF-8 path");
+    require(pg_dump, "postgresql-client");
     let schema = |url: String| async move {
         let output = Command::new(pg_dump)
             .args(["--schema-only", "--no-owner", &url])
