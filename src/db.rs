@@ -821,6 +821,10 @@ pub mod session_sql {
     pub const REMOTE_APPLY: &str = "SET synchronous_commit = remote_apply";
     /// Leaving remote-apply.
     pub const RESET_SYNCHRONOUS_COMMIT: &str = "RESET synchronous_commit";
+    /// On a session's first replica connection: a standby cannot run serializable
+    /// transactions, so a session whose role, database or startup options make them the
+    /// default reads from the primary.
+    pub const SHOW_DEFAULT_ISOLATION: &str = "SHOW default_transaction_isolation";
 
     /// A client's session-level `set_config(name, value, false)`, replayed on a replica
     /// connection. Not `SET name = value`: for some variables the two differ (`''` is an

@@ -313,6 +313,29 @@ impl Backend {
         self.send(&out).await
     }
 
+    /// Runs one statement of the proxy's own (simple protocol) and returns the first
+    /// column of its first row as text; `None` for no row, NULL, or an error (which the
+    /// server reports and the connection survives).
+    pub async fn query_text(&mut self, statement: &str) -> Result<Option<String>, BackendError> {
+        self.send_with(|out| {
+            frontend::query(statement, out)?;
+            Ok(())
+        })
+        .await?;
+        let mut text = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(row) if text.is_none() => {
+                    let first = row.ranges().next().map_err(|e| self.io_error(e))?;
+                    let value = first.flatten().and_then(|range| row.buffer().get(range));
+                    text = value.map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+                }
+                Message::ReadyForQuery(_) => return Ok(text),
+                _ => {}
+            }
+        }
+    }
+
     /// One startup-phase message, parsed by postgres-protocol.
     async fn next_message(&mut self) -> Result<Message, BackendError> {
         loop {

@@ -46,10 +46,31 @@ pub struct SessionSet {
     pub variable: Option<String>,
     /// The statement that sets it again.
     pub text: String,
-    /// `Some(true)` when it makes the session's transactions serializable by default,
-    /// `Some(false)` when it makes them something else: a standby cannot run a serializable
-    /// transaction, so such a session's reads go to the primary.
-    pub serializable: Option<bool>,
+    /// What it does to the session's default transaction isolation: a standby cannot run
+    /// a serializable transaction, so a serializable session's reads go to the primary.
+    pub isolation: IsolationChange,
+}
+
+/// What a setting does to the session's default transaction isolation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IsolationChange {
+    #[default]
+    Unchanged,
+    Serializable,
+    /// Read committed or repeatable read.
+    NotSerializable,
+    /// Back to the role's, database's or startup options' default.
+    Reset,
+}
+
+impl IsolationChange {
+    fn to(level: &str) -> Self {
+        if level.eq_ignore_ascii_case("serializable") {
+            IsolationChange::Serializable
+        } else {
+            IsolationChange::NotSerializable
+        }
+    }
 }
 
 impl SessionSet {
@@ -57,7 +78,7 @@ impl SessionSet {
         SessionSet {
             variable,
             text,
-            serializable: None,
+            isolation: IsolationChange::Unchanged,
         }
     }
 }
@@ -633,7 +654,7 @@ fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
             let all = discard.target == DiscardMode::DiscardAll as i32;
             if all {
                 classified.session_sets.push(SessionSet {
-                    serializable: Some(false),
+                    isolation: IsolationChange::Reset,
                     ..SessionSet::new(None, text.to_owned())
                 });
                 classified.deallocates_all = true;
@@ -757,32 +778,29 @@ fn note_set(set: &protobuf::VariableSetStmt, text: &str, classified: &mut Classi
         return;
     }
     let variable = set.name.to_ascii_lowercase();
-    let (variable, serializable) = match Kind::try_from(set.kind) {
-        Ok(Kind::VarResetAll) => (None, Some(false)),
+    let (variable, isolation) = match Kind::try_from(set.kind) {
+        Ok(Kind::VarResetAll) => (None, IsolationChange::Reset),
         Ok(Kind::VarSetMulti) if set.name == "TRANSACTION" => return,
         // SET SESSION CHARACTERISTICS AS TRANSACTION ...
         Ok(Kind::VarSetMulti) => {
             let isolation = isolation_option(&set.args);
-            (
-                Some(variable),
-                isolation.map(|level| level == "serializable"),
-            )
+            let change = isolation.map_or(IsolationChange::Unchanged, |level| {
+                IsolationChange::to(&level)
+            });
+            (Some(variable), change)
         }
         Ok(Kind::VarSetValue) if variable == "default_transaction_isolation" => {
-            let level = set_value(&set.args).map(|level| level.to_ascii_lowercase());
-            (
-                Some(variable),
-                Some(level.as_deref() == Some("serializable")),
-            )
+            let level = set_value(&set.args).unwrap_or_default();
+            (Some(variable), IsolationChange::to(&level))
         }
         Ok(Kind::VarReset | Kind::VarSetDefault) if variable == "default_transaction_isolation" => {
-            (Some(variable), Some(false))
+            (Some(variable), IsolationChange::Reset)
         }
-        Ok(_) => (Some(variable), None),
+        Ok(_) => (Some(variable), IsolationChange::Unchanged),
         Err(_) => return,
     };
     classified.session_sets.push(SessionSet {
-        serializable,
+        isolation,
         ..SessionSet::new(variable, text.to_owned())
     });
 }
@@ -821,10 +839,13 @@ fn note_set_configs(value: &Value, classified: &mut Classified) {
                     && let Some((name, value)) = session_config(child)
                 {
                     let variable = name.to_ascii_lowercase();
-                    let serializable = (variable == "default_transaction_isolation")
-                        .then(|| value.eq_ignore_ascii_case("serializable"));
+                    let isolation = if variable == "default_transaction_isolation" {
+                        IsolationChange::to(value)
+                    } else {
+                        IsolationChange::Unchanged
+                    };
                     classified.session_sets.push(SessionSet {
-                        serializable,
+                        isolation,
                         ..SessionSet::new(Some(variable), session_sql::set_config(name, value))
                     });
                 }
@@ -1261,35 +1282,33 @@ mod tests {
             route("START TRANSACTION READ ONLY, ISOLATION LEVEL REPEATABLE READ"),
             Route::Read
         );
-        let serializable = |sql: &str| classify(sql).session_sets[0].serializable;
+        use IsolationChange::*;
+        let serializable = |sql: &str| classify(sql).session_sets[0].isolation;
         assert_eq!(
             serializable("SET default_transaction_isolation = 'serializable'"),
-            Some(true)
+            Serializable
         );
         assert_eq!(
             serializable("SET default_transaction_isolation TO 'read committed'"),
-            Some(false)
+            NotSerializable
         );
         assert_eq!(
             serializable("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
-            Some(true)
+            Serializable
         );
         assert_eq!(
             serializable("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"),
-            None
+            Unchanged
         );
-        assert_eq!(
-            serializable("RESET default_transaction_isolation"),
-            Some(false)
-        );
-        assert_eq!(serializable("RESET ALL"), Some(false));
+        assert_eq!(serializable("RESET default_transaction_isolation"), Reset);
+        assert_eq!(serializable("RESET ALL"), Reset);
         assert_eq!(
             serializable(
                 "SELECT set_config('default_transaction_isolation', 'SERIALIZABLE', false)"
             ),
-            Some(true)
+            Serializable
         );
-        assert_eq!(serializable("SET timezone = 'UTC'"), None);
+        assert_eq!(serializable("SET timezone = 'UTC'"), Unchanged);
     }
 
     #[test]

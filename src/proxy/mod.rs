@@ -182,6 +182,34 @@ struct Shared {
     stats: ProxyStats,
     /// Statements any session has classified.
     classified: classify::SharedCache,
+    /// Whether sessions with these startup parameters are serializable by default.
+    default_isolations: DefaultIsolations,
+}
+
+/// Whether sessions are serializable by default, by their startup parameters (the role
+/// and database are the proxy's own, from its URLs): learnt from the first session's
+/// replica connection, so that the others need not ask. Bounded like the other caches: a
+/// client that varies its startup parameters costs a question per session, no memory.
+#[derive(Debug, Default)]
+struct DefaultIsolations {
+    serializable: Mutex<HashMap<Vec<(String, String)>, bool>>,
+}
+
+impl DefaultIsolations {
+    const ENTRIES: usize = 1024;
+
+    fn get(&self, startup: &[(String, String)]) -> Option<bool> {
+        let known = self.serializable.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(startup).copied()
+    }
+
+    fn remember(&self, startup: &[(String, String)], serializable: bool) {
+        let mut known = self.serializable.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= Self::ENTRIES {
+            known.clear();
+        }
+        known.insert(startup.to_vec(), serializable);
+    }
 }
 
 /// The replay watchers of one topology generation. A failover re-points the replicas, and
@@ -382,6 +410,7 @@ pub async fn handle(
             next_replica: AtomicUsize::new(0),
             stats,
             classified: classify::SharedCache::default(),
+            default_isolations: DefaultIsolations::default(),
         }),
     }
 }

@@ -25,7 +25,7 @@ use super::{
     Backends, CancelTarget, CommandError, ProxyError, Shared, Target,
     audit::{self, ReadNote, ReplicaRead, TokenAtRead, TokenFetch},
     backend::{self, Backend, BackendError},
-    classify::{self, Classified, ProxyCommand, Route, SessionSet},
+    classify::{self, Classified, IsolationChange, ProxyCommand, Route, SessionSet},
     scram,
     statements::{Plan, StatementUse, Statements},
     watcher::ReplayWatcher,
@@ -305,9 +305,11 @@ struct Session {
     /// Temporary relations the session created on the primary: reads that name one go
     /// there.
     temp_relations: Vec<String>,
-    /// The session made its transactions serializable by default, which a standby cannot
-    /// run: its reads go to the primary.
-    serializable: bool,
+    /// Whether the session's own settings made its transactions serializable by default
+    /// (`None`: they left the default alone), and whether they are by default (the role's,
+    /// the database's or the startup options'; `None` until a replica connection tells).
+    serializable_set: Option<bool>,
+    serializable_by_default: Option<bool>,
 }
 
 /// Runs one client connection to its end; never panics the proxy and never outlives it
@@ -595,7 +597,8 @@ impl Session {
             watcher: (u64::MAX, None),
             cancel_points_at: None,
             temp_relations: Vec::new(),
-            serializable: false,
+            serializable_set: None,
+            serializable_by_default: None,
         }
     }
 
@@ -838,7 +841,7 @@ impl Session {
         if let Some(target) = self.in_transaction {
             return target;
         }
-        if !unit.read || unit.reads_temp || self.serializable {
+        if !unit.read || unit.reads_temp || self.serializable() {
             return Target::Primary;
         }
         self.route_read().await
@@ -983,6 +986,11 @@ impl Session {
             self.fell_back();
             target = Target::Primary;
         }
+        // A session's first replica connection may only now have told that its
+        // transactions are serializable by default.
+        if target == Target::Replica && self.in_transaction.is_none() && self.serializable() {
+            target = Target::Primary;
+        }
         if target == Target::Primary && self.in_transaction.is_none() {
             self.sync_remote_apply().await?;
         }
@@ -1023,6 +1031,14 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Whether the session's transactions are serializable by default, which a standby
+    /// cannot run: its reads go to the primary.
+    fn serializable(&self) -> bool {
+        self.serializable_set
+            .or(self.serializable_by_default)
+            .unwrap_or(false)
     }
 
     /// A read the strategy sent to a replica goes to the primary instead.
@@ -1187,7 +1203,12 @@ impl Session {
                     .sets
                     .retain(|earlier| earlier.variable.as_ref() != Some(name)),
             }
-            self.serializable = set.serializable.unwrap_or(self.serializable);
+            self.serializable_set = match set.isolation {
+                IsolationChange::Unchanged => self.serializable_set,
+                IsolationChange::Serializable => Some(true),
+                IsolationChange::NotSerializable => Some(false),
+                IsolationChange::Reset => None,
+            };
             self.sets.push(set);
             self.sets_version += 1;
         }
@@ -1228,7 +1249,11 @@ impl Session {
             )
             .await
             {
-                Ok(backend) => {
+                Ok(mut backend) => {
+                    if let Err(error) = self.learn_default_isolation(&mut backend).await {
+                        self.replica_failed(&error);
+                        return false;
+                    }
                     self.statements.reconnected(Target::Replica);
                     self.replica = Some(ReplicaConnection {
                         backend,
@@ -1264,6 +1289,31 @@ impl Session {
                 false
             }
         }
+    }
+
+    /// Learns, once per set of startup parameters in the whole proxy, whether the session's
+    /// transactions are serializable by default: the role's and the database's settings
+    /// and the startup options decide it, and no statement of the session shows them.
+    async fn learn_default_isolation(&mut self, replica: &mut Backend) -> Result<(), BackendError> {
+        if self.serializable_by_default.is_some() {
+            return Ok(());
+        }
+        let shared = Arc::clone(&self.shared);
+        let serializable = match shared.default_isolations.get(&self.startup) {
+            Some(known) => known,
+            None => {
+                let level = replica
+                    .query_text(session_sql::SHOW_DEFAULT_ISOLATION)
+                    .await?;
+                let serializable = level.is_some_and(|level| level == "serializable");
+                shared
+                    .default_isolations
+                    .remember(&self.startup, serializable);
+                serializable
+            }
+        };
+        self.serializable_by_default = Some(serializable);
+        Ok(())
     }
 
     /// remote-apply: the primary connection's COMMITs wait for the standby while the

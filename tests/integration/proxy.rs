@@ -385,6 +385,21 @@ async fn serializable_reads_run_on_the_primary() {
         ],
         "{lines:?}"
     );
+    // A default the session never states (startup options here; a role's or database's
+    // setting alike) is learnt from its replica connection.
+    let serializable_by_default = format!(
+        "{}&options=-c%20default_transaction_isolation%3Dserializable",
+        proxy_url(&app)
+    );
+    let query = "SELECT pg_is_in_recovery(), current_setting('transaction_isolation')";
+    for _ in 0..2 {
+        let lines = psql_lines(&serializable_by_default, query).await;
+        assert_eq!(lines, ["f|serializable"]);
+    }
+    assert_eq!(
+        psql_lines(&proxy_url(&app), query).await,
+        ["t|read committed"]
+    );
     app.shutdown().await;
 }
 
