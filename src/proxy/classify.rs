@@ -16,6 +16,7 @@ use std::{
 use pg_query::{NodeEnum, protobuf};
 use serde_json::Value;
 
+use super::wire::{BoundParameters, boolean_text};
 use crate::db::session_sql;
 
 mod shape;
@@ -93,6 +94,8 @@ pub struct Classified {
     /// Session settings to replay on the replica connection, in order, once they succeed on
     /// the primary.
     pub session_sets: Vec<SessionSet>,
+    /// set_config calls with Bind parameters: each Bind's values make their settings.
+    pub bound_set_configs: Vec<SetConfig>,
     /// DISCARD ALL or DEALLOCATE ALL: every prepared statement of the session is gone.
     pub deallocates_all: bool,
     /// `DEALLOCATE name`: that prepared statement is gone (on the primary, where it ran).
@@ -123,6 +126,7 @@ impl Classified {
             route: Route::Primary,
             writes: true,
             session_sets: Vec::new(),
+            bound_set_configs: Vec::new(),
             deallocates_all: false,
             deallocates: Vec::new(),
             temp_creates: Vec::new(),
@@ -384,7 +388,7 @@ fn classify_parsed(sql: &str, hinted: Option<Hint>) -> (Classified, bool) {
         classified.writes = false;
     }
     // Settings to replay carry their values, which the shape and the fingerprint drop.
-    by_shape &= classified.session_sets.is_empty();
+    by_shape &= classified.session_sets.is_empty() && classified.bound_set_configs.is_empty();
     if classified.route == Route::Read {
         classified.relations = relation_names(&parsed);
     }
@@ -824,9 +828,9 @@ fn isolation_option(options: &[protobuf::Node]) -> Option<String> {
 }
 
 /// Notes every session-level `set_config(name, value, false)` in a query's tree for replay
-/// on the replica, as SET is. A transaction-local one (`true`) lasts only for the
-/// transaction, which runs on one backend. One whose arguments are not constants
-/// (parameters, expressions) cannot be replayed: the README says to use SET there.
+/// on the replica, as SET is: at once when its arguments are constants, at each Bind when
+/// some are parameters. One with other expressions cannot be replayed (the README says to
+/// use SET there).
 fn note_set_configs(value: &Value, classified: &mut Classified) {
     match value {
         Value::Array(items) => items
@@ -836,18 +840,13 @@ fn note_set_configs(value: &Value, classified: &mut Classified) {
             for (key, child) in fields {
                 if key == "FuncCall"
                     && function_name(child).is_some_and(|name| is_set_config(&name))
-                    && let Some((name, value)) = session_config(child)
+                    && let Some(call) = SetConfig::of(child)
                 {
-                    let variable = name.to_ascii_lowercase();
-                    let isolation = if variable == "default_transaction_isolation" {
-                        IsolationChange::to(value)
+                    if call.has_parameters() {
+                        classified.bound_set_configs.push(call);
                     } else {
-                        IsolationChange::Unchanged
-                    };
-                    classified.session_sets.push(SessionSet {
-                        isolation,
-                        ..SessionSet::new(Some(variable), session_sql::set_config(name, value))
-                    });
+                        classified.session_sets.extend(call.session_set(None));
+                    }
                 }
                 note_set_configs(child, classified);
             }
@@ -860,47 +859,97 @@ fn is_set_config(qualified: &[&str]) -> bool {
     matches!(qualified, ["set_config"] | ["pg_catalog", "set_config"])
 }
 
-/// The name and value of `set_config(name, value, false)` when all three are constants.
-fn session_config(call: &Value) -> Option<(&str, &str)> {
-    let [name, value, is_local] = call.get("args")?.as_array()?.as_slice() else {
-        return None;
-    };
-    let is_local = match constant(is_local)? {
-        Constant::Bool(flag) => flag,
-        Constant::Text(text) => text_is_true(text)?,
-    };
-    match (constant(name)?, constant(value)?, is_local) {
-        (Constant::Text(name), Constant::Text(value), false) => Some((name, value)),
-        _ => None,
-    }
-}
-
-enum Constant<'tree> {
-    Text(&'tree str),
+/// One argument of a set_config call: a constant, or the Bind parameter `$n` (`n - 1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Argument {
+    Text(String),
     Bool(bool),
+    Parameter(usize),
 }
 
-/// A constant argument, bare or cast (`'x'`, `'x'::text`, `false`); `None` for anything else.
-fn constant(argument: &Value) -> Option<Constant<'_>> {
-    let node = argument.get("node")?;
-    let value = match node.get("TypeCast") {
-        Some(cast) => cast.pointer("/arg/node/AConst/val")?,
-        None => node.pointer("/AConst/val")?,
-    };
-    if let Some(text) = value.pointer("/Sval/sval").and_then(Value::as_str) {
-        return Some(Constant::Text(text));
+impl Argument {
+    /// A constant or a parameter, bare or cast (`'x'`, `'x'::text`, `false`, `$1`); `None`
+    /// for anything else.
+    fn of(argument: &Value) -> Option<Self> {
+        let mut node = argument.get("node")?;
+        if let Some(cast) = node.get("TypeCast") {
+            node = cast.pointer("/arg/node")?;
+        }
+        if let Some(number) = node.pointer("/ParamRef/number").and_then(Value::as_u64) {
+            return Some(Argument::Parameter(
+                usize::try_from(number).ok()?.checked_sub(1)?,
+            ));
+        }
+        let value = node.pointer("/AConst/val")?;
+        if let Some(text) = value.pointer("/Sval/sval").and_then(Value::as_str) {
+            return Some(Argument::Text(text.to_owned()));
+        }
+        let flag = value.pointer("/Boolval/boolval")?;
+        Some(Argument::Bool(flag.as_bool().unwrap_or(false)))
     }
-    value
-        .pointer("/Boolval/boolval")
-        .map(|flag| Constant::Bool(flag.as_bool().unwrap_or(false)))
+
+    fn text(&self, bound: Option<&BoundParameters>) -> Option<String> {
+        match self {
+            Argument::Text(text) => Some(text.clone()),
+            Argument::Bool(_) => None,
+            Argument::Parameter(index) => bound?.text(*index),
+        }
+    }
+
+    fn flag(&self, bound: Option<&BoundParameters>) -> Option<bool> {
+        match self {
+            Argument::Text(text) => boolean_text(text),
+            Argument::Bool(flag) => Some(*flag),
+            Argument::Parameter(index) => bound?.flag(*index),
+        }
+    }
 }
 
-/// PostgreSQL's spellings of a boolean in text; `None` for one this does not know.
-fn text_is_true(text: &str) -> Option<bool> {
-    match text.trim().to_ascii_lowercase().as_str() {
-        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
-        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
-        _ => None,
+/// A `set_config(name, value, is_local)` call whose arguments are constants or Bind
+/// parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetConfig {
+    name: Argument,
+    value: Argument,
+    is_local: Argument,
+}
+
+impl SetConfig {
+    fn of(call: &Value) -> Option<Self> {
+        let [name, value, is_local] = call.get("args")?.as_array()?.as_slice() else {
+            return None;
+        };
+        Some(SetConfig {
+            name: Argument::of(name)?,
+            value: Argument::of(value)?,
+            is_local: Argument::of(is_local)?,
+        })
+    }
+
+    fn has_parameters(&self) -> bool {
+        [&self.name, &self.value, &self.is_local]
+            .iter()
+            .any(|argument| matches!(argument, Argument::Parameter(_)))
+    }
+
+    /// What to replay on the replica, with the values of the Bind that ran it: nothing for
+    /// a transaction-local call (it lasts only for the transaction, on one backend) or one
+    /// whose values cannot be read (NULL, a format this does not know).
+    pub fn session_set(&self, bound: Option<&BoundParameters>) -> Option<SessionSet> {
+        if self.is_local.flag(bound)? {
+            return None;
+        }
+        let (name, value) = (self.name.text(bound)?, self.value.text(bound)?);
+        let variable = name.to_ascii_lowercase();
+        let isolation = if variable == "default_transaction_isolation" {
+            IsolationChange::to(&value)
+        } else {
+            IsolationChange::Unchanged
+        };
+        Some(SessionSet {
+            isolation,
+            ..SessionSet::new(Some(variable), session_sql::set_config(&name, &value))
+        })
     }
 }
 
@@ -1309,6 +1358,45 @@ mod tests {
             Serializable
         );
         assert_eq!(serializable("SET timezone = 'UTC'"), Unchanged);
+    }
+
+    /// What `call` replays with a Bind of these text-format values.
+    fn replayed(call: &SetConfig, values: Vec<Option<&str>>) -> Option<SessionSet> {
+        use crate::proxy::wire::{BoundParameters, tests::bind_frame};
+        let frame = bind_frame(vec![], values);
+        call.session_set(Some(&BoundParameters::of(&frame).unwrap()))
+    }
+
+    #[test]
+    fn set_configs_with_parameters_are_replayed_with_each_binds_values() {
+        let classified = classify("SELECT set_config($1, $2::text, false)");
+        assert!(classified.session_sets.is_empty());
+        let [call] = classified.bound_set_configs.as_slice() else {
+            panic!("{classified:?}");
+        };
+        let set = replayed(call, vec![Some("App.Tenant"), Some("42")]).unwrap();
+        assert_eq!(set.variable.as_deref(), Some("app.tenant"));
+        assert_eq!(
+            set.text,
+            "SELECT pg_catalog.set_config(E'App.Tenant', E'42', false)"
+        );
+        assert_eq!(replayed(call, vec![Some("a.b"), None]), None, "NULL");
+
+        let local = classify("SELECT set_config('a.b', $1, $2)");
+        let [call] = local.bound_set_configs.as_slice() else {
+            panic!("{local:?}");
+        };
+        assert!(replayed(call, vec![Some("v"), Some("false")]).is_some());
+        assert_eq!(replayed(call, vec![Some("v"), Some("true")]), None);
+        // The template keeps its constants: not shared with another variable's text.
+        let mut cache = Cache::default();
+        let shared = SharedCache::default();
+        for variable in ["a.x", "a.y"] {
+            let sql = format!("SELECT set_config('{variable}', $1, false)");
+            let classified = cache.classify(&sql, &shared, |_| {});
+            let set = replayed(&classified.bound_set_configs[0], vec![Some("1")]).unwrap();
+            assert_eq!(set.variable.as_deref(), Some(variable));
+        }
     }
 
     #[test]

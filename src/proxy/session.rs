@@ -29,7 +29,7 @@ use super::{
     scram,
     statements::{Plan, StatementUse, Statements},
     watcher::ReplayWatcher,
-    wire::{self, ClientMessage, Frame, TxStatus},
+    wire::{self, BoundParameters, ClientMessage, Frame, TxStatus},
 };
 mod local;
 
@@ -786,6 +786,15 @@ impl Session {
                             mix.note(classified.command.is_some());
                             may_write |= classified.route == Route::Primary;
                             unit.absorb(classified, &self.temp_relations);
+                            if !classified.bound_set_configs.is_empty() {
+                                let bound = BoundParameters::of(frame)?;
+                                unit.sets.extend(
+                                    classified
+                                        .bound_set_configs
+                                        .iter()
+                                        .filter_map(|call| call.session_set(Some(&bound))),
+                                );
+                            }
                             Arc::clone(name)
                         }
                         None => {

@@ -164,6 +164,24 @@ impl<'a> Reader<'a> {
         Ok(text)
     }
 
+    pub fn i16(&mut self) -> Result<i16, WireError> {
+        if self.rest.len() < 2 {
+            return Err(self.malformed());
+        }
+        let (head, rest) = self.rest.split_at(2);
+        self.rest = rest;
+        Ok(i16::from_be_bytes([head[0], head[1]]))
+    }
+
+    /// An Int32 length then that many bytes (a Bind parameter); -1 is NULL.
+    pub fn value(&mut self) -> Result<Option<&'a [u8]>, WireError> {
+        if self.rest.get(..4) == Some(&[0xff; 4]) {
+            self.rest = &self.rest[4..];
+            return Ok(None);
+        }
+        self.sized_bytes().map(Some)
+    }
+
     /// An Int32 length then that many bytes (SASLInitialResponse's data); -1 is none.
     pub fn sized_bytes(&mut self) -> Result<&'a [u8], WireError> {
         let length = self.i32()?;
@@ -267,6 +285,65 @@ pub fn client_message(frame: &[u8]) -> Result<ClientMessage<'_>, WireError> {
     })
 }
 
+/// A Bind's parameter values, read only for the rare statement that needs them (a
+/// set_config with parameters), never on the hot path. Read here with the bounds-checked
+/// [`Reader`]: pgwire's Bind decoder panics on a truncated body, and this is client input.
+#[derive(Debug)]
+pub struct BoundParameters<'a> {
+    formats: Vec<i16>,
+    values: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> BoundParameters<'a> {
+    /// The parameters of a whole Bind frame (type byte and length included).
+    pub fn of(frame: &'a [u8]) -> Result<Self, WireError> {
+        let mut reader = Reader::new(frame.get(5..).unwrap_or_default(), "Bind");
+        reader.cstr()?;
+        reader.cstr()?;
+        let formats = (0..reader.i16()?)
+            .map(|_| reader.i16())
+            .collect::<Result<_, _>>()?;
+        let values = (0..reader.i16()?)
+            .map(|_| reader.value())
+            .collect::<Result<_, _>>()?;
+        Ok(BoundParameters { formats, values })
+    }
+
+    /// Parameter `index`'s bytes and whether they are in binary format; `None` for NULL.
+    fn value(&self, index: usize) -> Option<(&'a [u8], bool)> {
+        let format = match self.formats.as_slice() {
+            [] => 0,
+            [all] => *all,
+            each => *each.get(index)?,
+        };
+        Some(((*self.values.get(index)?)?, format == 1))
+    }
+
+    /// A text parameter (text's binary format is its UTF-8 bytes too).
+    pub fn text(&self, index: usize) -> Option<String> {
+        let (bytes, _) = self.value(index)?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+
+    /// A boolean parameter: one byte in binary format, PostgreSQL's spellings in text.
+    pub fn flag(&self, index: usize) -> Option<bool> {
+        match self.value(index)? {
+            ([byte], true) => Some(*byte != 0),
+            (_, true) => None,
+            (text, false) => boolean_text(std::str::from_utf8(text).ok()?),
+        }
+    }
+}
+
+/// PostgreSQL's spellings of a boolean in text; `None` for one this does not know.
+pub fn boolean_text(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
+        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 /// A transaction status byte from ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxStatus {
@@ -324,7 +401,7 @@ pub fn leading_i32(body: &[u8]) -> Option<i32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn frame(tag: u8, body: &[u8]) -> BytesMut {
@@ -333,6 +410,39 @@ mod tests {
         bytes.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         bytes.extend_from_slice(body);
         bytes
+    }
+
+    /// A Bind frame for the unnamed statement, encoded by pgwire.
+    pub(in crate::proxy) fn bind_frame(formats: Vec<i16>, values: Vec<Option<&str>>) -> BytesMut {
+        let values = values
+            .into_iter()
+            .map(|value| value.map(|text| Bytes::copy_from_slice(text.as_bytes())))
+            .collect();
+        let bind = pgwire::messages::extendedquery::Bind::new(None, None, formats, values, vec![]);
+        let mut out = BytesMut::new();
+        put(&bind, &mut out);
+        out
+    }
+
+    #[test]
+    fn bound_parameters_are_read_in_either_format() {
+        let bound = bind_frame(vec![], vec![Some("a.b"), Some("on"), None]);
+        let text = BoundParameters::of(&bound).unwrap();
+        assert_eq!(text.text(0).as_deref(), Some("a.b"));
+        assert_eq!(text.flag(1), Some(true));
+        assert_eq!(text.text(2), None, "NULL");
+        assert_eq!(text.text(3), None, "no such parameter");
+        let bound = bind_frame(vec![1], vec![Some("x"), Some("\0"), Some("\0\0")]);
+        let binary = BoundParameters::of(&bound).unwrap();
+        assert_eq!(binary.text(0).as_deref(), Some("x"));
+        assert_eq!(binary.flag(1), Some(false));
+        assert_eq!(binary.flag(2), None, "two bytes are no binary boolean");
+        let bound = bind_frame(vec![0, 1], vec![Some("f"), Some("\u{1}")]);
+        let mixed = BoundParameters::of(&bound).unwrap();
+        assert_eq!((mixed.flag(0), mixed.flag(1)), (Some(false), Some(true)));
+        // Truncated where pgwire's decoder would panic: one format code promised, none sent.
+        assert!(BoundParameters::of(&frame(b'B', b"\0\0\0\x01")).is_err());
+        assert!(BoundParameters::of(&frame(b'B', b"\0\0\0\0\0\x01\0\0\0\x09ab")).is_err());
     }
 
     #[test]

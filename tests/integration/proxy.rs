@@ -148,6 +148,24 @@ async fn session_level_set_config_follows_the_client_to_the_replica() {
         "{lines:?}"
     );
 
+    // With Bind parameters (sqlx sends them in binary format), as an application that keeps
+    // its tenant in a session variable for row-level security policies does.
+    let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("SELECT set_config($1, $2, $3)")
+        .bind("app.tenant")
+        .bind("42")
+        .bind(false)
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    let (tenant, on_replica): (String, bool) =
+        sqlx::query_as("SELECT current_setting('app.tenant'), pg_is_in_recovery()")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+    assert_eq!((tenant.as_str(), on_replica), ("42", true));
+    connection.close().await.unwrap();
+
     // And pg_dump itself, a client nobody here wrote, through the proxy as direct: the one
     // beside the lab's servers, so that it is as new as they are.
     let pg_dump = app.lab().binaries().bindir.join("pg_dump");
