@@ -104,6 +104,9 @@ pub struct Classified {
     pub temp_creates: Vec<String>,
     /// DISCARD TEMP or DISCARD ALL: the session's temporary relations are gone.
     pub discards_temp: bool,
+    /// BEGIN READ ONLY: the transaction may read the session's temporary relations, which
+    /// nothing in the BEGIN names.
+    pub begins_read_only: bool,
     /// A read's relations as the parser names them (`t`, `schema.t`), so that a read of one
     /// of the session's temporary relations can be sent where that relation is.
     pub relations: Vec<String>,
@@ -131,6 +134,7 @@ impl Classified {
             deallocates: Vec::new(),
             temp_creates: Vec::new(),
             discards_temp: false,
+            begins_read_only: false,
             relations: Vec::new(),
             command: None,
             fingerprint: None,
@@ -645,7 +649,14 @@ fn statement(node: &NodeEnum, text: &str, classified: &mut Classified) -> Kind {
             }
         }
         NodeEnum::TransactionStmt(transaction) => match transaction_route(transaction) {
-            Route::Read => Kind::Read,
+            Route::Read => {
+                use protobuf::TransactionStmtKind as Begin;
+                classified.begins_read_only |= matches!(
+                    Begin::try_from(transaction.kind),
+                    Ok(Begin::TransStmtBegin | Begin::TransStmtStart)
+                );
+                Kind::Read
+            }
             // A read-write transaction's writes count when it commits.
             Route::Primary => Kind::Session,
         },
@@ -728,16 +739,18 @@ fn relation_names(parsed: &pg_query::ParseResult) -> Vec<String> {
 }
 
 impl Classified {
-    /// Whether this read names a relation called like one of the session's `temporary`
-    /// relations, in any schema: unqualified, the temporary one comes first in the search
-    /// path; qualified (`pg_temp.t`, `public.t`) it costs at most a trip to the primary.
+    /// Whether this read may read one of the session's `temporary` relations: it names a
+    /// relation called like one, in any schema (unqualified, the temporary one comes first
+    /// in the search path; qualified, `pg_temp.t` or `public.t`, it costs at most a trip to
+    /// the primary), or it begins a read-only transaction, whose reads follow it.
     #[inline]
     pub fn reads_any_of(&self, temporary: &[String]) -> bool {
         !temporary.is_empty()
-            && self
-                .relations
-                .iter()
-                .any(|relation| temporary.contains(relation))
+            && (self.begins_read_only
+                || self
+                    .relations
+                    .iter()
+                    .any(|relation| temporary.contains(relation)))
     }
 }
 
@@ -1319,6 +1332,10 @@ mod tests {
         assert!(!read.reads_any_of(&[]));
         assert!(classify("SELECT * FROM pg_temp.scratch").reads_any_of(&temporary));
         assert!(!classify("SELECT * FROM other").reads_any_of(&temporary));
+        // A read-only transaction may read them later: it runs where they are.
+        assert!(classify("BEGIN READ ONLY").reads_any_of(&temporary));
+        assert!(!classify("BEGIN READ ONLY").reads_any_of(&[]));
+        assert!(!classify("COMMIT").reads_any_of(&temporary));
     }
 
     #[test]

@@ -76,14 +76,14 @@ async fn reads_go_to_the_replica_and_transactions_and_writes_to_the_primary() {
     let lines = psql_lines(
         &url,
         "SELECT 'read', pg_is_in_recovery();
-         BEGIN;
-         SELECT 'in transaction', pg_is_in_recovery();
-         CREATE TEMP TABLE scratch (x int);
-         SELECT 'after a write', pg_is_in_recovery();
-         COMMIT;
          BEGIN READ ONLY;
          SELECT 'read only', pg_is_in_recovery();
          SELECT 'still read only', pg_is_in_recovery();
+         COMMIT;
+         BEGIN;
+         SELECT 'in transaction', pg_is_in_recovery();
+         CREATE TABLE scratch (x int);
+         SELECT 'after a write', pg_is_in_recovery();
          COMMIT;
          CREATE TEMP SEQUENCE counter;
          SELECT 'nextval', pg_is_in_recovery(), nextval('counter');
@@ -97,10 +97,10 @@ async fn reads_go_to_the_replica_and_transactions_and_writes_to_the_primary() {
         lines,
         [
             "read|t",
-            "in transaction|f",
-            "after a write|f",
             "read only|t",
             "still read only|t",
+            "in transaction|f",
+            "after a write|f",
             "nextval|f|1",
             "hinted|f",
             "timezone|Asia/Tokyo|t",
@@ -320,8 +320,8 @@ async fn a_named_prepared_statement_runs_on_both_backends() {
 /// A temporary table lives in the primary connection's session only: reads that name it
 /// go there (psql's simple protocol and sqlx's named statements), and so do reads of a
 /// table of the same name in another schema (the classification cache cannot tell them
-/// apart), while reads of other tables, and of the name once DISCARD TEMP dropped it, go
-/// to the replica.
+/// apart) and its READ ONLY transactions, while reads of other tables, and of the name once
+/// DISCARD TEMP dropped it, go to the replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_a_temporary_table_go_to_the_primary_that_has_it() {
     let app = spawn_app(0).await;
@@ -338,8 +338,14 @@ async fn reads_of_a_temporary_table_go_to_the_primary_that_has_it() {
          SELECT 'permanent', count(*), pg_is_in_recovery() FROM public.shadowed;
          CREATE TEMP VIEW doubled AS SELECT x * 2 AS y FROM pg_temp.shadowed;
          SELECT 'view', sum(y), pg_is_in_recovery() FROM doubled;
+         BEGIN READ ONLY;
+         SELECT 'read only', count(*), pg_is_in_recovery() FROM shadowed;
+         COMMIT;
          DISCARD TEMP;
-         SELECT 'discarded', count(*), pg_is_in_recovery() FROM shadowed;",
+         SELECT 'discarded', count(*), pg_is_in_recovery() FROM shadowed;
+         BEGIN READ ONLY;
+         SELECT 'read only after', count(*), pg_is_in_recovery() FROM shadowed;
+         COMMIT;",
     )
     .await;
     assert_eq!(
@@ -349,7 +355,9 @@ async fn reads_of_a_temporary_table_go_to_the_primary_that_has_it() {
             "qualified|3|f",
             "permanent|1|f",
             "view|12|f",
+            "read only|3|f",
             "discarded|1|t",
+            "read only after|1|t",
         ],
         "{lines:?}"
     );
