@@ -773,18 +773,37 @@ fn transaction_route(transaction: &protobuf::TransactionStmt) -> Route {
 
 /// Whether transaction options include READ ONLY (`transaction_read_only = true`).
 fn read_only(options: &[protobuf::Node]) -> bool {
-    options.iter().any(|option| match option.node.as_ref() {
-        Some(NodeEnum::DefElem(element)) if element.defname == "transaction_read_only" => {
-            matches!(
-                element.arg.as_ref().and_then(|arg| arg.node.as_ref()),
-                Some(NodeEnum::AConst(protobuf::AConst {
-                    val: Some(protobuf::a_const::Val::Ival(protobuf::Integer { ival: 1 })),
-                    ..
-                }))
-            )
-        }
-        _ => false,
-    })
+    matches!(
+        transaction_option(options, "transaction_read_only"),
+        Some(protobuf::a_const::Val::Ival(protobuf::Integer { ival: 1 }))
+    )
+}
+
+/// The isolation level among BEGIN's or SET SESSION CHARACTERISTICS' options, lowercased.
+fn isolation_option(options: &[protobuf::Node]) -> Option<String> {
+    match transaction_option(options, "transaction_isolation")? {
+        protobuf::a_const::Val::Sval(level) => Some(level.sval.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// The constant value of the transaction option `name` (a DefElem of BEGIN's or SET
+/// SESSION CHARACTERISTICS' options).
+fn transaction_option<'tree>(
+    options: &'tree [protobuf::Node],
+    name: &str,
+) -> Option<&'tree protobuf::a_const::Val> {
+    options
+        .iter()
+        .find_map(|option| match option.node.as_ref()? {
+            NodeEnum::DefElem(element) if element.defname == name => {
+                match element.arg.as_ref()?.node.as_ref()? {
+                    NodeEnum::AConst(constant) => constant.val.as_ref(),
+                    _ => None,
+                }
+            }
+            _ => None,
+        })
 }
 
 /// Notes a SET or RESET for replay on the replica. SET LOCAL and SET TRANSACTION last only
@@ -820,24 +839,6 @@ fn note_set(set: &protobuf::VariableSetStmt, text: &str, classified: &mut Classi
         isolation,
         ..SessionSet::new(variable, text.to_owned())
     });
-}
-
-/// The isolation level among BEGIN's or SET SESSION CHARACTERISTICS' options, lowercased.
-fn isolation_option(options: &[protobuf::Node]) -> Option<String> {
-    options
-        .iter()
-        .find_map(|option| match option.node.as_ref() {
-            Some(NodeEnum::DefElem(element)) if element.defname == "transaction_isolation" => {
-                match element.arg.as_ref()?.node.as_ref()? {
-                    NodeEnum::AConst(protobuf::AConst {
-                        val: Some(protobuf::a_const::Val::Sval(level)),
-                        ..
-                    }) => Some(level.sval.to_ascii_lowercase()),
-                    _ => None,
-                }
-            }
-            _ => None,
-        })
 }
 
 /// Notes every session-level `set_config(name, value, false)` in a query's tree for replay
