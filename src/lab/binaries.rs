@@ -29,14 +29,16 @@ pub struct PgBinaries {
 }
 
 impl PgBinaries {
-    pub(super) fn program(&self, name: &str) -> PathBuf {
+    /// The program `name` in this directory (psql, pgbench and pg_dump sit beside the
+    /// servers in Debian's and nixpkgs' layouts).
+    pub fn program(&self, name: &str) -> PathBuf {
         self.bindir.join(name)
     }
 
     /// Looks in order: `explicit` (the flag), LAGPROBE_PG_BINDIR, `pg_config --bindir`,
     /// `initdb` on PATH, then the newest `/usr/lib/postgresql/*/bin` (Debian's layout,
     /// which does not put server programs on PATH).
-    pub(super) async fn find(explicit: Option<&Path>) -> Result<Self, LabError> {
+    pub async fn find(explicit: Option<&Path>) -> Result<Self, LabError> {
         let from_env = std::env::var_os("LAGPROBE_PG_BINDIR")
             .filter(|dir| !dir.is_empty())
             .map(PathBuf::from);

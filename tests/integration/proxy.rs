@@ -2,28 +2,41 @@
 //! every query mode, and sqlx (named prepared statements).
 
 use std::{
-    path::Path,
+    path::PathBuf,
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
+use lagprobe::PgBinaries;
 use sqlx::{Connection, Row};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     process::Command,
+    sync::OnceCell,
 };
 
 use crate::harness::{TestApp, spawn_app};
 
-const PSQL: &str = "/usr/bin/psql";
-const PGBENCH: &str = "/usr/lib/postgresql/15/bin/pgbench";
-
-fn require(binary: &str, package: &str) {
+/// A PostgreSQL client program (psql, pgbench, pg_dump) from the directory the lab's
+/// servers come from: Debian's /usr/lib/postgresql/N/bin here, nixpkgs' PostgreSQL in the
+/// Nix build (LAGPROBE_PG_BINDIR), so that both run the tests with the same clients.
+pub(crate) async fn pg_program(name: &str) -> PathBuf {
+    static BINARIES: OnceCell<PgBinaries> = OnceCell::const_new();
+    let binaries = BINARIES
+        .get_or_init(|| async {
+            PgBinaries::find(None)
+                .await
+                .expect("PostgreSQL's programs: apt-get install postgresql")
+        })
+        .await;
+    let program = binaries.program(name);
     assert!(
-        Path::new(binary).exists(),
-        "{binary} is missing: install it with `apt-get install {package}`"
+        program.exists(),
+        "{} is missing: install PostgreSQL's client programs (apt-get install postgresql-client)",
+        program.display()
     );
+    program
 }
 
 pub(crate) fn proxy_url(app: &TestApp) -> String {
@@ -38,8 +51,7 @@ pub(crate) async fn psql(url: &str, script: &str) -> Output {
 
 /// Runs a psql script on one connection with `options` besides `-X -A -t`.
 pub(crate) async fn psql_with(options: &[&str], url: &str, script: &str) -> Output {
-    require(PSQL, "postgresql-client");
-    let mut child = Command::new(PSQL)
+    let mut child = Command::new(pg_program("psql").await)
         .args(["-X", "-A", "-t"])
         .args(options)
         .args([url, "-f", "-"])
@@ -166,39 +178,36 @@ async fn session_level_set_config_follows_the_client_to_the_replica() {
     assert_eq!((tenant.as_str(), on_replica), ("42", true));
     connection.close().await.unwrap();
 
-    // And pg_dump itself, a client nobody here wrote, through the proxy as direct: the one
-    // beside the lab's servers, so that it is as new as they are.
-    let pg_dump = app.lab().binaries().bindir.join("pg_dump");
-    let pg_dump = pg_dump.to_str().expect("a UTF-8 path");
-    require(pg_dump, "postgresql-client");
-    let schema = |url: String| async move {
-        let output = Command::new(pg_dump)
-            .args(["--schema-only", "--no-owner", &url])
-            .output()
-            .await
-            .expect("pg_dump starts");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "pg_dump {url}: {stderr}");
-        // Each run signs its script with a random \restrict key.
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter(|line| !line.starts_with("\\restrict") && !line.starts_with("\\unrestrict"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let through_proxy = schema(url).await;
+    // And pg_dump itself, a client nobody here wrote, through the proxy as direct.
+    let through_proxy = schema_dump(&url).await;
     assert!(
         through_proxy.contains("CREATE TABLE lagprobe."),
         "{through_proxy}"
     );
-    assert_eq!(through_proxy, schema(app.lab().primary_url()).await);
+    assert_eq!(through_proxy, schema_dump(&app.lab().primary_url()).await);
     app.shutdown().await;
+}
+
+/// `pg_dump --schema-only` of the database at `url`, less the random key each run signs
+/// its script with (`\restrict`).
+async fn schema_dump(url: &str) -> String {
+    let output = Command::new(pg_program("pg_dump").await)
+        .args(["--schema-only", "--no-owner", url])
+        .output()
+        .await
+        .expect("pg_dump starts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "pg_dump {url}: {stderr}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| !line.starts_with("\\restrict") && !line.starts_with("\\unrestrict"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Runs pgbench against `url`; its output, asserting success.
 async fn pgbench(url: &str, args: &[&str]) -> String {
-    require(PGBENCH, "postgresql");
-    let output = Command::new(PGBENCH)
+    let output = Command::new(pg_program("pgbench").await)
         .args(args)
         .arg(url)
         .kill_on_drop(true)
@@ -496,7 +505,7 @@ async fn bad_protocol_gets_08p01_and_the_proxy_keeps_serving_everyone_else() {
     assert_eq!(raw_exchange(&app, &ssl).await.first(), Some(&b'N'));
 
     // A client that leaves in the middle of a query: its query is cancelled.
-    let mut leaving = Command::new(PSQL)
+    let mut leaving = Command::new(pg_program("psql").await)
         .args(["-X", "-c", "SELECT pg_sleep(60)", &url])
         .kill_on_drop(true)
         .spawn()
@@ -514,7 +523,7 @@ async fn cancel_reaches_the_backend_running_the_query() {
     let app = spawn_app(0).await;
     let url = proxy_url(&app);
     let started = Instant::now();
-    let child = Command::new(PSQL)
+    let child = Command::new(pg_program("psql").await)
         .args(["-X", "-c", "SELECT pg_sleep(30)", &url])
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -951,8 +960,9 @@ async fn with_a_password_clients_authenticate_with_scram_sha_256() {
         "{answer:?}"
     );
 
+    let psql = pg_program("psql").await;
     let with_password = |password: &str| {
-        let mut command = Command::new(PSQL);
+        let mut command = Command::new(&psql);
         command
             .args(["-X", "-A", "-t", &url, "-c", "SELECT pg_is_in_recovery()"])
             .env("PGPASSWORD", password)
